@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -222,9 +223,12 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
             f"model path {source} has no config.json; give a Hugging Face model folder, a .gguf file, "
             f"or an alias ({', '.join(ALIASES)})"
         )
+    # Offline, look only in the local Hugging Face cache instead of retrying the network for a minute.
+    offline = not looks_local and not _hub_reachable()
+    options = dict(trust_remote_code=trust_remote_code, local_files_only=offline)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
     except OSError as exc:
         raise SvdiclError(
             f"cannot load model {source!r} ({str(exc).splitlines()[0]}); offline, use a local folder, "
@@ -235,6 +239,16 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
             raise SvdiclError(f"model {source!r} needs custom code; pass --trust-remote-code if you trust it") from None
         raise
     return model, tokenizer
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 def fingerprint(model: torch.nn.Module) -> str:

@@ -1,0 +1,3 @@
+from svdicl.cli import main
+
+raise SystemExit(main())

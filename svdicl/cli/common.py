@@ -1,0 +1,78 @@
+"""Flags and helpers shared by several subcommands: model loading, prune specs, status lines."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from svdicl.errors import SvdiclError
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from svdicl.models import ALIASES, DEFAULT_MODEL, DTYPES
+
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"alias ({', '.join(ALIASES)}), a .gguf file, a local model folder or a Hub id (default: {DEFAULT_MODEL})",
+    )
+    group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default: float32)")
+    group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    group.add_argument("--cache-dir", help="keep assembled GGUF files and fast float copies here (env SVDICL_CACHE)")
+    group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
+
+
+def load(args: argparse.Namespace):
+    """The model named by the model flags."""
+    from svdicl.models import load_model
+
+    log(args, f"loading {args.model} ({args.dtype}) ...")
+    return load_model(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def log(args: argparse.Namespace, message: str) -> None:
+    """A status line on stderr, unless --quiet."""
+    if not getattr(args, "quiet", False):
+        print(message, file=sys.stderr)
+
+
+def add_prune_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("pruning")
+    group.add_argument("--layers", help="layers: 26, -1, 0-3, first2, last2, all, or a comma list")
+    group.add_argument("--modules", help="attn, mlp, all, q,k,v,o,gate,up,down,fc_in,fc_out, qkv, or re:<regex>")
+    group.add_argument("--rate", type=float, help="clipping rate xi in [0, 1): keep floor((1 - xi) * min(m, n)) singular values")
+    group.add_argument(
+        "--prune",
+        action="append",
+        default=[],
+        metavar="LAYERS:MODULES:RATE",
+        help="an edit as one string, e.g. 26:mlp:0.95; repeat for several",
+    )
+    group.add_argument(
+        "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
+    )
+    group.add_argument(
+        "--allow-tied", action="store_true", help="allow pruning a weight tied to another (e.g. lm_head = embeddings)"
+    )
+
+
+def prune_specs(args: argparse.Namespace, required: bool):
+    """The edits named by --layers/--modules/--rate and every --prune; one-line error if incomplete."""
+    from svdicl.prune import PruneSpec
+
+    specs = [PruneSpec.parse(text) for text in args.prune]
+    single = (args.layers, args.modules, args.rate)
+    if any(v is not None for v in single):
+        if any(v is None for v in single):
+            raise SvdiclError("--layers, --modules and --rate go together; give all three or use --prune L:M:R")
+        specs.insert(0, PruneSpec.parse(f"{args.layers}:{args.modules}:{args.rate}"))
+    if required and not specs:
+        raise SvdiclError("nothing to prune; give --layers, --modules and --rate (or --prune 26:mlp:0.95)")
+    return specs

