@@ -5,6 +5,8 @@ Pipeline: models (load) -> targets/prune (truncate) -> tasks/prompts (ICL prompt
 """
 
 from svdicl.errors import SvdiclError
+from svdicl.export import load_pruned, save_pruned
+from svdicl.lowrank import LowRankLinear
 from svdicl.models import ALIASES, LoadedModel, load_model
 from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, prune, pruned
 from svdicl.svd import Factors, kept_rank, svd_factors
@@ -15,15 +17,18 @@ __all__ = [
     "EditRecord",
     "Factors",
     "LoadedModel",
+    "LowRankLinear",
     "MatrixEdit",
     "PruneSpec",
     "SvdiclError",
     "Target",
     "kept_rank",
     "load_model",
+    "load_pruned",
     "prune",
     "pruned",
     "resolve",
+    "save_pruned",
     "svd_factors",
 ]
 __version__ = "0.1.0"

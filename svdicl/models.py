@@ -19,9 +19,11 @@ from pathlib import Path
 import torch
 
 from svdicl.errors import SvdiclError
+from svdicl.offload import state_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DEFAULT_MODEL = "smollm2-135m"
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's placement strategies
 
 
 @dataclass(frozen=True)
@@ -167,39 +169,120 @@ def load_model(
     device: str = "cpu",
     cache_dir: str | Path | None = None,
     trust_remote_code: bool = False,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load `source` (alias, .gguf file, local folder or Hub id) in eval mode on `device`."""
+    """Load `source` (alias, .gguf file, local folder, svdicl export or Hub id) in eval mode on `device`.
+
+    For a model bigger than one device, `device_map` (auto, balanced, sequential, a JSON file or
+    a {module: device} dict whose devices may include "cpu" and "disk") spreads it with accelerate
+    instead, and `device` is ignored; `max_memory` caps devices (`0=20GiB,cpu=60GiB` or a dict)
+    and `offload_folder` holds weights that must be re-saved for disk offload.
+    """
     torch_dtype = _dtype(dtype)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    placement = _placement(device_map, max_memory, offload_folder)
     if source in ALIASES:
         gguf = alias_gguf(ALIASES[source], cache)
-        model, tokenizer = _load_gguf(gguf, ALIASES[source].sha256, torch_dtype, cache)
+        model, tokenizer = _load_gguf(gguf, ALIASES[source].sha256, torch_dtype, cache, placement)
     elif source.endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise SvdiclError(f"GGUF file {source} does not exist; check the path")
-        model, tokenizer = _load_gguf(path, None, torch_dtype, cache)
+        model, tokenizer = _load_gguf(path, None, torch_dtype, cache, placement)
+    elif _is_factorized_export(source):
+        if placement:
+            raise SvdiclError(f"{source} is a factorized export, which loads on one device; drop --device-map or export dense")
+        from svdicl.export import load_pruned
+
+        return load_pruned(source, dtype=dtype, device=device)
     else:
-        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code)
-    model.to(device)
+        model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, placement)
+    if not placement:
+        model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint(model), dtype=dtype)
 
 
-def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path | None):
+def _placement(device_map: str | dict | None, max_memory: str | dict | None, offload_folder: str | Path | None) -> dict:
+    """from_pretrained keyword arguments for accelerate's placement; empty without a device map."""
+    if device_map is None:
+        if max_memory or offload_folder:
+            raise SvdiclError("max_memory and offload_folder only apply with a device map; add --device-map auto")
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        path = Path(device_map).expanduser()
+        if not path.is_file():
+            raise SvdiclError(f"device map {device_map!r} is neither {', '.join(DEVICE_MAPS)} nor a JSON file of module: device")
+        try:
+            device_map = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise SvdiclError(f"cannot parse device map {path}: {exc}") from None
+    if isinstance(device_map, dict):
+        device_map = {str(name): _device(value) for name, value in device_map.items()}
+    if isinstance(max_memory, str):
+        pairs = [item.partition("=") for item in max_memory.split(",") if item.strip()]
+        if not pairs or any(not (key.strip() and sep and size.strip()) for key, sep, size in pairs):
+            raise SvdiclError(f"cannot read max memory {max_memory!r}; write DEVICE=SIZE pairs, e.g. 0=20GiB,cpu=60GiB")
+        max_memory = {_device(key.strip()): size.strip() for key, _, size in pairs}
+    folder = str(Path(offload_folder).expanduser()) if offload_folder else None
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": folder}
+
+
+def _device(value: str | int) -> str | int:
+    """A device-map device: a GPU index, "cpu", "disk" or a torch device name, checked to exist."""
+    if isinstance(value, int) or str(value).isdigit():
+        value = int(value)
+        name = f"cuda:{value}"
+    elif value in ("cpu", "disk"):
+        return value
+    else:
+        name = str(value)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SvdiclError(f"device {value!r} in the device map is not a device; use a GPU index, cpu, disk or cuda:N") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SvdiclError(f"device {value!r} in the device map does not exist here ({torch.cuda.device_count()} GPUs)")
+    return value
+
+
+def _from_pretrained(source, **options):
+    """AutoModelForCausalLM.from_pretrained, with accelerate's missing-offload-folder error made one line."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **options)
+    except ValueError as exc:
+        if "offload_folder" in str(exc):
+            raise SvdiclError("the device map sends weights to disk that must be re-saved; give --offload-folder DIR") from None
+        raise
+
+
+def _is_factorized_export(source: str) -> bool:
+    """A folder written by `svdicl prune --format factorized` (transformers alone cannot load it)."""
+    if not (Path(source).expanduser() / "svdicl_edit.json").is_file():
+        return False
+    from svdicl.export import read_edit
+
+    return read_edit(source).get("format") == "factorized"
+
+
+def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path | None, placement: dict):
     """Dequantise a GGUF file; with a cache directory, reuse (or write) a safetensors copy."""
     _check_gguf_support()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     copy = None
     if cache is not None:
         copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{str(dtype).removeprefix('torch.')}"
         if (copy / "config.json").is_file():
-            return _load_pretrained(str(copy), dtype, False)
+            return _load_pretrained(str(copy), dtype, False, placement)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = _from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
     # A dequantised GGUF model is a plain float model; drop the quantizer so it can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -213,8 +296,8 @@ def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path |
     return model, tokenizer
 
 
-def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, placement: dict):
+    from transformers import AutoTokenizer
 
     local = Path(source).expanduser()
     looks_local = local.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
@@ -228,7 +311,7 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool):
     options = dict(trust_remote_code=trust_remote_code, local_files_only=offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options)
+        model = _from_pretrained(source, dtype=dtype, **options, **placement)
     except OSError as exc:
         raise SvdiclError(
             f"cannot load model {source!r} ({str(exc).splitlines()[0]}); offline, use a local folder, "
@@ -256,7 +339,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     digest = hashlib.blake2b(digest_size=16)
     config = {k: v for k, v in model.config.to_dict().items() if k not in _PROVENANCE_KEYS and not k.startswith("_")}
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_tensors(model):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         data = tensor.detach().to("cpu").contiguous()
         if data.numel():

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from svdicl.errors import SvdiclError
+from svdicl.offload import Slot, slot
 from svdicl.svd import check_rate, factor_cache, kept_rank, svd_dtype
 from svdicl.targets import Target, check_overlap, resolve
 
@@ -88,7 +89,7 @@ def _join(modules: str | Sequence[str]) -> str:
     return modules if isinstance(modules, str) else ",".join(modules)
 
 
-def _logical(weight: torch.Tensor, target: Target) -> torch.Tensor:
+def logical_matrix(weight: torch.Tensor, target: Target) -> torch.Tensor:
     """The (out, in) matrix of a target, a view into `weight` (rows gathered for fused blocks)."""
     matrix = weight.T if target.transposed else weight
     if not target.blocks:
@@ -97,35 +98,37 @@ def _logical(weight: torch.Tensor, target: Target) -> torch.Tensor:
 
 
 def _apply(model: nn.Module, specs: tuple[PruneSpec, ...], dtype: torch.dtype, allow_tied: bool):
-    """Truncate every target; return the record and the (parameter, original tensor) pairs to restore."""
+    """Truncate every target, each on the device its weight lives on; return the record and the undos.
+
+    Weights offloaded by a device map are read from, and written back to, accelerate's offload
+    map (see svdicl.offload); every other weight gets its truncated copy as `param.data`.
+    """
     cache = factor_cache(model)
     resolved: list[tuple[Target, float]] = []
     for spec in specs:
         resolved += [(t, spec.rate) for t in resolve(model, spec.layers, spec.modules, allow_tied=allow_tied)]
     check_overlap([t for t, _ in resolved])
     edits: list[MatrixEdit] = []
-    replaced: dict[int, tuple[nn.Parameter, torch.Tensor, torch.Tensor]] = {}
+    replaced: dict[int, tuple[Slot, torch.Tensor]] = {}  # one entry per parameter, tied or fused
     with torch.no_grad():
         for target, rate in resolved:
-            weight = model.get_submodule(target.module_name).weight
-            matrix = _logical(weight, target)
+            where = slot(model, f"{target.module_name}.weight", writing=True)
+            weight = where.read()
+            matrix = logical_matrix(weight, target)
             shape = (matrix.shape[0], matrix.shape[1])
             k = kept_rank(shape, rate)
             full = min(shape)
             if rate == 0 or k >= full:
                 edits.append(_record(target, shape, rate, full, full, 0.0))
                 continue
-            factors = cache.factors((target.module_name, target.blocks), weight, matrix, dtype)
-            if id(weight) not in replaced:
-                replaced[id(weight)] = (weight, weight.data, weight.data.clone())
-            new = replaced[id(weight)][2]
+            factors = cache.factors((target.module_name, target.blocks), weight, matrix, dtype, where.stamp())
+            if id(where.parameter) not in replaced:
+                replaced[id(where.parameter)] = (where, weight.detach().clone())
+            new = replaced[id(where.parameter)][1]
             _write(new.T if target.transposed else new, target, factors.truncate(k).to(new.dtype))
             edits.append(_record(target, shape, rate, full, k, factors.relative_error(k)))
-        originals = []
-        for weight, original, new in replaced.values():
-            weight.data = new
-            originals.append((weight, original))
-    return EditRecord(specs=specs, matrices=tuple(edits)), originals
+        undos = [where.write(new) for where, new in replaced.values()]
+    return EditRecord(specs=specs, matrices=tuple(edits)), undos
 
 
 def _write(matrix: torch.Tensor, target: Target, values: torch.Tensor) -> None:
@@ -168,12 +171,12 @@ def pruned(
 
     `with svdicl.pruned(model, layers=26, modules="mlp", rate=0.95) as edit: ...`
     """
-    record, originals = _apply(model, _specs(layers, modules, rate, specs), svd_dtype(svd), allow_tied)
+    record, undos = _apply(model, _specs(layers, modules, rate, specs), svd_dtype(svd), allow_tied)
     try:
         yield record
     finally:
-        for weight, original in originals:
-            weight.data = original
+        for undo in reversed(undos):
+            undo()
 
 
 def prune(

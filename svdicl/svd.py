@@ -3,17 +3,25 @@
 A weight W (m x n) has the thin SVD W = U S Vh.  Pruning at clipping rate xi keeps the
 k = floor((1 - xi) * min(m, n)) largest singular values (at least one), which is the best
 rank-k approximation in Frobenius and spectral norm.  The factors are computed once per
-matrix and cached, so every further rate is only a slice of them.
+matrix and cached, so every further rate is only a slice of them.  Optionally the factors
+are also kept on disk (`use_disk_cache`), so a later process skips the SVD of unedited weights.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
+import tempfile
 import weakref
 from dataclasses import dataclass
 from fractions import Fraction
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from svdicl.errors import SvdiclError
 
@@ -79,31 +87,134 @@ def svd_factors(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Fac
     return Factors(u=u, s=s, vh=vh)
 
 
+def _stamp(parameter: torch.Tensor) -> tuple:
+    """Storage pointer, autograd version counter and shape: they change on an in-place edit or a swapped tensor."""
+    return (parameter.data_ptr(), parameter._version, tuple(parameter.shape))
+
+
+class FactorStore:
+    """Factors of one model's original weights as safetensors files, shared between processes.
+
+    Files live in `<directory>/<fingerprint>/`, one per matrix (and row blocks) and SVD dtype, so
+    a model with another fingerprint never finds them.  Only a weight that is still the parameter
+    and tensor seen when the store was attached (`originals`: module name -> (weak reference,
+    stamp)) is read or written: a weight that `pruned` has swapped, anything has edited in place,
+    or a new module has replaced is never looked up under the original model's fingerprint.
+    Each file also records a digest of the matrix it factorises and is ignored when that does
+    not match (a fingerprint given for other weights).
+    """
+
+    FORMAT = "svdicl-factors-1"
+
+    def __init__(self, directory: Path, fingerprint: str, originals: dict[str, tuple[weakref.ref, tuple]]) -> None:
+        if not fingerprint or fingerprint.strip(".") == "" or any(c in fingerprint for c in "/\\"):
+            raise SvdiclError(f"fingerprint {fingerprint!r} cannot name a cache folder; pass the model's hex fingerprint")
+        self.folder = directory / fingerprint
+        self.fingerprint = fingerprint
+        self.originals = originals
+
+    def is_original(self, module_name: str, parameter: torch.Tensor, stamp: tuple) -> bool:
+        seen = self.originals.get(module_name)
+        return seen is not None and seen[0]() is parameter and seen[1] == stamp and parameter.device.type != "meta"
+
+    def path(self, key: tuple[str, tuple], dtype: torch.dtype) -> Path:
+        name, blocks = key
+        rows = "-rows" + hashlib.blake2b(repr(blocks).encode(), digest_size=6).hexdigest() if blocks else ""
+        return self.folder / f"{name}{rows}.{str(dtype).removeprefix('torch.')}.safetensors"
+
+    def _metadata(self, key: tuple[str, tuple], dtype: torch.dtype, matrix: torch.Tensor) -> dict[str, str]:
+        data = matrix.detach().to("cpu").contiguous().reshape(-1)
+        digest = hashlib.blake2b(memoryview(data.view(torch.uint8).numpy()), digest_size=16).hexdigest()
+        return {
+            "format": self.FORMAT,
+            "fingerprint": self.fingerprint,
+            "matrix": key[0],
+            "blocks": json.dumps(key[1]),
+            "svd_dtype": str(dtype).removeprefix("torch."),
+            "shape": json.dumps(list(matrix.shape)),
+            "matrix_dtype": str(matrix.dtype).removeprefix("torch."),
+            "matrix_digest": digest,
+        }
+
+    def read(self, key: tuple[str, tuple], dtype: torch.dtype, matrix: torch.Tensor) -> Factors | None:
+        """The stored factors of `matrix`; None when absent, unreadable, or made from other values."""
+        path = self.path(key, dtype)
+        if not path.is_file():
+            return None
+        expected = self._metadata(key, dtype, matrix)
+        try:
+            with safe_open(path, framework="pt", device=str(matrix.device)) as stored:
+                if stored.metadata() != expected or set(stored.keys()) != {"u", "s", "vh"}:
+                    return None
+                return Factors(u=stored.get_tensor("u"), s=stored.get_tensor("s"), vh=stored.get_tensor("vh"))
+        except (OSError, SafetensorError):
+            return None
+
+    def write(self, key: tuple[str, tuple], dtype: torch.dtype, matrix: torch.Tensor, factors: Factors) -> None:
+        """Write atomically (temporary file, then rename), so a concurrent reader never sees half a file."""
+        path = self.path(key, dtype)
+        tensors = {name: getattr(factors, name).detach().to("cpu").contiguous() for name in ("u", "s", "vh")}
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=path.name, suffix=".tmp")
+            os.close(handle)
+            try:
+                save_file(tensors, temporary, metadata=self._metadata(key, dtype, matrix))
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+        except OSError as exc:
+            raise SvdiclError(
+                f"cannot write the factor cache file {path} ({exc}); fix the folder's permissions or space"
+            ) from None
+
+
 class FactorCache:
     """One SVD per matrix, reused for every clipping rate.
 
     An entry is valid only while the matrix it came from is untouched: it remembers the
     storage pointer and autograd version counter of the parameter, so an in-place edit or a
-    swapped tensor forces a fresh SVD instead of returning stale factors.
+    swapped tensor forces a fresh SVD instead of returning stale factors.  With a `FactorStore`
+    attached (`use_disk_cache`), the factors of original weights also go to and come from disk.
     """
 
     def __init__(self) -> None:
         self._entries: dict[tuple[tuple[str, tuple], torch.dtype], tuple[tuple, Factors]] = {}
+        self.store: FactorStore | None = None
 
-    def factors(self, key: tuple[str, tuple], parameter: torch.Tensor, matrix: torch.Tensor, dtype: torch.dtype) -> Factors:
-        """Factors of `matrix`, a view of `parameter`; `key` = (module name, row blocks)."""
-        stamp = (parameter.data_ptr(), parameter._version, tuple(parameter.shape))
+    def factors(
+        self,
+        key: tuple[str, tuple],
+        parameter: torch.Tensor,
+        matrix: torch.Tensor,
+        dtype: torch.dtype,
+        stamp: tuple | None = None,
+    ) -> Factors:
+        """Factors of `matrix`, a view of `parameter`; `key` = (module name, row blocks).
+
+        `stamp` identifies values that live outside `parameter` (a disk-offloaded weight is a
+        fresh tensor at every read); by default it is taken from `parameter`.
+        """
+        stamp = stamp or (parameter.data_ptr(), parameter._version, tuple(parameter.shape))
         hit = self._entries.get((key, dtype))
         if hit is not None and hit[0] == stamp:
             return hit[1]
-        found = svd_factors(matrix, dtype)
+        store = self.store if self.store is not None and self.store.is_original(key[0], parameter, stamp) else None
+        found = store.read(key, dtype, matrix) if store is not None else None
+        if found is None:
+            found = svd_factors(matrix, dtype)
+            if store is not None:
+                store.write(key, dtype, matrix, found)
         self._entries[(key, dtype)] = (stamp, found)
         return found
 
     def forget(self, module_name: str) -> None:
-        """Drop every entry of a module (a permanent edit replaced its weight)."""
+        """Drop every entry of a module (a permanent edit replaced its weight); its weight is original no more."""
         for cached in [k for k in self._entries if k[0][0] == module_name]:
             del self._entries[cached]
+        if self.store is not None:
+            self.store.originals.pop(module_name, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,6 +228,23 @@ def factor_cache(model: torch.nn.Module) -> FactorCache:
     cache = _CACHES.get(model)
     if cache is None:
         cache = _CACHES[model] = FactorCache()
+    return cache
+
+
+def use_disk_cache(model: torch.nn.Module, directory: str | Path, fingerprint: str) -> FactorCache:
+    """Keep `model`'s factors on disk too, in `directory/fingerprint/`, for its weights as they are now.
+
+    `fingerprint` must identify exactly the current weights (`LoadedModel.fingerprint`, taken at
+    load, before any permanent `prune`).  Later `pruned`/`prune` calls on this model then read an
+    unedited matrix's factors from disk instead of running its SVD, and write the ones they compute.
+    """
+    originals = {
+        name: (weakref.ref(module.weight), _stamp(module.weight))
+        for name, module in model.named_modules()
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
+    cache = factor_cache(model)
+    cache.store = FactorStore(Path(directory).expanduser(), fingerprint, originals)
     return cache
 
 

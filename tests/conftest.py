@@ -40,6 +40,19 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
+def tiny_tokenizer(merges: tuple[str, ...] = ()):
+    """A character-level tokenizer for the tiny models' 128-token vocabulary: <pad>=0, BOS <s>=1
+    (prepended like Llama's), <unk>=2, then newline and printable ASCII, then `merges` (two-character
+    tokens)."""
+    from tokenizers import Tokenizer, models, processors
+
+    chars = ["\n"] + [chr(i) for i in range(32, 127)] + list(merges)
+    vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[(m[0], m[1]) for m in merges], unk_token="<unk>"))
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tf.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", pad_token="<pad>", unk_token="<unk>")
+
+
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def any_tiny(request) -> torch.nn.Module:
     return tiny_model(request.param)

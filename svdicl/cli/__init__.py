@@ -17,7 +17,7 @@ from pathlib import Path
 
 from svdicl.errors import SvdiclError
 
-COMMANDS = ("inspect", "prune")
+COMMANDS = ("inspect", "prune", "condition", "report", "eval", "theory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,9 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     if not isinstance(values, dict):
         raise SvdiclError(f"config {path} must be a mapping of flag names to values")
     subparser = parser._subparsers._group_actions[0].choices[probe.command]
+    while subparser._subparsers is not None:  # nested commands: `svdicl theory linreg --config ...`
+        nested = subparser._subparsers._group_actions[0]
+        subparser = nested.choices[getattr(probe, nested.dest)]
     actions = {a.dest: a for a in subparser._actions if a.dest not in ("config", "help")}
     defaults = {}
     for key, value in values.items():

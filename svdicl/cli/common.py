@@ -19,6 +19,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype (default: float32)")
     group.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: cpu)")
+    group.add_argument(
+        "--device-map",
+        help="spread a large model with accelerate instead of --device: auto, balanced, sequential, or a JSON file of "
+        "module: device (devices: GPU index, cpu, disk)",
+    )
+    group.add_argument("--max-memory", help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
+    group.add_argument("--offload-folder", help="folder for weights --device-map offloads to disk")
     group.add_argument("--cache-dir", help="keep assembled GGUF files and fast float copies here (env SVDICL_CACHE)")
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
 
@@ -34,6 +41,9 @@ def load(args: argparse.Namespace):
         device=args.device,
         cache_dir=args.cache_dir,
         trust_remote_code=args.trust_remote_code,
+        device_map=args.device_map,
+        max_memory=args.max_memory,
+        offload_folder=args.offload_folder,
     )
 
 

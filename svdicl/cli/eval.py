@@ -1,0 +1,125 @@
+"""`svdicl eval`: in-context learning accuracy with 95% CIs on the paper's tasks, optionally pruned."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from svdicl.cli.common import add_model_args, add_prune_args, load, log, prune_specs
+
+
+def add(sub) -> None:
+    from svdicl.tasks import TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate in-context learning on the paper's tasks (accuracy, macro-F1, 95%% CIs)",
+        description="Evaluate in-context learning: label-word log-likelihoods after k demonstrations per class, "
+        "metrics with 95% bootstrap CIs, results.json + samples.jsonl. Resumes an interrupted --output.",
+    )
+    add_model_args(p)
+    task = p.add_argument_group("task")
+    task.add_argument(
+        "--task",
+        "--tasks",
+        dest="task",
+        action="append",
+        metavar="TASK",
+        help=f"task name ({', '.join(TASKS)}) or task YAML file; comma list or repeat for several",
+    )
+    task.add_argument(
+        "--shots",
+        "--num-fewshot",
+        "--num_fewshot",
+        dest="shots",
+        type=int,
+        help="demonstrations per class (default: the paper's: 5, AGNews 2)",
+    )
+    task.add_argument(
+        "--seed",
+        dest="seed",
+        action="append",
+        type=int,
+        metavar="S",
+        help="demonstration seed; repeat for several (default: 0)",
+    )
+    task.add_argument("--split", default="test", choices=["validation", "test"], help="examples to score (default: test)")
+    task.add_argument("--limit", type=int, metavar="N", help="score only N examples (the same seeded subset for every run)")
+    task.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
+    scoring = p.add_argument_group("scoring")
+    scoring.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
+    )
+    scoring.add_argument(
+        "--length-normalize",
+        action="store_true",
+        help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
+    )
+    scoring.add_argument("--padding-side", default="left", choices=["left", "right"], help="batch padding side (default: left)")
+    add_prune_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--output", "--output-path", dest="output", help="folder for results.json and samples.jsonl (required)")
+    out.add_argument("--overwrite", action="store_true", help="discard results of a different evaluation in --output")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from svdicl.errors import SvdiclError
+    from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
+    from svdicl.tasks import get_task
+
+    if not args.task or not args.output:
+        raise SvdiclError("give --task (e.g. --task sst2) and --output DIR")
+    tasks = [get_task(name) for text in args.task for name in text.split(",") if name]
+    specs = prune_specs(args, required=False)
+    seeds = args.seed or [0]
+    loaded = load(args)
+    root = Path(args.output)
+    for task in tasks:
+        folder = root if len(tasks) == 1 else root / task.name
+        if (folder / RESULTS_FILE).is_file() and not args.overwrite:
+            log(args, f"{folder / RESULTS_FILE} exists; reporting it (if it is the same evaluation) without rescoring")
+        results = evaluate(
+            loaded,
+            task,
+            split=args.split,
+            shots=args.shots,
+            seeds=seeds,
+            limit=args.limit,
+            specs=specs,
+            svd=args.svd_dtype,
+            allow_tied=args.allow_tied,
+            batch_size=args.batch_size,
+            padding_side=args.padding_side,
+            length_normalize=args.length_normalize,
+            data_dir=args.data_dir,
+            output=folder,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
+        _print(task.name, results, folder)
+    return 0
+
+
+def _print(name: str, results: dict, folder: Path) -> None:
+    config = results["config"]
+    print(
+        f"{name}  split={config['split']}  shots={config['shots_per_class']}/class  edit={config['edit']['key']}  "
+        f"-> {folder / 'results.json'}"
+    )
+    for run in results["runs"]:
+        acc, f1 = run["metrics"]["accuracy"], run["metrics"]["macro_f1"]
+        print(
+            f"  seed {run['seed']:<4} n={run['n_examples']:<6} accuracy {_ci(acc)}  macro-F1 {_ci(f1)}"
+            f"  ties {run['n_ties']}  {run['timing']['wall_s']:.1f} s"
+        )
+    if len(results["runs"]) > 1:
+        acc, f1 = results["summary"]["accuracy"], results["summary"]["macro_f1"]
+        print(
+            f"  over {acc['n']} seeds: accuracy {acc['mean']:.4f} ± {acc['std']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
+            f"  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}"
+        )
+
+
+def _ci(estimate: dict) -> str:
+    return f"{estimate['value']:.4f} [{estimate['ci_low']:.4f}, {estimate['ci_high']:.4f}]"

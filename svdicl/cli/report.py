@@ -1,0 +1,37 @@
+"""`svdicl report DIR`: figures (fig 1-3) and tables (appendix C.5 layout) from an output folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from svdicl.cli.common import log
+
+
+def add(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="figures (fig 1-3) and tables (appendix C.5 layout) from the output folder of sweep, condition or search",
+        description="Reads DIR/cells.jsonl, DIR/conditions.csv and DIR/search/*.json (whichever exist) and writes "
+        "DIR/figures/*.{png,svg}, DIR/tables/*.{md,csv} and DIR/report.md.",
+    )
+    p.add_argument("directory", metavar="DIR", help="an --output folder of svdicl sweep, condition or search")
+    p.add_argument(
+        "--metric",
+        default="task",
+        help="metric to plot: accuracy, macro_f1, or task = each task's headline metric, e.g. macro-F1 for COPA (default)",
+    )
+    p.add_argument(
+        "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
+    )
+    p.add_argument("--no-bands", action="store_true", help="draw lines only, without confidence or seed-spread bands")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from svdicl.report import build_report
+
+    report = build_report(args.directory, metric=args.metric, formats=args.format, bands=not args.no_bands)
+    for path in report.files:
+        log(args, f"wrote {path}")
+    print(report.page)
+    return 0

@@ -1,0 +1,255 @@
+"""Label-word and choice log-likelihoods: prompts -> `Request`s (token ids) -> scores.
+
+Tokenizing and executing are separate steps.  `build_requests` turns each prompt and its
+candidates into token ids once; `score` runs any model over them.  Every execution path
+consumes the same ids, so two paths (or an edited and an unedited model) see exactly the same
+inputs.
+
+Tokenization: the full string demonstrations + query + candidate is tokenized in one piece
+(no special tokens) and cut at the characters where the query and the candidate begin, so a
+label word gets exactly the tokens it has in context.  A cut that falls inside a token, or a
+demonstration block that tokenizes differently for different examples, is an error, never a
+silent misalignment.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from svdicl.errors import SvdiclError
+
+
+@dataclass(frozen=True)
+class Request:
+    """Score each continuation after prefix + context.
+
+    `prefix` is the demonstrations block with the tokenizer's special tokens (BOS), the same
+    tuple for every request of a run; `context` is this example's query.
+    """
+
+    prefix: tuple[int, ...]
+    context: tuple[int, ...]
+    continuations: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per continuation: summed log-probability of its tokens and how many tokens it has."""
+
+    logprobs: tuple[float, ...]
+    n_tokens: tuple[int, ...]
+
+
+def build_requests(
+    tokenizer,
+    demonstrations: str,
+    queries: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    *,
+    ids: Sequence[str] | None = None,
+    max_length: int | None = None,
+    chunk: int = 256,
+) -> list[Request]:
+    """Tokenize prompts into Requests; `ids` name examples in error messages."""
+    prefix, plain = _prefix_ids(tokenizer, demonstrations)
+    names = list(ids) if ids is not None else [f"#{i}" for i in range(len(queries))]
+    flat = [(q, i, c) for i, (q, cands) in enumerate(zip(queries, candidates, strict=True)) for c in cands]
+    requests: list[Request] = []
+    pending: dict[int, list] = {}
+    for start in range(0, len(flat), chunk):
+        part = flat[start : start + chunk]
+        texts = [demonstrations + q + c for q, _, c in part]
+        encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+        for (query, index, _), tokens, offsets in zip(part, encoded["input_ids"], encoded["offset_mapping"], strict=True):
+            cuts = (len(demonstrations), len(demonstrations) + len(query))
+            head, context, continuation = _cut(tokens, offsets, cuts, names[index])
+            if tuple(head) != plain:
+                raise SvdiclError(
+                    f"example {names[index]}: the demonstrations tokenize differently in front of this query; "
+                    f"end the template's demonstrations differently"
+                )
+            pending.setdefault(index, []).append((tuple(context), tuple(continuation)))
+            if len(pending[index]) == len(candidates[index]):
+                requests.append(_request(prefix, pending.pop(index), names[index]))
+    if max_length is not None:
+        _check_length(requests, max_length, names)
+    return requests
+
+
+def _prefix_ids(tokenizer, demonstrations: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The demonstrations with special tokens, and without; specials may only lead."""
+    plain = tuple(tokenizer(demonstrations, add_special_tokens=False)["input_ids"])
+    full = tuple(tokenizer(demonstrations, add_special_tokens=True)["input_ids"])
+    if full[len(full) - len(plain) :] != plain:
+        raise SvdiclError("the tokenizer adds special tokens after the text; svdicl needs a causal LM tokenizer (BOS only)")
+    return full, plain
+
+
+def _cut(tokens: Sequence[int], offsets, cuts: tuple[int, int], name: str) -> list[list[int]]:
+    """Split token ids at the characters where the query and the candidate begin."""
+    parts: list[list[int]] = [[], [], []]
+    for token, (start, end) in zip(tokens, offsets, strict=True):
+        part = sum(end > cut for cut in cuts)
+        inside = [i for i, cut in enumerate(cuts) if start < cut < end]
+        if inside or any(parts[part + 1 :]):
+            where = ("the demonstrations and the query", "the query and a candidate answer")[(inside or [part - 1])[0] > 0]
+            raise SvdiclError(
+                f"example {name}: {where} share a token, so they cannot be told apart; "
+                f"change the template, the label words or the answer delimiter"
+            )
+        parts[part].append(token)
+    return parts
+
+
+def _request(prefix: tuple[int, ...], pieces: list[tuple[tuple[int, ...], tuple[int, ...]]], name: str) -> Request:
+    contexts = {context for context, _ in pieces}
+    continuations = tuple(c for _, c in pieces)
+    if len(contexts) != 1:
+        raise SvdiclError(
+            f"example {name}: the query tokenizes differently before different candidates; "
+            f"change the label words or the answer delimiter"
+        )
+    if any(not c for c in continuations):
+        raise SvdiclError(f"example {name}: a candidate answer is empty; every label word / choice needs text")
+    if len(set(continuations)) != len(continuations):
+        raise SvdiclError(f"example {name}: two candidates have identical tokens, so they cannot be told apart")
+    context = contexts.pop()
+    if not prefix and not context:
+        raise SvdiclError(f"example {name}: the prompt is empty, so nothing predicts the answer's first token")
+    return Request(prefix=prefix, context=context, continuations=continuations)
+
+
+def _check_length(requests: Sequence[Request], max_length: int, names: Sequence[str]) -> None:
+    for request, name in zip(requests, names, strict=True):
+        length = len(request.prefix) + len(request.context) + max(len(c) for c in request.continuations) - 1
+        if length > max_length:
+            raise SvdiclError(
+                f"example {name}: the prompt has {length} tokens but the model reads at most {max_length}; use fewer --shots"
+            )
+
+
+def context_length(model, tokenizer) -> int | None:
+    """How many positions the model can read: from its config, else a meaningful tokenizer limit."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model.config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**8 else None
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One sequence to run: its tokens and which continuation tokens its last positions predict."""
+
+    request: int
+    tokens: tuple[int, ...]
+    targets: tuple[tuple[int, tuple[int, ...]], ...]  # (continuation index, its token ids), read at the end
+
+
+def _rows(requests: Sequence[Request]) -> list[_Row]:
+    """Single-token continuations share one sequence (prefix + context); longer ones get their own."""
+    rows = []
+    for index, r in enumerate(requests):
+        head = r.prefix + r.context
+        if all(len(c) == 1 for c in r.continuations):
+            rows.append(_Row(index, head, tuple(enumerate(r.continuations))))
+        else:
+            rows += [_Row(index, head + c[:-1], ((k, c),)) for k, c in enumerate(r.continuations)]
+    return rows
+
+
+def forwarded_tokens(requests: Sequence[Request]) -> int:
+    """Tokens the plain path runs through the model for `requests` (padding excluded)."""
+    return sum(len(row.tokens) for row in _rows(requests))
+
+
+@torch.no_grad()
+def score(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    padding_side: str = "left",
+    progress=None,
+) -> list[Scores]:
+    """Summed log-probabilities of every continuation of every request (the plain path).
+
+    Batches are padded on `padding_side` with an explicit attention mask and position ids;
+    the LM head runs only at the positions that predict continuation tokens, and a float32
+    log-softmax is taken there.  `progress.update(n)` is called as requests finish.
+    """
+    if padding_side not in ("left", "right"):
+        raise SvdiclError(f"padding side must be left or right, not {padding_side!r}")
+    if batch_size < 1:
+        raise SvdiclError(f"batch size must be >= 1, not {batch_size}")
+    device = next(model.parameters()).device
+    rows = sorted(_rows(requests), key=lambda row: -len(row.tokens))
+    logprobs = [[0.0] * len(r.continuations) for r in requests]
+    remaining = [0] * len(requests)
+    for row in rows:
+        remaining[row.request] += 1
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        ids, mask, ends = _pad(batch, pad_id, padding_side)
+        needed = sorted({end - k for row, end in zip(batch, ends, strict=True) for k in range(1, _reads(row) + 1)})
+        keep = torch.tensor(needed, device=device)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        inputs = dict(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids.to(device))
+        if keeps_logits:
+            logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+        else:
+            logits = model(**inputs, use_cache=False).logits[:, keep]
+        column = {position: i for i, position in enumerate(needed)}
+        for b, (row, end) in enumerate(zip(batch, ends, strict=True)):
+            reads = _reads(row)
+            rows_logits = logits[b, [column[end - reads + j] for j in range(reads)]].float()  # reads x vocab
+            normalizer = torch.logsumexp(rows_logits, dim=-1)
+            for k, tokens in row.targets:
+                offset = reads - len(tokens)
+                for j, token in enumerate(tokens):
+                    logprobs[row.request][k] += float(rows_logits[offset + j, token] - normalizer[offset + j])
+        if progress is not None:
+            done = 0
+            for row in batch:
+                remaining[row.request] -= 1
+                done += remaining[row.request] == 0
+            progress.update(done)
+    return [Scores(tuple(lp), tuple(len(c) for c in r.continuations)) for lp, r in zip(logprobs, requests, strict=True)]
+
+
+def _reads(row: _Row) -> int:
+    """How many final positions of the row predict continuation tokens."""
+    return max(len(tokens) for _, tokens in row.targets)
+
+
+def _pad(batch: Sequence[_Row], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Token ids and attention mask (batch x longest); `ends[b]` = one past row b's last real token."""
+    width = max(len(row.tokens) for row in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    ends = []
+    for b, row in enumerate(batch):
+        n = len(row.tokens)
+        lo = width - n if side == "left" else 0
+        ids[b, lo : lo + n] = torch.tensor(row.tokens)
+        mask[b, lo : lo + n] = 1
+        ends.append(lo + n)
+    return ids, mask, ends
+
+
+def choose(scores: Scores, length_normalize: bool = False) -> tuple[int, bool]:
+    """Prediction = argmax (lowest index on an exact tie) and whether there was a tie.
+
+    With `length_normalize` the score is the mean log-probability per token.
+    """
+    values = [lp / n if length_normalize else lp for lp, n in zip(scores.logprobs, scores.n_tokens, strict=True)]
+    best = max(values)
+    winners = [i for i, v in enumerate(values) if v == best]
+    return winners[0], len(winners) > 1

@@ -1,0 +1,192 @@
+"""Evaluation orchestration: results.json/samples.jsonl agree with each other, runs resume after an
+interruption without rescoring, edits are scored on the same prepared requests, the CLI works."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from conftest import tiny_model, tiny_tokenizer
+
+import svdicl.experiments.evaluate as evaluation
+from svdicl.cli import main
+from svdicl.errors import SvdiclError
+from svdicl.experiments.evaluate import evaluate, evaluate_run, prepare_run
+from svdicl.models import LoadedModel, fingerprint
+from svdicl.prune import PruneSpec, pruned
+from svdicl.scoring import choose
+from svdicl.tasks import get_task
+
+TASK = """
+kind: classification
+template: "q: {text} a:"
+labels: ["Yes", "No"]
+shots: 2
+splits:
+  demonstrations: {source: train}
+  validation: {source: test, size: 10}
+  test: {source: test, rest: true}
+"""
+N_TEST = 100
+
+
+def tiny_loaded(family: str = "llama") -> LoadedModel:
+    model = tiny_model(family)
+    return LoadedModel(
+        model=model, tokenizer=tiny_tokenizer(), source=f"tiny-{family}", fingerprint=fingerprint(model), dtype="float32"
+    )
+
+
+@pytest.fixture
+def task_dir(tmp_path):
+    """A task YAML and its data folder: 40 train rows, N_TEST test rows of short random text."""
+    rng = random.Random(0)
+    data = tmp_path / "data" / "toy"
+    data.mkdir(parents=True)
+    for source, n in (("train", 40), ("test", N_TEST)):
+        rows = [
+            {"text": " ".join(rng.choice(["ab", "cd", "ef", "gh"]) for _ in range(rng.randint(1, 5))), "label": i % 2}
+            for i in range(n)
+        ]
+        (data / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy.yaml").write_text(TASK)
+    return tmp_path
+
+
+def read_samples(folder):
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+
+
+def test_results_and_samples_agree(task_dir):
+    loaded = tiny_loaded()
+    out = task_dir / "out"
+    results = evaluate(
+        loaded, get_task(str(task_dir / "toy.yaml")), seeds=(0, 1), data_dir=task_dir / "data", output=out, quiet=True
+    )
+    assert json.loads((out / "results.json").read_text()) == results
+    assert not (out / "progress.json").exists()
+    samples = read_samples(out)
+    n = N_TEST - 10
+    assert len(samples) == 2 * n
+    config = results["config"]
+    assert config["model"]["fingerprint"] == loaded.fingerprint and config["edit"]["key"] == "none"
+    assert (config["shots_per_class"], config["shots_total"], config["seeds"]) == (2, 4, [0, 1])
+    assert results["versions"]["torch"]
+    for run in results["runs"]:
+        mine = [s for s in samples if s["seed"] == run["seed"]]
+        assert len(mine) == run["n_examples"] == n
+        for s in mine:
+            best = max(range(2), key=lambda k: s["logprobs"][k])
+            assert s["prediction"] == best and s["correct"] == (best == s["gold"])
+            assert s["prompt"].endswith(" a:") and s["candidates"] == [" Yes", " No"]
+        accuracy = run["metrics"]["accuracy"]
+        assert accuracy["value"] == pytest.approx(sum(s["correct"] for s in mine) / n)
+        assert accuracy["ci_low"] <= accuracy["value"] <= accuracy["ci_high"]
+        assert run["n_ties"] == sum(s["tie"] for s in mine)
+        assert sum(map(sum, run["confusion"]["rows_gold_columns_predicted"])) == n
+        assert len(run["demonstrations"]) == 4
+    assert results["summary"]["accuracy"]["mean"] == pytest.approx(
+        sum(r["metrics"]["accuracy"]["value"] for r in results["runs"]) / 2
+    )
+    assert results["summary"]["accuracy"]["n"] == 2
+
+
+def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    options = dict(seeds=(0,), data_dir=task_dir / "data", quiet=True)
+    reference = evaluate(loaded, task, output=task_dir / "reference", **options)
+
+    real_score, calls = evaluation.score, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_score(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "score", interrupted)
+    out = task_dir / "out"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(loaded, task, output=out, **options)
+    assert len(read_samples(out)) == evaluation.CHUNK and (out / "progress.json").exists()
+    with open(out / "samples.jsonl", "a") as handle:
+        handle.write('{"seed": 0, "id": "te')  # a line torn by the interruption
+
+    monkeypatch.setattr(evaluation, "score", real_score)
+    results = evaluate(loaded, task, output=out, **options)
+    assert results["runs"][0]["timing"]["examples_reused"] == evaluation.CHUNK
+    assert results["runs"][0]["timing"]["examples_scored"] == N_TEST - 10 - evaluation.CHUNK
+    resumed, fresh = read_samples(out), read_samples(task_dir / "reference")
+    assert [s["id"] for s in resumed] == [s["id"] for s in fresh]
+    for a, b in zip(resumed, fresh, strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-5)
+    assert results["runs"][0]["metrics"]["accuracy"]["value"] == reference["runs"][0]["metrics"]["accuracy"]["value"]
+
+
+def test_finished_output_is_reused_and_a_different_run_is_refused(task_dir, monkeypatch):
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    options = dict(data_dir=task_dir / "data", output=task_dir / "out", quiet=True)
+    first = evaluate(loaded, task, **options)
+
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("a finished evaluation must not be scored again")
+
+    monkeypatch.setattr(evaluation, "score", no_scoring)
+    assert evaluate(loaded, task, **options) == first
+    with pytest.raises(SvdiclError, match=r"holds a different evaluation.*--overwrite"):
+        evaluate(loaded, task, shots=1, **options)
+    monkeypatch.undo()
+    assert evaluate(loaded, task, shots=1, overwrite=True, **options)["config"]["shots_per_class"] == 1
+
+
+def test_one_prepared_run_is_scored_under_an_edit_and_restored(task_dir):
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    run = prepare_run(loaded, task, limit=12, data_dir=task_dir / "data")
+    before = evaluate_run(loaded, run)
+    with pruned(loaded.model, layers=1, modules="mlp", rate=0.9):
+        edited = evaluate_run(loaded, run)
+    after = evaluate_run(loaded, run)
+    assert after.scores == before.scores
+    assert edited.scores != before.scores
+    results = evaluate(loaded, task, limit=12, specs=[PruneSpec.parse("1:mlp:0.9")], data_dir=task_dir / "data", quiet=True)
+    assert results["config"]["edit"]["key"] == "1:mlp:0.9"
+    assert results["runs"][0]["metrics"]["accuracy"]["value"] == pytest.approx(edited.accuracy.value)
+    assert [choose(s)[0] for s in edited.scores] == list(edited.predictions)
+
+
+def test_limit_is_the_same_subset_for_every_seed(task_dir):
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    runs = [prepare_run(loaded, task, limit=20, seed=s, data_dir=task_dir / "data") for s in (0, 1)]
+    ids = [[e.id for e in r.examples] for r in runs]
+    assert ids[0] == ids[1] and len(ids[0]) == 20
+    assert ids[0] == sorted(ids[0], key=lambda i: int(i.split(":")[1]))  # file order
+    assert ids[0] != [f"test:{i}" for i in range(10, 30)]  # a shuffled subset, not the head
+    assert [e.id for e in runs[0].demonstrations] != [e.id for e in runs[1].demonstrations]
+    assert runs[0].requests[0].prefix != runs[1].requests[0].prefix
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(task_dir):
+    loaded = tiny_loaded("gpt2")  # 256 positions
+    task = get_task(str(task_dir / "toy.yaml"))
+    with pytest.raises(SvdiclError, match=r"reads at most 256.*fewer --shots"):
+        prepare_run(loaded, task, shots=20, data_dir=task_dir / "data")
+
+
+def test_cli_eval_end_to_end(task_dir, capsys):
+    model_dir = task_dir / "model"
+    loaded = tiny_loaded()
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    out = task_dir / "cli"
+    argv = ["-q", "eval", "--model", str(model_dir), "--task", str(task_dir / "toy.yaml"), "--data-dir", str(task_dir / "data")]
+    assert main([*argv, "--seed", "0", "--seed", "3", "--limit", "10", "--num-fewshot", "1", "--output", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["config"]["limit"], results["config"]["seeds"], results["config"]["shots_per_class"]) == (10, [0, 3], 1)
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "over 2 seeds" in printed
+    assert main([*argv, "--shots", "30", "--output", str(task_dir / "bad")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("svdicl: error:") and "only 20 demonstration candidates" in error and "\n" not in error
+    assert main(["-q", "eval", "--task", "nope", "--output", str(out)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err

@@ -1,0 +1,238 @@
+"""The fast paths against the model's own plain forward over prefix + suffix, family by family."""
+
+import copy
+
+import pytest
+import torch
+import transformers as tf
+from conftest import TINY_CONFIGS
+
+import svdicl
+from svdicl import forward as fw
+from svdicl.errors import SvdiclError
+
+# Sliding windows shorter than the test sequences (12-token prefix + up to 7 tokens), so they matter.
+WINDOWED = {
+    "mistral-window": ("mistral", dict(sliding_window=5)),
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma2-window": ("gemma2", dict(sliding_window=5)),
+    "gemma3_text-window": (
+        "gemma3_text",
+        dict(sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    ),
+}
+CASES = sorted(fw.SUPPORTED) + sorted(WINDOWED)
+
+
+def build(case: str) -> torch.nn.Module:
+    """A 3-layer random model of the case's family; larger initial weights than the default, so edits show."""
+    family, tweaks = WINDOWED.get(case, (case, {}))
+    torch.manual_seed(0)
+    config = TINY_CONFIGS[family]()
+    if family == "qwen2" and tweaks:  # qwen2 derives its layer types from these at construction
+        settings = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = tf.Qwen2Config(**{**settings, **tweaks})
+    for key, value in dict(tweaks, initializer_range=0.1, bos_token_id=1, eos_token_id=1).items():
+        setattr(config, key, value)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_inputs(seed: int = 1, prefix_length: int = 12, lengths=(3, 7, 1, 5)):
+    """A prefix and suffixes of different lengths, each scoring a random token at every position."""
+    generator = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(2, 128, (prefix_length,), generator=generator).tolist()
+    suffixes = []
+    for n in lengths:
+        ids = torch.randint(2, 128, (n,), generator=generator).tolist()
+        tokens = torch.randint(0, 128, (n,), generator=generator).tolist()
+        suffixes.append(fw.Suffix(tuple(ids), tuple(enumerate(tokens))))
+    return prefix, suffixes
+
+
+def plain_logprobs(model, prefix, suffixes) -> torch.Tensor:
+    """The reference: the model's own forward over prefix + suffix (right-padded batch), full log-softmax."""
+    width = len(prefix) + max(len(s.ids) for s in suffixes)
+    ids = torch.zeros(len(suffixes), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, suffix in enumerate(suffixes):
+        ids[row, : len(prefix) + len(suffix.ids)] = torch.tensor([*prefix, *suffix.ids])
+        mask[row, : len(prefix) + len(suffix.ids)] = 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        logprobs = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+    return torch.tensor(
+        [logprobs[row, len(prefix) + p, t].item() for row, s in enumerate(suffixes) for p, t in s.targets],
+        dtype=logprobs.dtype,
+    )
+
+
+def assert_matches(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5) -> None:
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() <= atol
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_shared_prefix_path_matches_plain_forward(case):
+    model = build(case)
+    prefix, suffixes = random_inputs()
+    want = plain_logprobs(model, prefix, suffixes)
+    assert_matches(fw.score(model, fw.SuffixBatch.of(suffixes), fw.prefix_kv(model, prefix)), want)
+    if case in WINDOWED:  # the window really cuts attention in these sequences
+        model.config.sliding_window = 1000
+        assert (plain_logprobs(model, prefix, suffixes) - want).abs().max().item() > 1e-3
+
+
+def test_empty_prefix_and_single_token_suffixes():
+    model = build("llama")
+    prefix, suffixes = random_inputs(seed=2, prefix_length=0, lengths=(1, 4, 1))
+    batch = fw.SuffixBatch.of(suffixes)
+    want = plain_logprobs(model, prefix, suffixes)
+    assert_matches(fw.score(model, batch, fw.prefix_kv(model, prefix)), want)
+    cache = fw.LayerCache(model, prefix, 1)
+    assert_matches(cache.score(cache.encode(batch), cache.prefix()), want)
+    prefix, _ = random_inputs(seed=3)
+    _, one = random_inputs(seed=3, lengths=(1, 1))
+    assert_matches(fw.score(model, fw.SuffixBatch.of(one), fw.prefix_kv(model, prefix)), plain_logprobs(model, prefix, one))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_layer_cache_matches_plain_forward_of_pruned_model(case):
+    model = build(case)
+    prefix, suffixes = random_inputs()
+    batch = fw.SuffixBatch.of(suffixes)
+    unpruned = plain_logprobs(model, prefix, suffixes)
+    for start in (0, 1, 2):  # first, middle, last layer
+        cache = fw.LayerCache(model, prefix, start)
+        cached = cache.encode(batch)  # before any edit: layers < start are never run again
+        assert_matches(cache.score(cached, cache.prefix()), unpruned)
+        for modules in ("attn", "mlp"):
+            for rate in (0.5, 0.9):
+                with svdicl.pruned(model, layers=start, modules=modules, rate=rate):
+                    want = plain_logprobs(model, prefix, suffixes)
+                    assert (want - unpruned).abs().max().item() > 1e-3  # the edit changes the answer
+                    assert_matches(cache.score(cached, cache.prefix()), want)
+
+
+def test_stale_inputs_are_refused():
+    model = build("llama")
+    prefix, suffixes = random_inputs()
+    batch = fw.SuffixBatch.of(suffixes)
+    cache = fw.LayerCache(model, prefix, 2)
+    cached = cache.encode(batch)
+    upper = cache.prefix()
+    with svdicl.pruned(model, layers=2, modules="mlp", rate=0.5), pytest.raises(SvdiclError, match="other weights"):
+        cache.score(cached, upper)  # prefix keys/values from before the edit
+    with svdicl.pruned(model, layers=1, modules="mlp", rate=0.5), pytest.raises(SvdiclError, match="below layer 2"):
+        cache.score(cached, cache.prefix())  # an edit below the cached layer
+    with pytest.raises(SvdiclError, match="cover layers"):
+        fw.run_suffixes(model, cached.hidden, batch.mask, upper, 1)
+
+
+@pytest.mark.parametrize("family", sorted(set(TINY_CONFIGS) - fw.SUPPORTED))
+def test_unsupported_family_is_reported(family):
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
+    assert not fw.supported(model)
+    assert family in fw.unsupported_reason(model)
+    with pytest.raises(SvdiclError, match="no fast path"):
+        fw.LayerCache(model, [1, 2, 3], 0)
+
+
+def test_suffix_batch_pads_right_and_splits_targets():
+    batch = fw.SuffixBatch.of([fw.Suffix((5, 6, 7), ((2, 9), (2, 10))), fw.Suffix((8,), ((0, 11),))], pad_id=3)
+    assert batch.ids.tolist() == [[5, 6, 7], [8, 3, 3]]
+    assert batch.mask.tolist() == [[True, True, True], [True, False, False]]
+    assert [t.tolist() for t in batch.split(torch.tensor([1.0, 2.0, 3.0]))] == [[1.0, 2.0], [3.0]]
+    with pytest.raises(SvdiclError, match="outside a suffix"):
+        fw.Suffix((1, 2), ((2, 5),))
+
+
+@pytest.mark.parametrize("case", ["llama", "gptj", "gemma3_text-window"])
+def test_cache_cost_counts_what_the_cache_holds(case):
+    model = build(case)
+    prefix, suffixes = random_inputs()
+    batch = fw.SuffixBatch.of(suffixes)
+    for start in (0, 2):
+        cache = fw.LayerCache(model, prefix, start)
+        cached = cache.encode(batch)
+        cost = fw.cache_cost(model, len(prefix))
+        held = cache.lower.nbytes + cache.prefix_hidden.numel() * cache.prefix_hidden.element_size() + cache.prefix().nbytes
+        assert cost.fixed == held
+        assert cost.per_token * batch.ids.numel() == cached.hidden.numel() * cached.hidden.element_size()
+
+
+def test_plan_passes_keeps_each_pass_within_budget():
+    model = build("llama")
+    shapes = [(8, 20), (8, 30), (8, 25), (4, 40), (8, 10)]
+    cost = fw.cache_cost(model, 50)
+    working = max(cost.working(r, n, 50) for r, n in shapes)
+    assert fw.plan_passes(model, 50, shapes, 1 << 40) == [range(0, 5)]
+    budget = cost.fixed + working + 2 * 8 * 30 * cost.per_token
+    passes = fw.plan_passes(model, 50, shapes, budget)
+    assert [i for p in passes for i in p] == list(range(5)) and len(passes) > 1
+    for group in passes:
+        assert cost.fixed + working + sum(shapes[i][0] * shapes[i][1] * cost.per_token for i in group) <= budget
+    assert fw.plan_passes(model, 50, shapes, cost.fixed) is None  # not even one batch: use the plain path
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("2G", 2 << 30), ("1.5gb", 3 << 29), ("1000", 1000)]
+)
+def test_parse_memory(text, size):
+    assert fw.parse_memory(text) == size
+
+
+def test_parse_memory_refuses_nonsense():
+    with pytest.raises(SvdiclError, match="memory size"):
+        fw.parse_memory("lots")
+
+
+def real_inputs(tokenizer):
+    """Six demonstrations, then queries scored on both label words; one also scores a 3-token continuation."""
+    pairs = [("a great movie", "positive"), ("boring and long", "negative"), ("I loved every minute", "positive")]
+    pairs += [("the worst film this year", "negative"), ("charming, funny and smart", "positive"), ("a dull mess", "negative")]
+    prefix = tokenizer("".join(f"text: {t} sentiment: {label}\n" for t, label in pairs))["input_ids"]
+    labels = [tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in (" positive", " negative")]
+    suffixes = []
+    for query in ["a triumph of style", "painfully bad acting throughout", "not my cup of tea at all"]:
+        ids = tokenizer(f"text: {query} sentiment:", add_special_tokens=False)["input_ids"]
+        suffixes.append(fw.Suffix(tuple(ids), tuple((len(ids) - 1, label) for label in labels)))
+    query = tokenizer("text: fine sentiment:", add_special_tokens=False)["input_ids"]
+    continuation = tokenizer(" mostly positive", add_special_tokens=False)["input_ids"] + labels[:1]
+    ids = (*query, *continuation[:-1])
+    suffixes.append(fw.Suffix(ids, tuple((len(query) - 1 + j, t) for j, t in enumerate(continuation))))
+    return prefix, suffixes
+
+
+def predictions(logprobs: torch.Tensor) -> list[int]:
+    """The preferred label word of each of the three label-scored rows."""
+    return logprobs[:6].view(3, 2).argmax(dim=1).tolist()
+
+
+def check_real(model, prefix, suffixes, atol: float, same_predictions: bool) -> None:
+    batch = fw.SuffixBatch.of(suffixes)
+    want = plain_logprobs(model, prefix, suffixes)
+    got = fw.score(model, batch, fw.prefix_kv(model, prefix))
+    assert_matches(got, want, atol)
+    for start in (0, 15, 29):
+        cache = fw.LayerCache(model, prefix, start)
+        cached = cache.encode(batch)
+        for modules in ("attn", "mlp"):
+            with svdicl.pruned(model, layers=start, modules=modules, rate=0.9):
+                want = plain_logprobs(model, prefix, suffixes)
+                got = cache.score(cached, cache.prefix())
+            assert_matches(got, want, atol)
+            assert not same_predictions or predictions(got) == predictions(want)
+
+
+def test_real_model_fast_paths_match_plain_forward_float32(real_model):
+    """float32 as users run it: within 1e-4 (the plain forward itself moves ~1e-5 with the batch's shape)."""
+    prefix, suffixes = real_inputs(real_model.tokenizer)
+    check_real(real_model.model, prefix, suffixes, atol=1e-4, same_predictions=True)
+
+
+def test_real_model_fast_paths_are_exact_in_float64(real_model):
+    """In float64 the rounding noise vanishes: the fast paths compute the very same function."""
+    prefix, suffixes = real_inputs(real_model.tokenizer)
+    model = copy.deepcopy(real_model.model).double()
+    check_real(model, prefix, suffixes, atol=1e-8, same_predictions=False)

@@ -1,0 +1,255 @@
+"""Report: the figures draw the store's numbers, the tables equal them, the Algorithm 1 table follows the schema."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+from matplotlib.collections import PathCollection, PolyCollection
+
+from svdicl.cli import main
+from svdicl.errors import SvdiclError
+from svdicl.experiments.condition import MatrixCondition, write_conditions
+from svdicl.report import (
+    algorithm1_markdown,
+    build_report,
+    plot_conditions,
+    plot_rates,
+    plot_shots,
+    read_search,
+    sweep_points,
+)
+from svdicl.store import CellKey, Result, Store, run_cells
+
+RATES = (0.1, 0.5, 0.9, 0.995)
+LAYERS = (0, 29)
+MODULES = ("mlp", "attn")
+
+
+def accuracy(task: str, shots: int, seed: int, edit: str) -> float:
+    """A distinct, known value per cell."""
+    if edit == "none":
+        return {"sst2": 0.80, "copa": 0.60}[task] + shots / 100 + seed / 1000
+    layer, module, rate = edit.split(":")
+    return 0.5 + int(layer) / 100 + (0.05 if module == "mlp" else 0.0) + float(rate) / 10 + shots / 100 + seed / 1000
+
+
+def result(key: CellKey) -> Result:
+    value = accuracy(key.task, key.shots, key.seed, key.edit)
+    metrics = {
+        "accuracy": {"value": value, "ci_low": value - 0.03, "ci_high": value + 0.02},
+        "macro_f1": {"value": value - 0.1, "ci_low": value - 0.15, "ci_high": value - 0.05},
+    }
+    return Result(metrics, n=200, samples=[{"id": "a", "correct": True}], model_name="tiny")
+
+
+def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa")) -> Store:
+    keys = [
+        CellKey("fp", task, "test", k, seed, edit)
+        for task in tasks
+        for k in shots
+        for seed in seeds
+        for edit in ["none", *(f"{layer}:{module}:{rate}" for module in MODULES for layer in LAYERS for rate in RATES)]
+    ]
+    store = Store(folder)
+    run_cells(store, keys, result, progress=False)
+    return store
+
+
+def search_result(task: str, module: str, layer: int, seeds: int = 1) -> dict:
+    rates = [0.0, 0.1, 0.5, 0.9, 0.95, 0.99, 0.995]
+    return {
+        "format": "svdicl.search/1",
+        "model": {"name": "tiny", "fingerprint": "fp"},
+        "task": task,
+        "module": module,
+        "metric": "accuracy" if task != "copa" else "macro_f1",
+        "shots": 5,
+        "condition": {"aggregate": "max", "per_layer": {"28": 20.0, "29": 31.3}},
+        "top_k": 3,
+        "top_layers": [layer, 28, 17],
+        "layer": layer,
+        "rates": rates,
+        "validation": {"split": "validation", "n": 300, "values": [0.70, 0.71, 0.71, 0.73, 0.75, 0.75, 0.60]},
+        "rate_star": 0.95,
+        "test": {
+            "split": "test",
+            "n": 1000,
+            "baseline": {"value": 0.7527, "ci_low": 0.7251, "ci_high": 0.7803, "std": 0.01 if seeds > 1 else None},
+            "pruned": {"value": 0.8437, "ci_low": 0.8212, "ci_high": 0.8661, "std": 0.02 if seeds > 1 else None},
+            "mcnemar_p": 0.0031,
+        },
+        "seeds": [{"seed": s, "validation": [0.7] * len(rates)} for s in range(seeds)],
+    }
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def dashed(ax) -> list:
+    return [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+
+
+def test_fig1_draws_the_store_values_and_a_dashed_baseline(tmp_path):
+    store = make_store(tmp_path)
+    points = sweep_points(store.cells(), metric="accuracy")
+    fig = plot_rates(points)
+    axes = fig.axes
+    assert [ax.get_title() for ax in axes] == ["SST-2 · MLP", "SST-2 · ATTN", "COPA · MLP", "COPA · ATTN"]
+    for ax in axes:
+        task = "sst2" if ax.get_title().startswith("SST-2") else "copa"
+        module = ax.get_title().split(" · ")[1].lower()
+        baseline = accuracy(task, 5, 0, "none")
+        (line,) = dashed(ax)
+        assert set(line.get_ydata()) == {baseline}
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "0.1", "0.5", "0.9", "0.995"]  # ordinal axis
+        curves = {line.get_label(): list(line.get_ydata()) for line in ax.get_lines() if line.get_linestyle() == "-"}
+        assert curves == {
+            f"layer {layer}": [baseline, *(accuracy(task, 5, 0, f"{layer}:{module}:{r}") for r in RATES)] for layer in LAYERS
+        }
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == len(LAYERS)  # one CI band per line
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()] == ["layer 0", "layer 29", "unpruned"]
+
+
+def test_tables_equal_the_store(tmp_path):
+    store = make_store(tmp_path)
+    report = build_report(tmp_path, metric="accuracy")
+    rows = read_csv(tmp_path / "tables" / "sweep-test.csv")
+    assert len(rows) == 2 * (1 + len(MODULES) * len(LAYERS) * len(RATES))
+    for row in rows:
+        edit = "none" if not row["layers"] else f"{row['layers']}:{row['modules']}:{row['rate']}"
+        (cell,) = store.cells(task=row["task"], edit=CellKey("fp", "t", "s", 0, 0, edit).edit)
+        assert float(row["value"]) == cell.value("accuracy")
+        assert float(row["low"]) == cell.metrics["accuracy"]["ci_low"]
+        assert row["model_name"] == "tiny" and row["seeds"] == "1" and row["n"] == "200"
+    cells = read_csv(tmp_path / "tables" / "cells.csv")
+    assert {r["id"]: float(r["macro_f1"]) for r in cells} == {c.id: c.value("macro_f1") for c in store.cells()}
+    markdown = (tmp_path / "tables" / "sweep-test.md").read_text()
+    sst2_row = next(line for line in markdown.splitlines() if line.startswith("| SST-2 | accuracy | MLP | 29 |"))
+    expected = [accuracy("sst2", 5, 0, "none")] + [accuracy("sst2", 5, 0, f"29:mlp:{r}") for r in RATES]
+    assert [float(x.strip(" *")) for x in sst2_row.split("|")[5:-1]] == pytest.approx(expected, abs=5e-5)
+    assert {p.suffix for p in report.files} == {".csv", ".md", ".png", ".svg"}
+    page = report.page.read_text()
+    assert "figures/fig1-rates-test.png" in page and "tables" not in page.split("figures/fig1")[0].splitlines()[-1]
+
+
+def test_several_seeds_are_mean_and_spread(tmp_path):
+    store = make_store(tmp_path, seeds=(0, 1, 2), tasks=("sst2",))
+    points = sweep_points(store.cells(), metric="accuracy")
+    values = [accuracy("sst2", 5, s, "29:mlp:0.9") for s in (0, 1, 2)]
+    (point,) = [p for p in points if p.layers == "29" and p.modules == "mlp" and p.rate == 0.9]
+    assert point.seeds == 3 and point.value == pytest.approx(statistics.fmean(values))
+    assert point.high - point.value == pytest.approx(statistics.stdev(values))
+    fig = plot_rates(points)
+    (line,) = dashed(fig.axes[0])
+    assert line.get_ydata()[0] == pytest.approx(statistics.fmean(accuracy("sst2", 5, s, "none") for s in (0, 1, 2)))
+
+
+def test_task_metric_is_each_tasks_headline(tmp_path):
+    make_store(tmp_path)
+    build_report(tmp_path)  # default --metric task
+    metrics = {(r["task"], r["metric"]) for r in read_csv(tmp_path / "tables" / "sweep-test.csv")}
+    assert metrics == {("sst2", "accuracy"), ("copa", "macro_f1")}
+    with pytest.raises(SvdiclError, match="no stored cell has metric 'f1'"):
+        build_report(tmp_path, metric="f1")
+
+
+def test_fig2_has_a_row_per_shot_count(tmp_path):
+    store = make_store(tmp_path, shots=(0, 4, 10), tasks=("sst2",))
+    fig = plot_shots(sweep_points(store.cells(), metric="accuracy"))
+    assert len(fig.axes) == 3 * len(MODULES)
+    for row, shots in enumerate((10, 4, 0)):
+        for ax in fig.axes[row * len(MODULES) : (row + 1) * len(MODULES)]:
+            assert ax.get_title().endswith(f"{shots}-shot")
+            (line,) = dashed(ax)
+            assert line.get_ydata()[0] == accuracy("sst2", shots, 0, "none")
+    build_report(tmp_path, metric="accuracy")
+    assert (tmp_path / "figures" / "fig2-shots-test.svg").is_file()
+    fig1 = plot_rates(sweep_points(store.cells(), metric="accuracy"))  # fig 1 shows the most shots
+    assert dashed(fig1.axes[0])[0].get_ydata()[0] == accuracy("sst2", 10, 0, "none")
+
+
+def conditions() -> list[MatrixCondition]:
+    rows = []
+    for layer in range(4):
+        for matrix, group, sigma_min in [("q", "attn", 1e-3), ("k", "attn", 0.1), ("up", "mlp", 0.05 * (layer + 1))]:
+            tiny = 1e-9 if (layer, matrix) == (2, "q") else sigma_min
+            rows.append(MatrixCondition(layer, group, matrix, f"l{layer}.{matrix}", (64, 96), 10.0 + layer, tiny, 96 * 1.19e-7))
+    return rows
+
+
+def test_fig3_draws_condition_numbers_and_rings_near_singular(tmp_path):
+    found = conditions()
+    fig = plot_conditions(found)
+    attn, mlp = fig.axes
+    assert (attn.get_title(), mlp.get_title(), attn.get_yscale()) == ("ATTN", "MLP", "log")
+    lines = {line.get_label(): line for ax in fig.axes for line in ax.get_lines()}
+    for matrix in ("q", "k", "up"):
+        expected = [c.condition_number for c in found if c.matrix == matrix]
+        assert list(lines[matrix].get_ydata()) == pytest.approx(expected)
+    (rings,) = [c for c in attn.collections if isinstance(c, PathCollection)]
+    assert rings.get_offsets().tolist() == [[2.0, 12.0 / 1e-9]]
+    write_conditions(found, tmp_path)
+    build_report(tmp_path)
+    table = (tmp_path / "tables" / "conditions.md").read_text()
+    assert "| 2 | 1.2e+10† | 120 | 80 | 1.2e+10 | 80 |" in table
+
+
+def test_algorithm1_table_follows_the_search_schema(tmp_path):
+    folder = tmp_path / "search"
+    folder.mkdir()
+    for task in ("sst2", "copa"):
+        for module, layer in (("mlp", 29), ("attn", 12)):
+            (folder / f"{task}-{module}.json").write_text(json.dumps(search_result(task, module, layer)))
+    report = build_report(tmp_path)
+    rows = read_csv(tmp_path / "tables" / "algorithm1.csv")
+    assert len(rows) == 4
+    for row in rows:
+        assert (float(row["baseline"]), float(row["pruned"]), float(row["rate_star"])) == (0.7527, 0.8437, 0.95)
+        assert float(row["mcnemar_p"]) == 0.0031 and row["top_layers"].split()[0] == row["layer"]
+    markdown = (tmp_path / "tables" / "algorithm1.md").read_text()
+    lines = markdown.splitlines()
+    assert lines[0] == "| task | tiny L29 MLP | tiny L12 ATTN |"
+    assert lines[2].startswith("| SST-2 | 0.7527 [0.725, 0.780] → 0.8437 [0.821, 0.866] (ξ*=0.95, p=0.003) |")
+    assert lines[3].startswith("| COPA (macro-F1) |")
+    assert any(p.name == "algorithm1-validation.svg" for p in report.files)
+
+
+def test_algorithm1_several_seeds_show_spread():
+    text = algorithm1_markdown([search_result("rte", "mlp", 29, seeds=3)])
+    assert "0.7527±0.0100 [0.725, 0.780] → 0.8437±0.0200 [0.821, 0.866] (ξ*=0.95, p=0.003, 3 seeds)" in text
+
+
+def test_bad_search_result_is_refused(tmp_path):
+    data = search_result("sst2", "mlp", 29)
+    del data["test"]["pruned"]
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(SvdiclError, match=r"has no 'test\.pruned\.value'"):
+        read_search(tmp_path / "bad.json")
+    data = search_result("sst2", "mlp", 29) | {"rate_star": 0.42}
+    (tmp_path / "bad.json").write_text(json.dumps(data))
+    with pytest.raises(SvdiclError, match="rate_star among the rates"):
+        read_search(tmp_path / "bad.json")
+
+
+def test_cli_report_writes_images_and_rerun_is_identical(tmp_path, capsys):
+    make_store(tmp_path, tasks=("sst2",))
+    assert main(["-q", "report", str(tmp_path)]) == 0
+    png = tmp_path / "figures" / "fig1-rates-test.png"
+    svg = tmp_path / "figures" / "fig1-rates-test.svg"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "<svg" in svg.read_text()[:500]
+    first = svg.read_bytes()
+    assert main(["-q", "report", str(tmp_path), "--format", "svg"]) == 0
+    assert svg.read_bytes() == first  # no timestamps or random ids: reruns are byte-identical
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert main(["report", str(empty)]) == 2
+    assert "nothing to report" in capsys.readouterr().err

@@ -1,0 +1,277 @@
+"""Result store: keys, crash safety (torn lines, kill -9), resume without recomputation."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import warnings
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from svdicl.errors import SvdiclError
+from svdicl.store import CELLS_FILE, CellKey, Result, Store, run_cells
+
+RATES = (0.0, 0.5, 0.9, 0.995)
+
+
+def sweep_keys() -> list[CellKey]:
+    """A small sweep: 2 tasks x 2 layers x 4 rates x 2 seeds, rate 0 being the shared unpruned cell."""
+    keys = []
+    for task in ("sst2", "rte"):
+        for seed in (0, 1):
+            for layer in (0, 29):
+                for rate in RATES:
+                    keys.append(CellKey("fp-abc", task, "test", 5, seed, f"{layer}:mlp:{rate}", limit=40))
+    return keys
+
+
+def fake_result(key: CellKey) -> Result:
+    """Deterministic in the key, so two runs can be compared exactly."""
+    value = int(key.id[:4], 16) / 65535
+    samples = [{"id": f"{key.task}-{i}", "gold": i % 2, "pred": (i + int(key.id[0], 16)) % 2} for i in range(5)]
+    metrics = {"accuracy": {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1}, "macro_f1": value / 2}
+    return Result(metrics=metrics, n=5, samples=samples, model_name="tiny", info={"edit": key.edit})
+
+
+def contents(store: Store) -> dict[str, tuple[dict, list[dict]]]:
+    """Every cell's record without its timing, with its samples: what two runs must agree on."""
+    out = {}
+    for cell in store.cells():
+        record = cell.to_record()
+        del record["seconds"], record["created"]
+        out[cell.id] = (record, store.samples(cell))
+    return out
+
+
+def test_key_id_is_stable_and_sees_every_field():
+    key = CellKey("fp", "sst2", "test", 5, 0, "26:mlp:0.95", limit=100, options={"length_norm": False, "calibrate": "none"})
+    same = CellKey("fp", "sst2", "test", "5", 0, "26:mlp:0.950", limit=100, options={"calibrate": "none", "length_norm": False})
+    assert key == same and key.id == same.id and len(key.id) == 16
+    changed = [
+        replace(key, model="fp2"),
+        replace(key, task="rte"),
+        replace(key, split="validation"),
+        replace(key, shots=4),
+        replace(key, seed=1),
+        replace(key, edit="26:attn:0.95"),
+        replace(key, edit="26:mlp:0.9"),
+        replace(key, edit="none"),
+        replace(key, limit=None),
+        replace(key, options={"length_norm": True, "calibrate": "none"}),
+    ]
+    assert len({k.id for k in changed} | {key.id}) == len(changed) + 1
+    assert CellKey("fp", "sst2", "test", 5, 0, "26:mlp:0").edit == "none"  # rate 0 is the unpruned model
+    assert CellKey.from_dict(json.loads(json.dumps(key.to_dict()))) == key
+
+
+def test_bad_keys_are_refused():
+    with pytest.raises(SvdiclError, match="prune spec"):
+        CellKey("fp", "sst2", "test", 5, 0, "26-mlp-0.9")
+    with pytest.raises(SvdiclError, match="shots"):
+        CellKey("fp", "sst2", "test", "five", 0)
+    with pytest.raises(SvdiclError, match="scoring option"):
+        CellKey("fp", "sst2", "test", 5, 0, options={"weights": [1, 2]})
+
+
+def test_edited_model_never_reads_unedited_results(tmp_path):
+    store = Store(tmp_path)
+    unpruned = CellKey("fp", "sst2", "test", 5, 0)
+    store.put(unpruned, fake_result(unpruned))
+    pruned = replace(unpruned, edit="29:mlp:0.9")
+    assert store.get(pruned) is None and not store.has(pruned)
+    calls = []
+    run_cells(store, [unpruned, pruned], lambda k: calls.append(k) or fake_result(k), progress=False)
+    assert calls == [pruned]
+    assert store.get(pruned).metrics != store.get(unpruned).metrics
+
+
+def test_put_then_reopen_roundtrips_cell_and_samples(tmp_path):
+    store = Store(tmp_path)
+    key = CellKey("fp", "sst2", "test", 5, 0, "29:mlp:0.9", options={"length_norm": True})
+    result = Result({"accuracy": {"value": 0.75, "ci_low": 0.5, "ci_high": 0.9}, "macro_f1": float("nan")}, 4, [{"p": 1.0}])
+    cell = store.put(key, result, seconds=1.5)
+    assert (cell.layers, cell.modules, cell.rate) == ("29", "mlp", 0.9)
+    assert cell.metrics["macro_f1"] == {"value": None}  # JSON has no NaN
+    assert (tmp_path / cell.samples).is_file() and cell.samples.startswith("samples/sst2/")
+    again = Store(tmp_path)
+    assert again.get(key) == cell
+    assert again.samples(again.get(key)) == [{"p": 1.0}]
+    record = json.loads((tmp_path / CELLS_FILE).read_text())
+    assert record["id"] == key.id and record["rate"] == 0.9 and record["layers"] == "29"
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path):
+    keys = sweep_keys()
+    reference = Store(tmp_path / "reference")
+    run_cells(reference, keys, fake_result, progress=False)
+    unique = len(set(keys))
+    assert len(reference) == unique  # the rate-0 keys of both layers are one unpruned cell
+
+    calls: Counter[str] = Counter()
+
+    def interrupted(key: CellKey) -> Result:
+        calls[key.id] += 1
+        if sum(calls.values()) == 9:
+            raise KeyboardInterrupt
+        return fake_result(key)
+
+    store = Store(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(store, keys, interrupted, progress=False)
+    finished = {c.id for c in Store(tmp_path / "run").cells()}
+    assert len(finished) == 8
+
+    resumed: Counter[str] = Counter()
+    run_cells(Store(tmp_path / "run"), keys, lambda k: resumed.update([k.id]) or fake_result(k), progress=False)
+    assert not finished & set(resumed)  # no finished cell recomputed
+    assert set(resumed) | finished == {k.id for k in keys} and max(resumed.values()) == 1
+    assert contents(Store(tmp_path / "run")) == contents(reference)
+
+
+SIGKILL_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from test_store import fake_result, sweep_keys
+from svdicl.store import Store, run_cells
+
+log = open({log!r}, "a")
+
+def compute(key):
+    log.write(key.id + "\\n"); log.flush()
+    if sum(1 for _ in open({log!r})) == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with this cell in flight
+    return fake_result(key)
+
+run_cells(Store({store!r}), sweep_keys(), compute, progress=False)
+"""
+
+
+def test_kill_9_mid_sweep_loses_only_the_cell_in_flight(tmp_path):
+    keys = sweep_keys()
+    reference = Store(tmp_path / "reference")
+    run_cells(reference, keys, fake_result, progress=False)
+    log = tmp_path / "calls.log"
+    script = SIGKILL_SCRIPT.format(tests=str(Path(__file__).parent), log=str(log), kill_at=6, store=str(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    started = log.read_text().split()
+    finished = {c.id for c in Store(tmp_path / "run").cells()}
+    assert len(started) == 6 and finished == set(started[:5])
+
+    resumed: list[str] = []
+    run_cells(Store(tmp_path / "run"), keys, lambda k: resumed.append(k.id) or fake_result(k), progress=False)
+    assert started[5] in resumed and not finished & set(resumed) and len(resumed) == len(set(resumed))
+    assert contents(Store(tmp_path / "run")) == contents(reference)
+
+
+def _three_cells(folder: Path) -> tuple[bytes, int]:
+    """A store of three cells; returns the file bytes and where the last line starts."""
+    store = Store(folder)
+    for key in sweep_keys()[1:4]:
+        store.put(key, fake_result(key))
+    data = (folder / CELLS_FILE).read_bytes()
+    return data, data.rstrip(b"\n").rfind(b"\n") + 1
+
+
+def test_torn_last_line_is_cut_at_every_byte(tmp_path):
+    data, last = _three_cells(tmp_path / "full")
+    expected = {c.id: c for c in Store(tmp_path / "full").cells()}
+    case = tmp_path / "case"
+    shutil.copytree(tmp_path / "full", case)
+    for cut in range(last + 1, len(data)):  # every prefix of the last line, the one without its newline included
+        (case / CELLS_FILE).write_bytes(data[:cut])
+        with pytest.warns(UserWarning, match=rf"{CELLS_FILE}: line 3 was cut short"):
+            store = Store(case)
+        assert [c.id for c in store.cells()] == list(expected)[:2]
+        assert (case / CELLS_FILE).read_bytes() == data[:last]
+    third = sweep_keys()[3]
+    store.put(third, fake_result(third))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert {c.id: c.metrics for c in Store(case).cells()} == {i: c.metrics for i, c in expected.items()}
+
+
+def test_garbage_tail_from_a_crash_is_cut(tmp_path):
+    data, _ = _three_cells(tmp_path)
+    (tmp_path / CELLS_FILE).write_bytes(data + b"\x00\x00\x00\x00\n")  # a crash can leave zeros after the end
+    with pytest.warns(UserWarning, match="line 4 was cut short"):
+        assert len(Store(tmp_path)) == 3
+    assert (tmp_path / CELLS_FILE).read_bytes() == data
+
+
+def test_damaged_line_in_the_middle_is_refused(tmp_path):
+    data, _ = _three_cells(tmp_path)
+    lines = data.split(b"\n")
+    lines[1] = lines[1][:40]
+    (tmp_path / CELLS_FILE).write_bytes(b"\n".join(lines))
+    with pytest.raises(SvdiclError, match=rf"{CELLS_FILE} line 2 is not a valid cell record.*delete that line"):
+        Store(tmp_path)
+    assert (tmp_path / CELLS_FILE).read_bytes() == b"\n".join(lines)  # nothing repaired behind the user's back
+
+
+def test_record_from_a_newer_svdicl_is_refused_even_last(tmp_path):
+    data, last = _three_cells(tmp_path)
+    record = json.loads(data[last:])
+    record["format"] = 99
+    (tmp_path / CELLS_FILE).write_bytes(data[:last] + json.dumps(record).encode() + b"\n")
+    with pytest.raises(SvdiclError, match=r"line 3 .*upgrade svdicl"):
+        Store(tmp_path)
+
+
+def test_duplicate_keys_keep_the_first(tmp_path):
+    data, last = _three_cells(tmp_path)
+    record = json.loads(data[last:])
+    first_value = record["metrics"]["accuracy"]["value"]
+    record["metrics"]["accuracy"]["value"] = -1.0
+    (tmp_path / CELLS_FILE).write_bytes(data + json.dumps(record).encode() + b"\n")
+    store = Store(tmp_path)
+    assert len(store) == 3
+    assert store.get(CellKey.from_dict(record)).value("accuracy") == first_value
+
+
+def test_two_writers_share_one_store(tmp_path):
+    first, second = Store(tmp_path), Store(tmp_path)
+    key = sweep_keys()[1]
+    kept = first.put(key, fake_result(key))
+    other = Result({"accuracy": 0.0}, 1)
+    assert second.put(key, other) == kept  # the second writer sees the first's cell and keeps it
+    assert len((tmp_path / CELLS_FILE).read_text().splitlines()) == 1
+    later = sweep_keys()[2]
+    second.put(later, fake_result(later))
+    first.put(sweep_keys()[3], fake_result(sweep_keys()[3]))  # reads second's line before appending
+    assert [c.id for c in Store(tmp_path).cells()] == [key.id, later.id, sweep_keys()[3].id]
+
+
+def test_cells_filters(tmp_path):
+    store = Store(tmp_path)
+    run_cells(store, sweep_keys(), fake_result, progress=False)
+    deep = store.cells(task="sst2", layers="29", seed=0)
+    assert sorted(c.rate for c in deep) == [0.5, 0.9, 0.995]
+    assert all(c.modules == "mlp" for c in deep)
+    assert len(store.cells(edit="none")) == 4  # 2 tasks x 2 seeds
+    assert len(store.cells(rate=[0.9, 0.995], task="rte")) == 2 * 2 * 2
+    with pytest.raises(TypeError, match="unknown cell filter"):
+        store.cells(layer=29)
+
+
+def test_store_path_must_be_a_folder(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SvdiclError, match="is a file"):
+        Store(tmp_path / "file")
+
+
+def test_missing_samples_file_is_reported(tmp_path):
+    store = Store(tmp_path)
+    key = sweep_keys()[1]
+    cell = store.put(key, fake_result(key))
+    os.remove(tmp_path / cell.samples)
+    with pytest.raises(SvdiclError, match=r"samples file .* is missing"):
+        store.samples(cell)
