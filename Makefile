@@ -1,4 +1,4 @@
-# Two entry points for a fresh machine: `make demo` (set up, run the main job) and `make test`.
+# Two entry points for a fresh machine: `make demo` (set up, run Algorithm 1 on SmolLM2 + SST-2) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -19,8 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/svdicl inspect --model smollm2-135m
-	$(BIN)/svdicl prune --model smollm2-135m --layers -1 --modules mlp --rate 0.9 --output out/smollm2-L29-mlp-0.9 --overwrite
+	$(BIN)/svdicl search --model smollm2-135m --task sst2 --module mlp --limit-validation 200 --limit-test 500 --output runs/demo
 
 lint: setup
 	$(BIN)/ruff check svdicl tests benchmarks

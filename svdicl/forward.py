@@ -71,6 +71,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
     implementation = model.config._attn_implementation
     if implementation not in _ATTENTION:
         return f"attention implementation {implementation!r} has no fast path (it has {', '.join(_ATTENTION)})"
+    devices = {str(d) for d in (getattr(model, "hf_device_map", None) or {}).values()}
+    if len(devices) > 1 or devices & {"disk", "meta"}:
+        return "a model spread over devices by --device-map has no fast path; using the plain forward"
     if getattr(model.config, "use_bidirectional_attention", False):
         return "bidirectional attention has no fast path; using the plain forward"
     unknown = set(_layer_types(model.config, _ARCHES[name])) - set(_MASKS)
@@ -101,6 +104,11 @@ def _layer_types(config, arch: _Arch) -> list[str]:
 def _stamp(modules: Sequence[nn.Module]) -> tuple:
     """Identity of the modules' current weights: any `pruned` swap or in-place edit changes it."""
     return tuple((p.data_ptr(), p._version) for module in modules for p in module.parameters())
+
+
+def _covered(model: nn.Module, layers: nn.ModuleList, start: int, stop: int) -> list[nn.Module]:
+    """What keys/values of layers [start, stop) are computed from: those layers, and the embeddings from layer 0."""
+    return [model.get_input_embeddings()] * (start == 0) + list(layers[start:stop])
 
 
 @dataclass(frozen=True)
@@ -213,13 +221,14 @@ def run_prefix(model: nn.Module, hidden: torch.Tensor, start: int = 0, stop: int
     span = range(start, len(layers) if stop is None else stop)
     if hidden.shape[0] != 1:
         raise SvdiclError(f"a prefix is one sequence (batch 1); got a batch of {hidden.shape[0]}")
+    weights = _stamp(_covered(model, layers, span.start, span.stop))
     if hidden.shape[1] == 0 or not span:
-        return PrefixKV(span.start, hidden.shape[1], (), (), _stamp(layers[span.start : span.stop])), hidden
+        return PrefixKV(span.start, hidden.shape[1], (), (), weights), hidden
     cache = DynamicCache()
     hidden = _run(model, arch, hidden, span, cache, None, 0)
     keys = tuple(cache.layers[i].keys for i in span)
     values = tuple(cache.layers[i].values for i in span)
-    return PrefixKV(span.start, hidden.shape[1], keys, values, _stamp(layers[span.start : span.stop])), hidden
+    return PrefixKV(span.start, hidden.shape[1], keys, values, weights), hidden
 
 
 class _ServedLayer(DynamicLayer):
@@ -260,7 +269,7 @@ def run_suffixes(
     span = range(start, len(layers) if stop is None else stop)
     if prefix.length and span and not (prefix.start <= span.start and span.stop <= prefix.stop):
         raise SvdiclError(f"prefix keys/values cover layers {prefix.start}..{prefix.stop - 1}, not {span.start}..{span.stop - 1}")
-    if prefix.length and prefix.weights != _stamp(layers[prefix.start : prefix.stop]):
+    if prefix.length and prefix.weights != _stamp(_covered(model, layers, prefix.start, prefix.stop)):
         raise SvdiclError("the prefix keys/values were computed with other weights; recompute them after every edit")
     served = [
         _ServedLayer(prefix.keys[i - prefix.start], prefix.values[i - prefix.start], prefix.length)

@@ -5,6 +5,18 @@ candidates into token ids once; `score` runs any model over them.  Every executi
 consumes the same ids, so two paths (or an edited and an unedited model) see exactly the same
 inputs.
 
+Execution paths, all from the same Requests (the plain one is the reference the others are
+tested against):
+
+- plain: every prompt in full, batched (`score`);
+- prefix: the demonstrations' keys/values once (`SharedPrefix`), then each request's own
+  tokens only (`score(..., prefix=...)`);
+- layer: for sweeps of layers >= l, each request's hidden states entering layer l once
+  (`LayerScorer`), then per edit only layers l..L.
+
+`choose_path` picks one for a model, a run's requests and a memory budget, and says why a
+faster one was not taken.
+
 Tokenization: the full string demonstrations + query + candidate is tokenized in one piece
 (no special tokens) and cut at the characters where the query and the candidate begin, so a
 label word gets exactly the tokens it has in context.  A cut that falls inside a token, or a
@@ -15,12 +27,16 @@ silent misalignment.
 from __future__ import annotations
 
 import inspect
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
+from svdicl import forward as fw
 from svdicl.errors import SvdiclError
+
+PATHS = ("auto", "plain", "prefix", "layer")
 
 
 @dataclass(frozen=True)
@@ -163,9 +179,15 @@ def _rows(requests: Sequence[Request]) -> list[_Row]:
     return rows
 
 
-def forwarded_tokens(requests: Sequence[Request]) -> int:
-    """Tokens the plain path runs through the model for `requests` (padding excluded)."""
-    return sum(len(row.tokens) for row in _rows(requests))
+def forwarded_tokens(requests: Sequence[Request], shared: int | None = None) -> int:
+    """Tokens the plain path runs through the model for `requests` (padding excluded).
+
+    With `shared` (the length of a prefix computed once), those the prefix path runs: the
+    prefix once, then each row's own tokens.
+    """
+    rows = _rows(requests)
+    total = sum(len(row.tokens) for row in rows)
+    return total if shared is None else total - shared * len(rows) + shared * bool(rows)
 
 
 @torch.no_grad()
@@ -177,17 +199,23 @@ def score(
     pad_id: int = 0,
     padding_side: str = "left",
     progress=None,
+    prefix: SharedPrefix | None = None,
 ) -> list[Scores]:
-    """Summed log-probabilities of every continuation of every request (the plain path).
+    """Summed log-probabilities of every continuation of every request.
 
-    Batches are padded on `padding_side` with an explicit attention mask and position ids;
-    the LM head runs only at the positions that predict continuation tokens, and a float32
-    log-softmax is taken there.  `progress.update(n)` is called as requests finish.
+    Without `prefix` this is the plain path, the reference: batches are padded on
+    `padding_side` with an explicit attention mask and position ids; the LM head runs only at
+    the positions that predict continuation tokens, and a float32 log-softmax is taken there.
+    With `prefix` (a `SharedPrefix` every request starts with) only each request's own tokens
+    run, right-padded, attending to the prefix's cached keys/values: the same log-probs up to
+    float32 rounding.  `progress.update(n)` is called as requests finish.
     """
     if padding_side not in ("left", "right"):
         raise SvdiclError(f"padding side must be left or right, not {padding_side!r}")
     if batch_size < 1:
         raise SvdiclError(f"batch size must be >= 1, not {batch_size}")
+    if prefix is not None:
+        return _score_after(model, requests, prefix, batch_size, pad_id, progress)
     device = next(model.parameters()).device
     rows = sorted(_rows(requests), key=lambda row: -len(row.tokens))
     logprobs = [[0.0] * len(r.continuations) for r in requests]
@@ -253,3 +281,192 @@ def choose(scores: Scores, length_normalize: bool = False) -> tuple[int, bool]:
     best = max(values)
     winners = [i for i, v in enumerate(values) if v == best]
     return winners[0], len(winners) > 1
+
+
+def shared_prefix(requests: Sequence[Request]) -> tuple[int, ...] | None:
+    """The tokens every request starts with, to run once: the demonstrations block (None if they differ).
+
+    A request with an empty context has its first continuation token predicted by the prefix's
+    last token, so then that token stays in every request's own part.
+    """
+    prefixes = {r.prefix for r in requests}
+    if len(prefixes) > 1:
+        return None
+    prefix = prefixes.pop() if prefixes else ()
+    return prefix[:-1] if any(not r.context for r in requests) else prefix
+
+
+@dataclass(frozen=True)
+class SuffixPlan:
+    """Requests cut after a shared prefix into right-padded suffix batches: what the fast paths run.
+
+    Rows are the plain path's (one per request when every continuation is one token, else one
+    per continuation), in the plain path's order (longest first), `batch_size` to a batch.
+    """
+
+    prefix: tuple[int, ...]
+    batches: tuple[fw.SuffixBatch, ...]
+    owners: tuple[tuple[tuple[int, int], ...], ...]  # per batch, per target: (request, continuation)
+    finished: tuple[int, ...]  # per batch: requests whose last row it holds (for progress bars)
+    n_tokens: tuple[tuple[int, ...], ...]  # per request: tokens of each continuation
+
+    @property
+    def shapes(self) -> list[tuple[int, int]]:
+        """(rows, padded length) of every batch, for `fw.plan_passes`."""
+        return [(b.ids.shape[0], b.ids.shape[1]) for b in self.batches]
+
+    @property
+    def tokens(self) -> int:
+        """Suffix tokens, padding excluded."""
+        return sum(int(b.mask.sum()) for b in self.batches)
+
+    def scores(self, logprobs: Sequence[torch.Tensor]) -> list[Scores]:
+        """Per-request Scores from each batch's flat target log-probs."""
+        totals = [[0.0] * len(n) for n in self.n_tokens]
+        for owners, values in zip(self.owners, logprobs, strict=True):
+            for (request, k), value in zip(owners, values.tolist(), strict=True):
+                totals[request][k] += value
+        return [Scores(tuple(t), n) for t, n in zip(totals, self.n_tokens, strict=True)]
+
+
+def plan_suffixes(requests: Sequence[Request], prefix: Sequence[int], *, batch_size: int = 8, pad_id: int = 0) -> SuffixPlan:
+    """Cut every request's rows after `prefix` (which each must start with) and batch them."""
+    prefix = tuple(prefix)
+    rows = sorted(_rows(requests), key=lambda row: -len(row.tokens))
+    remaining = Counter(row.request for row in rows)
+    batches, owners, finished = [], [], []
+    for start in range(0, len(rows), batch_size):
+        suffixes, owner, done = [], [], 0
+        for row in rows[start : start + batch_size]:
+            if row.tokens[: len(prefix)] != prefix:
+                raise SvdiclError("a request does not start with the shared prefix; score requests of one run together")
+            ids = row.tokens[len(prefix) :]
+            targets = []
+            for k, tokens in row.targets:
+                targets += [(len(ids) - len(tokens) + j, token) for j, token in enumerate(tokens)]
+                owner += [(row.request, k)] * len(tokens)
+            suffixes.append(fw.Suffix(ids, tuple(targets)))
+            remaining[row.request] -= 1
+            done += remaining[row.request] == 0
+        batches.append(fw.SuffixBatch.of(suffixes, pad_id))
+        owners.append(tuple(owner))
+        finished.append(done)
+    n_tokens = tuple(tuple(len(c) for c in r.continuations) for r in requests)
+    return SuffixPlan(prefix, tuple(batches), tuple(owners), tuple(finished), n_tokens)
+
+
+class SharedPrefix:
+    """A prefix's keys/values under the model's current weights, computed once for many requests.
+
+    Using it after the weights changed is refused (the keys/values record which weights made them).
+    """
+
+    def __init__(self, model: torch.nn.Module, ids: Sequence[int]) -> None:
+        self.ids = tuple(ids)
+        self.kv = fw.prefix_kv(model, self.ids)
+
+
+def _score_after(model, requests: Sequence[Request], prefix: SharedPrefix, batch_size: int, pad_id: int, progress):
+    plan = plan_suffixes(requests, prefix.ids, batch_size=batch_size, pad_id=pad_id)
+    logprobs = []
+    for batch, done in zip(plan.batches, plan.finished, strict=True):
+        logprobs.append(fw.score(model, batch, prefix.kv))
+        if progress is not None:
+            progress.update(done)
+    return plan.scores(logprobs)
+
+
+class LayerScorer:
+    """Some batches of a plan through the embeddings and layers below `start`, once; scored under each edit above.
+
+    One instance per pass of a sweep (`fw.plan_passes` splits a plan into passes that fit the
+    memory budget): it holds the hidden states entering layer `start` of its batches.  Editing
+    a layer below `start` while it lives is refused.
+    """
+
+    def __init__(self, model: torch.nn.Module, plan: SuffixPlan, start: int, batches: Sequence[int]) -> None:
+        self.plan, self.batches = plan, tuple(batches)
+        self.cache = fw.LayerCache(model, plan.prefix, start)
+        self.encoded = [self.cache.encode(plan.batches[i]) for i in self.batches]
+
+    def logprobs(self, progress=None) -> list[torch.Tensor]:
+        """Under the current weights: the prefix through layers start..L, then each batch; flat log-probs per batch."""
+        upper = self.cache.prefix()
+        result = []
+        for i, cached in zip(self.batches, self.encoded, strict=True):
+            result.append(self.cache.score(cached, upper))
+            if progress is not None:
+                progress.update(self.plan.finished[i])
+        return result
+
+
+@dataclass(frozen=True)
+class ExecutionPath:
+    """How a run is scored: `name` is plain, prefix or layer; `fallback` says why a faster path was not taken."""
+
+    name: str
+    fallback: str | None = None
+    plan: SuffixPlan | None = None  # prefix and layer
+    start: int | None = None  # layer: the lowest edited layer
+    passes: tuple[range, ...] = ()  # layer: groups of batches, each cached and swept on its own
+
+    def to_dict(self) -> dict:
+        extra = {"start_layer": self.start, "passes": len(self.passes)} if self.name == "layer" else {}
+        return {"path": self.name, "fallback": self.fallback, **extra}
+
+
+def check_path(path: str) -> str:
+    """`path` if it names an execution path, else a one-line error listing them."""
+    if path not in PATHS:
+        raise SvdiclError(f"unknown scoring path {path!r}; choose one of {', '.join(PATHS)}")
+    return path
+
+
+def choose_path(
+    model: torch.nn.Module,
+    requests: Sequence[Request],
+    requested: str = "auto",
+    *,
+    batch_size: int = 8,
+    pad_id: int = 0,
+    budget: int = fw.DEFAULT_CACHE_MEMORY,
+    start: int | str | None = None,
+) -> ExecutionPath:
+    """The fastest path `requested` allows that the model supports and `budget` (bytes) holds.
+
+    `start` is the lowest layer the edits to come change (layer path), a reason why no layer
+    cache can serve them, or None when no layer is edited.  auto and layer try the layer path,
+    then the prefix path, then plain; prefix tries prefix, then plain.  Whatever is not taken
+    is said in `fallback`; nothing ever raises for lack of memory.
+    """
+    check_path(requested)
+    if requested == "plain":
+        return ExecutionPath("plain")
+    reason = fw.unsupported_reason(model)
+    prefix = shared_prefix(requests)
+    if reason is None and prefix is None:
+        reason = "the requests do not share one demonstrations block; using the plain forward"
+    if reason is not None:
+        return ExecutionPath("plain", reason)
+    plan = plan_suffixes(requests, prefix, batch_size=batch_size, pad_id=pad_id)
+    cost = fw.cache_cost(model, len(prefix))
+    why_not_layer = None
+    if requested in ("auto", "layer"):
+        if isinstance(start, int):
+            passes = fw.plan_passes(model, len(prefix), plan.shapes, budget)
+            if passes is not None:
+                return ExecutionPath("layer", None, plan, start, tuple(passes))
+            why_not_layer = f"the layer cache of one batch does not fit in --cache-memory {_size(budget)}"
+        elif isinstance(start, str):
+            why_not_layer = start
+        elif requested == "layer":
+            why_not_layer = "no edit changes a decoder layer, so there is nothing to cache below one"
+    need = cost.fixed + max((cost.working(rows, n, len(prefix)) for rows, n in plan.shapes), default=0)
+    if need > budget:
+        why_not_prefix = f"the shared prefix needs {_size(need)}, more than --cache-memory {_size(budget)}"
+        return ExecutionPath("plain", "; ".join(filter(None, [why_not_layer, why_not_prefix])))
+    return ExecutionPath("prefix", why_not_layer, plan)
+
+
+def _size(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.1f} MiB"

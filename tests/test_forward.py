@@ -126,6 +126,11 @@ def test_stale_inputs_are_refused():
         cache.score(cached, cache.prefix())  # an edit below the cached layer
     with pytest.raises(SvdiclError, match="cover layers"):
         fw.run_suffixes(model, cached.hidden, batch.mask, upper, 1)
+    full = fw.prefix_kv(model, prefix)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1)  # an in-place edit of the embeddings, which layer 0 reads
+    with pytest.raises(SvdiclError, match="other weights"):
+        fw.score(model, batch, full)
 
 
 @pytest.mark.parametrize("family", sorted(set(TINY_CONFIGS) - fw.SUPPORTED))

@@ -14,11 +14,13 @@ from svdicl.errors import SvdiclError
 from svdicl.targets import resolve
 from svdicl.theory import linreg
 from svdicl.theory.linreg import (
+    Curve,
     LinRegConfig,
     baseline_curves,
     baseline_predictions,
     build,
     held_out,
+    learned,
     model_curve,
     predict,
     prune_sweep,
@@ -121,6 +123,12 @@ def test_prune_sweep_goes_through_svdicl_and_restores_the_model():
         assert model_curve("again", model, prompts).mean == results[1].curve.mean
 
 
+def test_learned_compares_the_error_at_the_most_shots_with_the_zero_predictor():
+    zero = Curve("zero", (1.0, 1.0, 0.9), (0.0, 0.0, 0.0))
+    assert learned(Curve("good", (1.0, 0.5, 0.1), (0.0, 0.0, 0.0)), zero)
+    assert not learned(Curve("plateau", (1.0, 0.5, 0.8), (0.0, 0.0, 0.0)), zero)
+
+
 def test_held_out_prompts_are_fixed_by_the_seed_and_apart_from_training():
     a, b = held_out(TINY, 20), held_out(TINY, 20)
     assert torch.equal(a.xs, b.xs)
@@ -144,7 +152,9 @@ def test_cli_linreg_end_to_end_with_a_yaml_config_then_resume(tmp_path, capsys):
     assert len(result["pruning"]["results"]) == 2 * 2 * 2  # layers 0, 1 x attn, mlp x rates 0, 0.5
     for name in ("curves.csv", "pruning.csv", "linreg-curves.png", "linreg-curves.svg", "linreg-pruning.png", "state.json"):
         assert (out / name).is_file(), name
-    assert "least_squares" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "least_squares" in printed.out
+    assert result["learned"] is False and "still on a plateau" in printed.err  # 4 steps learn nothing
     seconds = read_state(out)["train_seconds"]
     assert main(args) == 0  # finished run: nothing to train again
     assert read_state(out)["train_seconds"] == seconds

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from svdicl.errors import SvdiclError
 
-COMMANDS = ("inspect", "prune", "condition", "report", "eval", "theory")
+COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,7 +55,22 @@ def add(sub) -> None:
         action="store_true",
         help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
     )
-    scoring.add_argument("--padding-side", default="left", choices=["left", "right"], help="batch padding side (default: left)")
+    scoring.add_argument(
+        "--padding-side", default="left", choices=["left", "right"], help="batch padding side of the plain path (default: left)"
+    )
+    scoring.add_argument(
+        "--path",
+        default="auto",
+        choices=["auto", "plain", "prefix"],
+        help="execution path: prefix = the demonstrations' keys/values once, then each example's own tokens; plain = every "
+        "prompt in full; auto = prefix where the model family has it and --cache-memory holds it (default: auto)",
+    )
+    scoring.add_argument(
+        "--cache-memory",
+        default="4GiB",
+        metavar="SIZE",
+        help="most memory the prefix cache may take, e.g. 512MiB or 4GiB; over it, the plain path runs (default: 4GiB)",
+    )
     add_prune_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--output", "--output-path", dest="output", help="folder for results.json and samples.jsonl (required)")
@@ -66,12 +81,14 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
+    from svdicl.forward import parse_memory
     from svdicl.tasks import get_task
 
     if not args.task or not args.output:
         raise SvdiclError("give --task (e.g. --task sst2) and --output DIR")
     tasks = [get_task(name) for text in args.task for name in text.split(",") if name]
     specs = prune_specs(args, required=False)
+    cache_memory = parse_memory(args.cache_memory)
     seeds = args.seed or [0]
     loaded = load(args)
     root = Path(args.output)
@@ -96,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
             output=folder,
             overwrite=args.overwrite,
             quiet=args.quiet,
+            path=args.path,
+            cache_memory=cache_memory,
         )
         _print(task.name, results, folder)
     return 0
@@ -105,8 +124,10 @@ def _print(name: str, results: dict, folder: Path) -> None:
     config = results["config"]
     print(
         f"{name}  split={config['split']}  shots={config['shots_per_class']}/class  edit={config['edit']['key']}  "
-        f"-> {folder / 'results.json'}"
+        f"path={config['scoring']['path']}  -> {folder / 'results.json'}"
     )
+    if config["scoring"].get("fallback"):
+        print(f"  ({config['scoring']['fallback']})")
     for run in results["runs"]:
         acc, f1 = run["metrics"]["accuracy"], run["metrics"]["macro_f1"]
         print(

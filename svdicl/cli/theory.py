@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -198,7 +199,7 @@ def run_norms(args: argparse.Namespace) -> int:
     from svdicl.report import save_figure, write_csv
     from svdicl.svd import check_rate
     from svdicl.theory.figures import norms_figure
-    from svdicl.theory.norms import EXAMPLES, NormRow, monotone, random_sweep
+    from svdicl.theory.norms import EXAMPLES, NormRow, random_sweep, summarize
 
     _positive(args, "draws", "dim", "demos")
     rates = sorted({0.0, *(check_rate(r) for r in args.rates)})
@@ -211,16 +212,7 @@ def run_norms(args: argparse.Namespace) -> int:
         rows += rows_model
         settings |= details
     sources = list(dict.fromkeys(r.source for r in rows))
-    summary = {
-        source: {
-            "bound_non_increasing": monotone([r for r in rows if r.source == source], "bound"),
-            "exact_non_increasing": monotone([r for r in rows if r.source == source], "exact"),
-            "exact_within_bound": all(r.exact <= r.bound * (1 + 1e-9) for r in rows if r.source == source),
-            "mean_bound_ratio": _mean_ratios(rows, source, "bound_ratio", rates),
-            "mean_exact_ratio": _mean_ratios(rows, source, "exact_ratio", rates),
-        }
-        for source in sources
-    }
+    summary = {source: summarize([r for r in rows if r.source == source], rates) for source in sources}
     files = [_write_json(output / "norms.json", {"check": "norms", "settings": settings, "summary": summary})]
     columns = list(NormRow.__dataclass_fields__)
     files.append(write_csv(output / "norms.csv", columns, [[getattr(r, c) for c in columns] for r in rows]))
@@ -242,18 +234,6 @@ def run_norms(args: argparse.Namespace) -> int:
         log(args, f"wrote {path}")
     ok = all(all(f == 1.0 for f in s["bound_non_increasing"].values()) and s["exact_within_bound"] for s in summary.values())
     return 0 if ok else 1
-
-
-def _mean_ratios(rows, source: str, field: str, rates) -> dict[str, list[float]]:
-    from svdicl.theory.norms import EXAMPLES
-
-    found = {}
-    for example in EXAMPLES:
-        found[example] = []
-        for rate in rates:
-            values = [getattr(r, field) for r in rows if r.source == source and r.example == example and r.rate == rate]
-            found[example].append(sum(values) / len(values))
-    return found
 
 
 def _model_norms(args: argparse.Namespace, rates: list[float]):
@@ -296,7 +276,16 @@ def run_linreg(args: argparse.Namespace) -> int:
     from svdicl.svd import check_rate
     from svdicl.targets import parse_layers
     from svdicl.theory.figures import linreg_figure, pruning_figure
-    from svdicl.theory.linreg import LinRegConfig, baseline_curves, held_out, load_checkpoint, model_curve, prune_sweep, train
+    from svdicl.theory.linreg import (
+        LinRegConfig,
+        baseline_curves,
+        held_out,
+        learned,
+        load_checkpoint,
+        model_curve,
+        prune_sweep,
+        train,
+    )
 
     config = LinRegConfig(
         dim=args.dim,
@@ -361,6 +350,7 @@ def run_linreg(args: argparse.Namespace) -> int:
                 "training": {k: state[k] for k in ("step", "train_seconds", "loss", "checkpoints")},
                 "checkpoints": [{"step": step, **asdict(c)} for step, c in checkpoints],
                 "baselines": [asdict(c) for c in baselines],
+                "learned": learned(final, by_name["zero"]),
                 "pruning": {"shots": shots, "rates": rates, "results": [asdict(r) for r in results]},
             },
         )
@@ -373,6 +363,13 @@ def run_linreg(args: argparse.Namespace) -> int:
 
     _print_curves(final, baselines, checkpoints, config)
     _print_pruning(results, final, shots, rates, modules, prune_layers)
+    if not learned(final, by_name["zero"]):
+        print(
+            f"warning: with {config.points - 1} shots the model's error is {final.mean[-1]:.3f} (zero predictor "
+            f"{by_name['zero'].mean[-1]:.3f}): training is still on a plateau, so the pruning table says little; "
+            "train longer (--steps, in a new --output) or try another --seed",
+            file=sys.stderr,
+        )
     log(args, f"done in {time.perf_counter() - started:.0f} s")
     for path in files:
         log(args, f"wrote {path}")

@@ -9,7 +9,13 @@ the work is split in two:
     result.accuracy.value, result.accuracy.low, result.accuracy.high
 
 `evaluate` does both for the CLI (several seeds, an optional edit, resumable output) and
-`write_results` writes `results.json` + `samples.jsonl`.
+`write_results` writes `results.json` + `samples.jsonl`.  `evaluate_edits` scores one run
+under many edits (sweeps, Algorithm 1) and is where the layer cache pays: everything below
+the lowest edited layer runs once per call.
+
+Every entry point takes `path` (auto, plain, prefix; `evaluate_edits` also layer) and
+`cache_memory` (bytes the caches may hold); the path taken and why a faster one was not
+are in each result's `timing` (`path`, `fallback`).
 """
 
 from __future__ import annotations
@@ -19,16 +25,32 @@ import os
 import random
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
+from svdicl.forward import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
-from svdicl.scoring import Request, Scores, build_requests, choose, context_length, forwarded_tokens, score
+from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.scoring import (
+    ExecutionPath,
+    LayerScorer,
+    Request,
+    Scores,
+    SharedPrefix,
+    build_requests,
+    check_path,
+    choose,
+    choose_path,
+    context_length,
+    forwarded_tokens,
+    score,
+)
 from svdicl.stats import CONFIDENCE, RESAMPLES, Estimate, accuracy_ci, macro_f1_ci, spread
+from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, load_splits
 
@@ -166,36 +188,165 @@ def evaluate_run(
     known: Mapping[str, Scores] | None = None,
     on_scored: Callable[[list[int], list[Scores]], None] | None = None,
     progress=None,
+    path: str = "auto",
+    cache_memory: int | None = None,
 ) -> RunResult:
     """Score `run` under the model's current weights and compute its metrics.
 
     `known` maps example ids to scores from an interrupted earlier attempt (they are not
     rescored); `on_scored(indices, scores)` is called after every chunk of new scores.
+    `path` auto takes the shared-prefix path where the model has one and `cache_memory`
+    (bytes; None: 4 GiB) holds it, else the plain path.
     """
+    chosen = _choose(loaded, run, _single(path), batch_size, cache_memory)
+    return _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress)
+
+
+def _single(path: str) -> str:
+    if check_path(path) == "layer":
+        raise SvdiclError("the layer path serves sweeps of one run under many edits (evaluate_edits); use auto, plain or prefix")
+    return path
+
+
+def _budget(cache_memory: int | None) -> int:
+    if cache_memory is None:
+        return DEFAULT_CACHE_MEMORY
+    if cache_memory < 0:
+        raise SvdiclError(f"--cache-memory must be >= 0 bytes, not {cache_memory}")
+    return cache_memory
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+
+
+def _choose(loaded: LoadedModel, run: EvalRun, path: str, batch_size: int, cache_memory: int | None, start=None) -> ExecutionPath:
+    budget = _budget(cache_memory)
+    return choose_path(
+        loaded.model, run.requests, path, batch_size=batch_size, pad_id=_pad_id(loaded), budget=budget, start=start
+    )
+
+
+def _score_run(
+    loaded: LoadedModel,
+    run: EvalRun,
+    chosen: ExecutionPath,
+    batch_size: int,
+    padding_side: str,
+    length_normalize: bool,
+    known: Mapping[str, Scores] | None = None,
+    on_scored: Callable[[list[int], list[Scores]], None] | None = None,
+    progress=None,
+) -> RunResult:
+    """`run` on the plain or the prefix path (the prefix's keys/values computed once, under the current weights)."""
     known = known or {}
     scores: list[Scores | None] = [known.get(e.id) for e in run.examples]
     pending = [i for i, s in enumerate(scores) if s is None]
     if progress is not None:
         progress.update(len(run.examples) - len(pending))
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     started = time.perf_counter()
+    prefix = SharedPrefix(loaded.model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
         new = score(
             loaded.model,
             [run.requests[i] for i in chunk],
             batch_size=batch_size,
-            pad_id=pad_id,
+            pad_id=_pad_id(loaded),
             padding_side=padding_side,
             progress=progress,
+            prefix=prefix,
         )
         for i, s in zip(chunk, new, strict=True):
             scores[i] = s
         if on_scored is not None:
             on_scored(chunk, new)
     wall = time.perf_counter() - started
-    tokens = forwarded_tokens([run.requests[i] for i in pending])
-    return finish_run(run, scores, length_normalize, _timing(wall, len(pending), tokens, len(run.examples) - len(pending)))
+    requests = [run.requests[i] for i in pending]
+    tokens = forwarded_tokens(requests, None if prefix is None else len(prefix.ids))
+    timing = _timing(wall, len(pending), tokens, forwarded_tokens(requests), len(run.examples) - len(pending))
+    return finish_run(run, scores, length_normalize, {**timing, **chosen.to_dict()})
+
+
+def evaluate_edits(
+    loaded: LoadedModel,
+    run: EvalRun,
+    edits: Sequence[Sequence[PruneSpec]],
+    *,
+    svd: str = "float32",
+    allow_tied: bool = False,
+    batch_size: int = 8,
+    length_normalize: bool = False,
+    progress=None,
+    cache_memory: int | None = None,
+    path: str = "auto",
+) -> Iterator[tuple[EditRecord, RunResult]]:
+    """Score one prepared run under each edit in turn (an empty edit = the unpruned model).
+
+    This is the unit of work of sweeps and Algorithm 1: the same requests under many clipping
+    rates of the same loaded model, each edit undone before the next, each result yielded
+    while its edit is applied.  On the layer path (auto's choice when every edit changes only
+    decoder layers) the layers below the lowest edited one run once for the whole call, and
+    per edit only the layers above; when that cache would exceed `cache_memory` the examples
+    are cached and swept in several passes, and the results come after the last pass.
+    """
+    edits = [tuple(specs) for specs in edits]
+    start = _lowest_layer(loaded, edits, allow_tied) if check_path(path) in ("auto", "layer") else None
+    chosen = _choose(loaded, run, path, batch_size, cache_memory, start)
+    if chosen.name == "layer":
+        yield from _sweep_layers(loaded, run, edits, chosen, svd, allow_tied, length_normalize, progress)
+        return
+    for specs in edits:
+        with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
+            yield record, _score_run(loaded, run, chosen, batch_size, "left", length_normalize, progress=progress)
+
+
+def _lowest_layer(loaded: LoadedModel, edits: Sequence[Sequence[PruneSpec]], allow_tied: bool) -> int | str | None:
+    """The lowest decoder layer any edit changes; None if none does; a reason if an edit changes a weight outside the layers."""
+    lowest = None
+    for specs in edits:
+        for spec in specs:
+            if spec.rate == 0:
+                continue
+            for target in resolve(loaded.model, spec.layers, spec.modules, allow_tied=allow_tied):
+                if target.layer is None:
+                    return f"edit {spec} changes {target.module_name}, outside the decoder layers, so no layer cache can serve it"
+                lowest = target.layer if lowest is None else min(lowest, target.layer)
+    return lowest
+
+
+def _sweep_layers(
+    loaded: LoadedModel,
+    run: EvalRun,
+    edits: Sequence[tuple[PruneSpec, ...]],
+    chosen: ExecutionPath,
+    svd: str,
+    allow_tied: bool,
+    length_normalize: bool,
+    progress,
+) -> Iterator[tuple[EditRecord, RunResult]]:
+    """The layer path: per pass, cache the inputs of layer `start` once, then run layers start..L under each edit."""
+    plan = chosen.plan
+    logprobs: list[list] = [[None] * len(plan.batches) for _ in edits]
+    walls = [0.0] * len(edits)
+    shared = 0.0
+    prompt_tokens = forwarded_tokens(run.requests)
+    tokens = forwarded_tokens(run.requests, len(plan.prefix))
+    for number, batches in enumerate(chosen.passes):
+        started = time.perf_counter()
+        scorer = LayerScorer(loaded.model, plan, chosen.start, batches)
+        shared += time.perf_counter() - started
+        for e, specs in enumerate(edits):
+            with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
+                started = time.perf_counter()
+                for i, values in zip(batches, scorer.logprobs(progress), strict=True):
+                    logprobs[e][i] = values
+                walls[e] += time.perf_counter() - started
+                if number == len(chosen.passes) - 1:
+                    timing = {**_timing(walls[e], len(run.examples), tokens, prompt_tokens, 0), **chosen.to_dict()}
+                    timing["shared_s"] = round(shared, 3)
+                    yield record, finish_run(run, plan.scores(logprobs[e]), length_normalize, timing)
+        del scorer
 
 
 def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, timing: dict) -> RunResult:
@@ -215,7 +366,9 @@ def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, t
     )
 
 
-def _timing(wall: float, examples: int, tokens: int, reused: int) -> dict:
+def _timing(wall: float, examples: int, tokens: int, prompt_tokens: int, reused: int) -> dict:
+    """tokens: what the path ran through the model (layer path: through the layers above the cache);
+    prompt_tokens: the full prompts, what the plain path runs; both without padding."""
     return {
         "wall_s": round(wall, 3),
         "examples_scored": examples,
@@ -223,6 +376,8 @@ def _timing(wall: float, examples: int, tokens: int, reused: int) -> dict:
         "examples_per_s": round(examples / wall, 3) if wall > 0 else None,
         "tokens_forwarded": tokens,
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
+        "prompt_tokens": prompt_tokens,
+        "prompt_tokens_per_s": round(prompt_tokens / wall, 1) if wall > 0 else None,
     }
 
 
@@ -244,24 +399,29 @@ def evaluate(
     output: str | Path | None = None,
     overwrite: bool = False,
     quiet: bool = False,
+    path: str = "auto",
+    cache_memory: int | None = None,
 ) -> dict:
     """Evaluate `task` for every seed under the edit `specs`; with `output`, write and resume there.
 
     Returns the content of results.json.  An unfinished output folder of the same
-    configuration is resumed (finished examples are read back from samples.jsonl).
+    configuration is resumed (finished examples are read back from samples.jsonl).  The
+    scoring path is chosen per seed before any forward pass and recorded in the config.
     """
     from tqdm.auto import tqdm
 
     from svdicl.provenance import versions
-    from svdicl.prune import pruned
 
     task = get_task(task) if isinstance(task, str) else task
     if not seeds or len(set(seeds)) != len(seeds):
         raise SvdiclError("give at least one --seed, each once")
     started = time.perf_counter()
     splits = load_splits(task, data_dir)
+    _single(path)
     with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
         shots = task.shots if shots is None else shots
+        prepared = [prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits) for seed in seeds]
+        paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
         config = {
             "model": {
                 "source": loaded.source,
@@ -279,7 +439,7 @@ def evaluate(
             "limit_rule": LIMIT_RULE,
             "edit": record.to_dict(),
             "batch_size": batch_size,
-            "scoring": {"path": "plain", "padding_side": padding_side, "length_normalize": length_normalize},
+            "scoring": {**_paths_used(paths), "padding_side": padding_side, "length_normalize": length_normalize},
             "statistics": {"bootstrap": "percentile", "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": 0},
         }
         config = json.loads(json.dumps(config))
@@ -287,21 +447,12 @@ def evaluate(
         if folder is not None and (folder / RESULTS_FILE).is_file():
             return json.loads((folder / RESULTS_FILE).read_text())
         runs = []
-        for seed in seeds:
-            run = prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits)
+        for run, chosen in zip(prepared, paths, strict=True):
             write = _appender(folder, run, length_normalize) if folder is not None else None
-            with tqdm(total=len(run.examples), desc=f"{task.name} seed {seed}", unit="ex", file=sys.stderr, disable=quiet) as bar:
+            desc = f"{task.name} seed {run.seed}"
+            with tqdm(total=len(run.examples), desc=desc, unit="ex", file=sys.stderr, disable=quiet) as bar:
                 runs.append(
-                    evaluate_run(
-                        loaded,
-                        run,
-                        batch_size=batch_size,
-                        padding_side=padding_side,
-                        length_normalize=length_normalize,
-                        known=known.get(seed),
-                        on_scored=write,
-                        progress=bar,
-                    )
+                    _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known.get(run.seed), write, bar)
                 )
     results = {
         "format": "svdicl-eval/1",
@@ -319,6 +470,13 @@ def evaluate(
     if folder is not None:
         write_results(folder, results, [s for r in runs for s in r.samples()])
     return results
+
+
+def _paths_used(paths: Sequence[ExecutionPath]) -> dict:
+    """The scoring path of every seed's run (one name when they agree) and why faster ones were not taken."""
+    names = list(dict.fromkeys(p.name for p in paths))
+    reasons = list(dict.fromkeys(p.fallback for p in paths if p.fallback))
+    return {"path": names[0] if len(names) == 1 else names, "fallback": "; ".join(reasons) or None}
 
 
 def _open_output(output: str | Path, config: dict, overwrite: bool) -> tuple[Path, dict[int, dict[str, Scores]]]:

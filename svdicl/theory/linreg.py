@@ -45,11 +45,11 @@ class LinRegConfig:
 
     dim: int = 5
     points: int = 11  # (x, y) pairs per prompt: predictions after 0 .. points-1 shots
-    layers: int = 4
+    layers: int = 6
     width: int = 64
-    heads: int = 2
+    heads: int = 4
     batch_size: int = 64
-    steps: int = 6000
+    steps: int = 8000
     lr: float = 1e-3
     warmup: int = 200
     weight_decay: float = 0.0
@@ -341,6 +341,15 @@ def baseline_curves(prompts: Prompts, ridge: float) -> list[Curve]:
     dim = prompts.xs.shape[-1]
     predictions = baseline_predictions(prompts, ridge)
     return [Curve.of(name, (pred - prompts.ys.double()).square() / dim) for name, pred in predictions.items()]
+
+
+def learned(model: Curve, zero: Curve, fraction: float = 0.25) -> bool:
+    """Has training left the plateau? Error at the most shots below `fraction` of the zero predictor's.
+
+    Training in this setting sits on plateaus (first at the zero predictor, loss ~1) for a
+    seed-dependent number of steps; a model still on one says nothing about pruning.
+    """
+    return model.mean[-1] < fraction * zero.mean[-1]
 
 
 @dataclass(frozen=True)

@@ -185,6 +185,22 @@ def monotone(rows: Sequence[NormRow], field: str, slack: float = 1e-12) -> dict[
     return {example: sum(flags) / len(flags) for example, flags in result.items()}
 
 
+def summarize(rows: Sequence[NormRow], rates: Sequence[float]) -> dict:
+    """For the rows of one source: how often each curve never rises, whether exact <= bound, mean ratios per rate."""
+
+    def mean(field: str, example: str, rate: float) -> float:
+        values = [getattr(r, field) for r in rows if r.example == example and r.rate == rate]
+        return sum(values) / len(values)
+
+    return {
+        "bound_non_increasing": monotone(rows, "bound"),
+        "exact_non_increasing": monotone(rows, "exact"),
+        "exact_within_bound": all(r.exact <= r.bound * (1 + 1e-9) for r in rows),
+        "mean_bound_ratio": {e: [mean("bound_ratio", e, rate) for rate in rates] for e in EXAMPLES},
+        "mean_exact_ratio": {e: [mean("exact_ratio", e, rate) for rate in rates] for e in EXAMPLES},
+    }
+
+
 def canonical_names(model: nn.Module) -> dict[str, str]:
     """Block field -> svdicl's canonical matrix name in the model's family (the relaxed MLP: up/down or fc_in/fc_out)."""
     family = family_of(model)

@@ -1,0 +1,195 @@
+"""`svdicl search`: Algorithm 1 -- a layer by condition number, a clipping rate on validation, baseline -> pruned on test."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from svdicl.cli.common import add_model_args, load, log
+from svdicl.cli.sweep import add_scoring_args, check_output, scoring_from
+
+
+def add(sub) -> None:
+    from svdicl.tasks import TASKS
+
+    p = sub.add_parser(
+        "search",
+        help="Algorithm 1: choose a layer by condition number and a clipping rate on validation, report test with CIs",
+        description="Algorithm 1 of Yao et al. (2024): condition numbers of the module in every layer; the top-k layers and "
+        "the one with the largest (or --layer); every candidate rate (0 always included) on the validation split, rate* = "
+        "the argmax of the task's metric (mean over seeds; ties to the smaller rate); the unpruned and the rate*-pruned "
+        "model on the test split with 95% bootstrap CIs and an exact McNemar test. Writes DIR/search/<task>-<module>.json "
+        "(schema svdicl.search/1) and replayable configs, prints the appendix C.5 table, draws the report. Every "
+        "evaluation is a cell of the result store in DIR: rerun to resume.",
+    )
+    add_model_args(p)
+    what = p.add_argument_group("search (comma lists run one search each)")
+    what.add_argument("--tasks", "--task", dest="tasks", help=f"tasks ({', '.join(TASKS)}) or task YAML files (required)")
+    what.add_argument(
+        "--modules", "--module", dest="modules", default="mlp", help="mlp, attn, or matrices (q+k prunes both) (default: mlp)"
+    )
+    what.add_argument("--top-k", type=int, default=3, help="layers ranked by condition number, reported (default: 3)")
+    what.add_argument("--layer", help="fix the layer (e.g. 26 or -1) and skip the condition-number choice")
+    what.add_argument(
+        "--rates", help="candidate clipping rates; 0 is always added (default: the paper's 0,0.1,0.5,0.75,0.9,0.95,0.99,0.995)"
+    )
+    what.add_argument(
+        "--shots",
+        "--num-fewshot",
+        "--num_fewshot",
+        dest="shots",
+        type=int,
+        help="demonstrations per class (default: the paper's)",
+    )
+    what.add_argument(
+        "--seeds", "--seed", dest="seeds", default="0", help="demonstration seeds; rate* is chosen on their mean (default: 0)"
+    )
+    what.add_argument("--metric", choices=["accuracy", "macro_f1"], help="metric to choose rate* on (default: the task's own)")
+    what.add_argument("--limit", type=int, metavar="N", help="score N examples per split (the same seeded subset everywhere)")
+    what.add_argument("--limit-validation", type=int, metavar="N", help="examples of the validation split (overrides --limit)")
+    what.add_argument("--limit-test", type=int, metavar="N", help="examples of the test split (overrides --limit)")
+    what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
+    add_scoring_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--output", "--output-path", dest="output", help="folder of the result store, search/ and report (required)")
+    out.add_argument(
+        "--export", metavar="DIR", help="save the rate*-pruned model here (a subfolder per task and module if several)"
+    )
+    out.add_argument(
+        "--export-format", choices=["dense", "factorized"], default="dense", help="see svdicl prune (default: dense)"
+    )
+    out.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --export folder")
+    out.add_argument("--no-report", action="store_true", help="skip drawing the report (svdicl report DIR draws it later)")
+    out.add_argument(
+        "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
+    )
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from svdicl.errors import SvdiclError
+    from svdicl.experiments.search import SearchConfig, conditions_for, search, write_search
+    from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_ints, parse_list
+    from svdicl.export import prepare_output, save_pruned
+    from svdicl.prune import PruneSpec
+    from svdicl.report import algorithm1_markdown
+    from svdicl.store import Store
+
+    if not args.tasks:
+        raise SvdiclError("give --tasks, e.g. --tasks sst2 (and --modules mlp,attn)")
+    folder = check_output(args.output)
+    seeds = parse_ints(args.seeds, "--seeds")
+    limits = {
+        "limit_validation": args.limit if args.limit_validation is None else args.limit_validation,
+        "limit_test": args.limit if args.limit_test is None else args.limit_test,
+    }
+    configs = list(
+        dict.fromkeys(
+            SearchConfig(
+                task=task,
+                module=module,
+                rates=PAPER_RATES if args.rates is None else args.rates,
+                top_k=args.top_k,
+                layer=_layer(args.layer),
+                shots=args.shots,
+                seeds=seeds,
+                metric=args.metric,
+                **limits,
+            )
+            for task in parse_list(args.tasks)
+            for module in parse_list(args.modules)
+        )
+    )
+    scoring = scoring_from(args)
+    exports = {}
+    if args.export:
+        for config in configs:
+            where = Path(args.export) / f"{Path(config.task).stem}-{config.module.replace(',', '+')}"
+            exports[config] = prepare_output(args.export if len(configs) == 1 else where, args.overwrite)
+    loaded = load(args)
+    store = Store(folder)
+    splits = load_task_splits([c.task for c in configs], args.data_dir)
+    conditions = None
+    ranked = [c.module for c in configs if c.layer is None]
+    if ranked:
+        log(args, "condition numbers of every layer (reused from --output when already there) ...")
+        conditions = conditions_for(loaded, ranked, folder, progress=not args.quiet)
+    progress = Progress(sum(c.examples(splits[_name(c)]) for c in configs), "search", enabled=not args.quiet)
+    results = []
+    try:
+        for config in configs:
+            result = search(
+                loaded, config, store, conditions=conditions, scoring=scoring, splits=splits[_name(config)],
+                model_name=loaded.source, progress=progress,
+            )  # fmt: skip
+            results.append((result, write_search(result, folder, data_dir=args.data_dir)))
+    finally:
+        progress.close()
+    for result, _ in results:
+        _print(result)
+    print()
+    print(algorithm1_markdown([result for result, _ in results]))
+    for config, (result, written) in zip(configs, results, strict=True):
+        print(f"search result: {written[0]}  (replay: svdicl eval --config {written[1]} --output DIR)")
+        if config in exports:
+            spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
+            save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
+                        allow_tied=args.allow_tied, overwrite=True)  # fmt: skip
+            print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
+    if not args.no_report:
+        from svdicl.report import build_report
+
+        print(f"report: {build_report(folder, formats=args.format).page}")
+    return 0
+
+
+def _layer(text: str | None) -> int | None:
+    from svdicl.errors import SvdiclError
+
+    if text is None:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise SvdiclError(f"--layer takes one layer index such as 26 or -1, not {text!r}") from None
+
+
+def _name(config) -> str:
+    from svdicl.tasks import get_task
+
+    return get_task(config.task).name
+
+
+def _print(result: dict) -> None:
+    """The search, step by step: layer choice, validation curve, test comparison."""
+    test = result["test"]
+    chosen = f"layer {result['layer']}"
+    if result["top_layers"]:
+        per_layer = result["condition"]["per_layer"]
+        ranked = ", ".join(f"{layer} (κ={_number(per_layer[str(layer)])})" for layer in result["top_layers"])
+        chosen += f" (top-{result['top_k']} by condition number: {ranked})"
+    else:
+        chosen += " (given)"
+    print(f"{result['task']} · {result['module']} · {result['model']['name']}: {chosen}")
+    curve = "  ".join(
+        f"{rate:g}: {value:.4f}" for rate, value in zip(result["rates"], result["validation"]["values"], strict=True)
+    )
+    print(f"  validation {result['metric']} (n={result['validation']['n']}, {len(result['seeds'])} seed(s)): {curve}")
+    print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
+    discordant = test["discordant"]
+    print(
+        f"  test {result['metric']} (n={test['n']}): {_estimate(test['baseline'])} -> {_estimate(test['pruned'])}"
+        f"  McNemar p = {test['mcnemar_p']:.3g} ({discordant['only_baseline_correct']} examples only the unpruned model got "
+        f"right, {discordant['only_pruned_correct']} only the pruned one)"
+    )
+    fallbacks = "; ".join(result["scoring"]["fallbacks"])
+    print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
+
+
+def _estimate(entry: dict) -> str:
+    spread = f" ± {entry['std']:.4f}" if entry.get("std") is not None else ""
+    return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+
+def _number(value: float | None) -> str:
+    return "inf" if value is None else f"{value:.4g}"

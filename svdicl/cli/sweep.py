@@ -1,0 +1,163 @@
+"""`svdicl sweep`: a grid of clipping rates x layers x modules x shots x seeds (the paper's fig 1-2), resumable."""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from svdicl.cli.common import add_model_args, load
+
+
+def add(sub) -> None:
+    from svdicl.tasks import TASKS
+
+    p = sub.add_parser(
+        "sweep",
+        help="evaluate a grid of clipping rates x layers x modules x shots x seeds (fig 1-2); resumable",
+        description="Score every cell of the grid tasks x shots x seeds x layers x modules x rates into the result store "
+        "in --output (cells.jsonl), skipping cells already there, then draw the report (fig 1, fig 2 with several shot "
+        "counts, tables). Each layer and module is swept alone; join with + to prune several together (0+1, q+k). "
+        "Rate 0 is the unpruned model, scored once per task, shots and seed. Rerun the same command to resume.",
+    )
+    add_model_args(p)
+    grid = p.add_argument_group("grid (comma lists; a YAML/JSON --config may give lists)")
+    grid.add_argument("--tasks", "--task", dest="tasks", help=f"tasks ({', '.join(TASKS)}) or task YAML files (required)")
+    grid.add_argument(
+        "--layers",
+        default="first2,last2",
+        help="layers, each swept alone: 26, -1, 0-3, first2, last2, all; + joins a set pruned together, e.g. 0+1 "
+        "(default: first2,last2)",
+    )
+    grid.add_argument(
+        "--modules",
+        default="mlp,attn",
+        help="modules, each swept alone: mlp, attn, q, k, ...; q+k prunes both (default: mlp,attn)",
+    )
+    grid.add_argument("--rates", help="clipping rates in [0, 1) (default: the paper's 0,0.1,0.5,0.75,0.9,0.95,0.99,0.995)")
+    grid.add_argument(
+        "--shots",
+        "--num-fewshot",
+        "--num_fewshot",
+        dest="shots",
+        help="demonstrations per class, e.g. 0,2,5 (default: each task's paper setting: 5, AGNews 2)",
+    )
+    grid.add_argument("--seeds", "--seed", dest="seeds", default="0", help="demonstration seeds, e.g. 0,1,2 (default: 0)")
+    grid.add_argument("--split", default="test", choices=["validation", "test"], help="examples to score (default: test)")
+    grid.add_argument(
+        "--limit", type=int, metavar="N", help="score N examples per task (the same seeded subset in every cell; recorded)"
+    )
+    grid.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
+    add_scoring_args(p)
+    out = p.add_argument_group("output")
+    out.add_argument("--output", "--output-path", dest="output", help="folder of the result store and report (required)")
+    out.add_argument("--no-report", action="store_true", help="only fill the store; draw figures later with svdicl report DIR")
+    out.add_argument(
+        "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
+    )
+    p.set_defaults(handler=run)
+
+
+def add_scoring_args(p: argparse.ArgumentParser) -> None:
+    """Scoring flags shared by sweep and search."""
+    scoring = p.add_argument_group("scoring")
+    scoring.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
+    )
+    scoring.add_argument(
+        "--length-normalize",
+        action="store_true",
+        help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
+    )
+    scoring.add_argument(
+        "--path",
+        default="auto",
+        choices=["auto", "plain", "prefix", "layer"],
+        help="execution path: layer = layers below the pruned one run once per sweep line; prefix = the demonstrations' "
+        "keys/values once; plain = every prompt in full; auto = the fastest that fits --cache-memory (default: auto)",
+    )
+    scoring.add_argument(
+        "--cache-memory",
+        default="4GiB",
+        metavar="SIZE",
+        help="most memory the prefix and layer caches may take, e.g. 512MiB or 4GiB (default: 4GiB)",
+    )
+    scoring.add_argument(
+        "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
+    )
+    scoring.add_argument(
+        "--allow-tied", action="store_true", help="allow pruning a weight tied to another (e.g. lm_head = embeddings)"
+    )
+
+
+def scoring_from(args: argparse.Namespace):
+    from svdicl.experiments.sweep import Scoring
+    from svdicl.forward import parse_memory
+
+    return Scoring(
+        batch_size=args.batch_size,
+        length_normalize=args.length_normalize,
+        svd=args.svd_dtype,
+        allow_tied=args.allow_tied,
+        path=args.path,
+        cache_memory=parse_memory(args.cache_memory),
+    )
+
+
+def check_output(output: str | None) -> Path:
+    from svdicl.errors import SvdiclError
+
+    if not output:
+        raise SvdiclError("give --output DIR: the folder that holds the result store (and resumes it)")
+    folder = Path(output)
+    if folder.exists() and not folder.is_dir():
+        raise SvdiclError(f"--output {folder} is a file; give a folder")
+    return folder
+
+
+def paths_used(cells) -> str:
+    """`layer 48, prefix 1 (fallback: ...)`: how the cells were scored."""
+    counts = Counter(str(c.info.get("scoring", {}).get("path")) for c in cells)
+    text = ", ".join(f"{path} {count}" for path, count in counts.most_common())
+    reasons = sorted({c.info["scoring"]["fallback"] for c in cells if c.info.get("scoring", {}).get("fallback")})
+    return text + (f" (fallback: {'; '.join(reasons)})" if reasons else "")
+
+
+def run(args: argparse.Namespace) -> int:
+    from svdicl.errors import SvdiclError
+    from svdicl.experiments.sweep import PAPER_RATES, SweepGrid, parse_ints, parse_list, sweep
+    from svdicl.store import Store
+
+    if not args.tasks:
+        raise SvdiclError("give --tasks, e.g. --tasks sst2,rte,copa")
+    folder = check_output(args.output)
+    grid = SweepGrid(
+        tasks=tuple(parse_list(args.tasks)),
+        layers=tuple(parse_list(args.layers)),
+        modules=tuple(parse_list(args.modules)),
+        rates=PAPER_RATES if args.rates is None else args.rates,
+        shots=(None,) if args.shots is None else parse_ints(args.shots, "--shots"),
+        seeds=parse_ints(args.seeds, "--seeds"),
+        split=args.split,
+        limit=args.limit,
+    )
+    scoring = scoring_from(args)
+    loaded = load(args)
+    store = Store(folder)
+    result = sweep(
+        loaded, grid, store, scoring=scoring, data_dir=args.data_dir, model_name=loaded.source, progress=not args.quiet
+    )
+    print(
+        f"sweep: {len(result.cells)} cells, {result.computed} scored now and {len(result.cells) - result.computed} "
+        f"from the store, in {result.wall_s:.0f} s -> {store.file}"
+    )
+    print(f"scoring paths: {paths_used(result.cells)}")
+    if not args.no_report:
+        from svdicl.report import build_report
+
+        report = build_report(folder, formats=args.format)
+        for path in report.files:
+            if path.suffix == ".md" and path.name.startswith("sweep-"):
+                print(f"\n{path}:\n{path.read_text()}")
+        print(f"report: {report.page}")
+    return 0

@@ -1,0 +1,409 @@
+"""Algorithm 1 of the paper: a layer by condition number, a clipping rate on validation, the gain on test.
+
+    1. condition numbers of the module's matrices in every layer (experiments/condition.py; one
+       number per layer: the largest among the group's matrices);
+    2. the top-k layers by that number, and the one with the largest;
+    3. every candidate rate (0 always included) scored on the validation split; rate* = the argmax
+       of the task's metric averaged over seeds, ties to the smaller rate, so validation never
+       gets worse than the unpruned model;
+    4. the unpruned and the rate*-pruned model on the test split: 95% bootstrap CIs and the exact
+       McNemar test on the same examples.
+
+As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
+is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
+evaluation is a store cell (experiments/sweep.py's `evaluate_cells`), so a search resumes after
+an interruption and shares cells with sweeps written to the same folder.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from svdicl.errors import SvdiclError
+from svdicl.experiments.condition import (
+    AGGREGATE,
+    JSON_FILE,
+    MatrixCondition,
+    condition_numbers,
+    layer_conditions,
+    read_conditions,
+    top_layers,
+    write_conditions,
+)
+from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
+from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run
+from svdicl.experiments.sweep import (
+    PAPER_RATES,
+    Progress,
+    Scoring,
+    cell_limit,
+    edit_cell,
+    evaluate_cells,
+    module_lines,
+    parse_rates,
+)
+from svdicl.models import LoadedModel
+from svdicl.prompts import sample_demonstrations
+from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
+from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1
+from svdicl.store import Cell, CellKey, Store
+from svdicl.targets import family_of, layer_stack, parse_layers, resolve
+from svdicl.tasks import METRICS, get_task
+from svdicl.tasks.data import TaskSplits, load_splits
+
+TIE = 1e-12  # validation values this close to the best count as ties (seed means are floating-point sums)
+
+
+@dataclass(frozen=True)
+class LayerChoice:
+    """Steps 1-2: one condition number per layer, the top-k layers (largest first), the chosen layer."""
+
+    module: str
+    per_layer: dict[int, float]
+    top_k: int
+    top_layers: tuple[int, ...]
+
+    @property
+    def layer(self) -> int:
+        """The largest condition number among the top k (ties: the lower layer, as `top_layers` orders them)."""
+        return self.top_layers[0]
+
+
+def choose_layer(conditions: Sequence[MatrixCondition], module: str, top_k: int = 3) -> LayerChoice:
+    """Algorithm 1 steps 1-2 on condition numbers already computed (`condition_numbers`)."""
+    return LayerChoice(module, layer_conditions(conditions, module), top_k, tuple(top_layers(conditions, module, top_k)))
+
+
+def candidate_rates(rates: str | Sequence[float | str] = PAPER_RATES) -> tuple[float, ...]:
+    """The candidates in increasing order with 0 added: the unpruned model is always a candidate."""
+    return tuple(sorted(set(parse_rates(rates)) | {0.0}))
+
+
+def choose_rate(rates: Sequence[float], values: Sequence[float]) -> float:
+    """Step 3: the rate with the best validation value; ties go to the smaller rate (less pruning)."""
+    if len(rates) != len(values) or not rates:
+        raise SvdiclError(f"need one validation value per rate, got {len(values)} values for {len(rates)} rates")
+    best = max(values)
+    return min(rate for rate, value in zip(rates, values, strict=True) if value >= best - TIE)
+
+
+def module_spec(module: str) -> str:
+    """One module spec for a search: a group (mlp, attn) or matrices joined with + (q+k); never a regex."""
+    lines = module_lines(module)
+    if len(lines) != 1:
+        raise SvdiclError(f"one search prunes one module spec, got {module!r}; join matrices with + (q+k) to prune them together")
+    if lines[0].startswith("re:"):
+        raise SvdiclError("search ranks layers by condition numbers of named modules; use mlp, attn or matrices like k, not re:")
+    return lines[0]
+
+
+def conditions_for(
+    loaded: LoadedModel,
+    modules: Sequence[str],
+    directory: str | Path | None = None,
+    *,
+    progress: bool = False,
+) -> list[MatrixCondition]:
+    """Condition numbers of every layer's `modules`, reusing DIR/conditions.csv where it holds these weights'.
+
+    Computed rows are merged into DIR/conditions.csv (and .json), which `svdicl report` draws as fig 3.
+    """
+    if family_of(loaded.model) is None:
+        raise SvdiclError(f"search needs a model family svdicl knows (got {loaded.model_type!r}); fix the layer with --layer")
+    folder = Path(directory) if directory is not None else None
+    found = _stored_conditions(loaded, folder) if folder is not None else []
+    layers = set(range(len(layer_stack(loaded.model)[1])))
+    missing = [m for m in dict.fromkeys(modules) if not _covers(found, m, layers)]
+    for module in missing:
+        known = {(c.module, c.matrix) for c in found}
+        fresh = condition_numbers(loaded.model, "all", module, progress=progress)
+        found += [c for c in fresh if (c.module, c.matrix) not in known]
+    found.sort(key=lambda c: (c.layer, c.group or "", c.matrix))
+    if missing and folder is not None:
+        write_conditions(found, folder, model_name=loaded.source, fingerprint=loaded.fingerprint)
+    return found
+
+
+def _stored_conditions(loaded: LoadedModel, folder: Path) -> list[MatrixCondition]:
+    """The rows of DIR/conditions.csv if conditions.json says they are of these weights, else none."""
+    if not (folder / JSON_FILE).is_file() or not (folder / CONDITIONS_CSV).is_file():
+        return []
+    try:
+        same = json.loads((folder / JSON_FILE).read_text())["model"]["fingerprint"] == loaded.fingerprint
+    except (ValueError, KeyError, TypeError):
+        return []
+    return read_conditions(folder / CONDITIONS_CSV) if same else []
+
+
+def _covers(conditions: Sequence[MatrixCondition], module: str, layers: set[int]) -> bool:
+    try:
+        return set(layer_conditions(conditions, module)) == layers
+    except SvdiclError:
+        return False
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """One Algorithm 1 search.  `layer` fixes the layer and skips steps 1-2 (the paper's tables fix 26/27/30);
+    `metric` None is the task's own (accuracy; macro-F1 for COPA); the limits cap examples per split."""
+
+    task: str
+    module: str = "mlp"
+    rates: tuple[float, ...] = PAPER_RATES
+    top_k: int = 3
+    layer: int | None = None
+    shots: int | None = None
+    seeds: tuple[int, ...] = (0,)
+    limit_validation: int | None = None
+    limit_test: int | None = None
+    metric: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rates", candidate_rates(self.rates))
+        object.__setattr__(self, "module", module_spec(self.module))
+        if self.top_k < 1:
+            raise SvdiclError(f"--top-k must be at least 1, got {self.top_k}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SvdiclError("give at least one seed, each once")
+        for name in ("limit_validation", "limit_test"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SvdiclError(f"--limit must be at least 1, got {getattr(self, name)}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise SvdiclError(f"unknown metric {self.metric!r}; use {' or '.join(METRICS)} (or leave it out for the task's own)")
+        if self.shots is not None and self.shots < 0:
+            raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+
+    def examples(self, splits: TaskSplits) -> int:
+        """Examples scored by a search from scratch, counting rate*'s test cell (for a progress bar's total)."""
+        task = splits.task
+        validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
+        test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
+        return len(self.seeds) * (validation * len(self.rates) + 2 * test)
+
+
+def search(
+    loaded: LoadedModel,
+    config: SearchConfig,
+    store: Store,
+    *,
+    conditions: Sequence[MatrixCondition] | None = None,
+    scoring: Scoring | None = None,
+    splits: TaskSplits | None = None,
+    data_dir: str | Path | None = None,
+    model_name: str = "",
+    progress: Progress | None = None,
+) -> dict:
+    """Run Algorithm 1 and return its result in the `svdicl.search/1` schema (docs/experiments.md).
+
+    Cells already in `store` are read back, not rescored.  `conditions` defaults to computing
+    them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches).
+    """
+    started = time.perf_counter()
+    scoring = scoring or Scoring()
+    task = get_task(config.task)
+    splits = splits if splits is not None else load_splits(task, data_dir)
+    metric = config.metric or task.metric
+    choice = None
+    if config.layer is None:
+        found = conditions if conditions is not None else conditions_for(loaded, [config.module])
+        choice = choose_layer(found, config.module, config.top_k)
+        layer = choice.layer
+    else:
+        (layer,) = parse_layers(str(config.layer), len(layer_stack(loaded.model)[1]))
+    resolve(loaded.model, str(layer), config.module, allow_tied=scoring.allow_tied)
+    shots = task.shots if config.shots is None else config.shots
+    sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
+    limits = {"validation": config.limit_validation, "test": config.limit_test}
+    sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
+    before = len(store)
+
+    def cells(split: str, seed: int, rates: Sequence[float]) -> list[Cell]:
+        limit = cell_limit(limits[split], len(splits.split(split)))
+        base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
+
+        def prepare() -> EvalRun:
+            return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
+
+        wanted = [edit_cell(base, str(layer), config.module, rate) for rate in rates]
+        return evaluate_cells(loaded, prepare, wanted, store, scoring=scoring, model_name=model_name, progress=progress)
+
+    validation = {seed: cells("validation", seed, config.rates) for seed in config.seeds}
+    curves = {seed: [c.value(metric) for c in found] for seed, found in validation.items()}
+    values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
+    rate_star = choose_rate(config.rates, values)
+    if rate_star == 0 and progress is not None:
+        progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
+    test = {seed: cells("test", seed, sorted({0.0, rate_star})) for seed in config.seeds}
+    every = [c for found in (*validation.values(), *test.values()) for c in found]
+    return {
+        "format": SEARCH_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {"name": model_name or loaded.source, "fingerprint": loaded.fingerprint, "dtype": loaded.dtype},
+        "task": task.name,
+        "task_source": config.task,
+        "module": config.module,
+        "metric": metric,
+        "shots": shots,
+        "shots_total": shots * task.num_classes,
+        "limit": {split: cell_limit(limits[split], len(splits.split(split))) for split in limits},
+        "data": splits.origin,
+        "condition": None if choice is None else {"aggregate": AGGREGATE, "per_layer": _per_layer(choice)},
+        "top_k": None if choice is None else choice.top_k,
+        "top_layers": [] if choice is None else list(choice.top_layers),
+        "layer": layer,
+        "layer_from": "given" if choice is None else "condition numbers",
+        "rates": list(config.rates),
+        "validation": {"split": "validation", "n": sizes["validation"], "values": values},
+        "rate_star": rate_star,
+        "test": _test_summary(store, test, metric, task.num_classes),
+        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], test[seed], metric) for seed in config.seeds],
+        "scoring": {
+            "options": scoring.key_options(),
+            "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
+            "fallbacks": sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")}),
+        },
+        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
+    }
+
+
+def _per_layer(choice: LayerChoice) -> dict[str, float | None]:
+    """JSON has no infinity: an exactly singular matrix's condition number is written as null."""
+    return {str(layer): value if np.isfinite(value) else None for layer, value in choice.per_layer.items()}
+
+
+def _estimate(cell: Cell, metric: str) -> dict:
+    entry = cell.metrics[metric]
+    return {"value": entry["value"], "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high")}
+
+
+def _seed_entry(store: Store, seed: int, curve: list[float], validation: list[Cell], test: list[Cell], metric: str) -> dict:
+    baseline, pruned = test[0], test[-1]
+    paired = compare(_correct(store, baseline), _correct(store, pruned))
+    return {
+        "seed": seed,
+        "validation": curve,
+        "baseline": _estimate(baseline, metric),
+        "pruned": _estimate(pruned, metric),
+        "mcnemar_p": paired.p_value,
+        "discordant": {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b},
+        "cells": {"validation": [c.id for c in validation], "baseline": baseline.id, "pruned": pruned.id},
+    }
+
+
+def _correct(store: Store, cell: Cell, prefix: str = "") -> list[tuple[str, bool]]:
+    return [(prefix + s["id"], bool(s["correct"])) for s in store.samples(cell)]
+
+
+def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_classes: int) -> dict:
+    """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean."""
+    seeds = list(test)
+    baselines, pruneds = [test[s][0] for s in seeds], [test[s][-1] for s in seeds]
+    pairs = [[], []]
+    for seed in seeds:
+        pairs[0] += _correct(store, test[seed][0], f"{seed}:")
+        pairs[1] += _correct(store, test[seed][-1], f"{seed}:")
+    paired = compare(pairs[0], pairs[1])  # one seed: that seed's test; several: the pairs pooled over seeds
+    summary = {"split": "test", "n": baselines[0].n}
+    for name, found in (("baseline", baselines), ("pruned", pruneds)):
+        if len(found) == 1:
+            summary[name] = {**_estimate(found[0], metric), "std": None}
+            continue
+        interval = seed_mean_ci([store.samples(c) for c in found], metric, num_classes)
+        values = [c.value(metric) for c in found]
+        summary[name] = {"value": statistics.fmean(values), "ci_low": interval.low, "ci_high": interval.high,
+                         "std": statistics.stdev(values)}  # fmt: skip
+    summary["mcnemar_p"] = paired.p_value
+    summary["discordant"] = {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b}
+    return summary
+
+
+def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
+    """95% percentile bootstrap of a metric averaged over seeds.
+
+    The seeds score the same examples, so one bootstrap draw of examples serves every seed: the
+    interval is the uncertainty from the finite test set of the seed-averaged value (the spread
+    over seeds is reported separately as their standard deviation).
+    """
+    ids = [s["id"] for s in samples[0]]
+    rows = [{s["id"]: s for s in seed} for seed in samples]
+    if any(set(row) != set(ids) for row in rows):
+        raise SvdiclError("the seeds' test cells hold different examples; use the same --limit for every seed")
+    gold = np.array([rows[0][i]["gold"] for i in ids])
+    predicted = np.array([[row[i]["prediction"] for i in ids] for row in rows])  # seeds x examples
+
+    def mean_over_seeds(index: np.ndarray, _: np.ndarray) -> np.ndarray:  # index: draws x examples
+        if metric == "accuracy":
+            return np.mean([(gold[index] == p[index]).mean(axis=1) for p in predicted], axis=0)
+        return np.array([np.mean([macro_f1(gold[draw], p[draw], num_classes) for p in predicted]) for draw in index])
+
+    order = np.arange(len(ids))
+    return bootstrap_ci(order, order, mean_over_seeds)
+
+
+def result_stem(result: dict) -> str:
+    """`sst2-mlp`, `rte-q+k`: the file name of a search result, without suffix."""
+    return f"{result['task']}-{result['module'].replace(',', '+')}"
+
+
+def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | None = None) -> list[Path]:
+    """DIR/search/<task>-<module>.json plus replayable configs: `.yaml` for `svdicl eval --config` (the
+    test evaluation of the chosen model) and, when rate* > 0, `.prune.yaml` for `svdicl prune --config`.
+
+    Returns the paths written, the JSON first and the eval config second."""
+    folder = Path(directory) / SEARCH_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = result_stem(result)
+    spec = f"{result['layer']}:{result['module']}:{result['rate_star']:g}"
+    prune = [spec] if result["rate_star"] > 0 else []
+    common = {"model": result["model"]["name"], "dtype": result["model"]["dtype"], "prune": prune,
+              "svd_dtype": result["scoring"]["options"]["svd"]}  # fmt: skip
+    evaluation = {
+        "task": result["task_source"],
+        "shots": result["shots"],
+        "seed": [s["seed"] for s in result["seeds"]],
+        "split": "test",
+        "limit": result["limit"]["test"],
+        "length_normalize": result["scoring"]["options"]["length_normalize"],
+        **({"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else {}),
+        **common,
+    }
+    where = f"{result['task']}, {result['module']} of layer {result['layer']}, rate* {result['rate_star']:g}"
+    unpruned = " (rate* = 0: the unpruned model)" if not prune else ""
+    files = {
+        f"{stem}.yaml": (
+            f"# Algorithm 1's choice for {where}{unpruned}.\n"
+            f"# Replays the test evaluation of the chosen model: svdicl eval --config {SEARCH_DIR}/{stem}.yaml --output DIR\n",
+            evaluation,
+        )
+    }
+    if prune:  # rate* = 0 leaves nothing to prune
+        files[f"{stem}.prune.yaml"] = (
+            f"# Algorithm 1's choice for {where}.\n"
+            f"# Saves the chosen model: svdicl prune --config {SEARCH_DIR}/{stem}.prune.yaml --output DIR\n",
+            common,
+        )
+    (folder / f"{stem}.prune.yaml").unlink(missing_ok=True)
+    written = [_write(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()]
+    result = {
+        **result,
+        "config": f"{SEARCH_DIR}/{stem}.yaml",
+        "prune_config": f"{SEARCH_DIR}/{stem}.prune.yaml" if prune else None,
+    }
+    written.insert(0, _write(folder / f"{stem}.json", json.dumps(result, indent=2, allow_nan=False) + "\n"))
+    return written
+
+
+def _write(path: Path, text: str) -> Path:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+    return path

@@ -1,0 +1,369 @@
+"""Clipping-rate sweeps (the paper's fig 1-2): tasks x shots x seeds x layers x modules x rates, resumable.
+
+A sweep is a grid of cells (svdicl.store): one evaluation of one task, split, shot count and
+demonstration seed under one edit.  The work is grouped so that nothing is done twice:
+
+    for each (task, shots, seed):             prepare_run once (prompts and token ids)
+        for each (layers, modules) line:      one evaluate_edits call over all its missing rates
+                                              (the call that shares the prefix and layer caches)
+
+The unpruned model (rate 0) is one cell per (task, split, shots, seed), shared by every line:
+the rate-0 point of every curve.  Each cell is stored the moment it is scored, so a sweep
+killed at any point resumes where it stopped and ends with the same store as one that ran
+through.  `evaluate_cells` is that unit of work; Algorithm 1 (experiments/search.py) uses it too.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from svdicl.errors import SvdiclError
+from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
+from svdicl.models import LoadedModel
+from svdicl.prompts import sample_demonstrations
+from svdicl.prune import EditRecord, PruneSpec
+from svdicl.scoring import check_path
+from svdicl.store import UNPRUNED, Cell, CellKey, Result, Store
+from svdicl.svd import check_rate
+from svdicl.targets import layer_stack, parse_layers, resolve
+from svdicl.tasks import TaskConfig, get_task
+from svdicl.tasks.data import TaskSplits, load_splits
+
+PAPER_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
+SPLITS = ("validation", "test")
+TOGETHER = "+"  # `0+1` in --layers, `q+k` in --modules: one line pruned together
+SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens")
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How cells are scored.  Only `key_options` change answers, so only they enter cell keys;
+    the rest (batch size, execution path, cache budget) move scores by float rounding at most."""
+
+    batch_size: int = 8
+    length_normalize: bool = False
+    svd: str = "float32"
+    allow_tied: bool = False
+    path: str = "auto"
+    cache_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise SvdiclError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_path(self.path)
+
+    def key_options(self) -> dict[str, object]:
+        return {"length_normalize": self.length_normalize, "svd": self.svd}
+
+    def edit_options(self) -> dict[str, object]:
+        """Keyword arguments of evaluate_edits."""
+        return {
+            "svd": self.svd,
+            "allow_tied": self.allow_tied,
+            "batch_size": self.batch_size,
+            "length_normalize": self.length_normalize,
+            "path": self.path,
+            "cache_memory": self.cache_memory,
+        }
+
+
+def parse_list(value: str | int | float | Iterable[str | int | float] | None) -> list[str]:
+    """`"a,b"`, `["a", "b"]` or a scalar as a list of stripped, non-empty strings."""
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int | float) else list(value)
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
+def parse_rates(value: str | Iterable[float | str]) -> tuple[float, ...]:
+    """Clipping rates from `0,0.5,0.9` (or a list), each in [0, 1); sorted, without repeats."""
+    rates = [check_rate(text) for text in parse_list(value)]
+    if not rates:
+        raise SvdiclError("no clipping rates given; use e.g. --rates 0,0.1,0.5,0.75,0.9,0.95,0.99,0.995")
+    return tuple(sorted(set(rates)))
+
+
+def parse_ints(value: str | Iterable[int | str], name: str, minimum: int = 0) -> tuple[int, ...]:
+    """Integers from `0,4,10` (or a list), each >= minimum, in the order given, without repeats."""
+    numbers = []
+    for text in parse_list(value):
+        try:
+            number = int(text)
+        except ValueError:
+            raise SvdiclError(f"{name} {text!r} is not an integer; write e.g. {name} 0,1,2") from None
+        if number < minimum:
+            raise SvdiclError(f"{name} must be at least {minimum}, got {number}")
+        numbers.append(number)
+    if not numbers:
+        raise SvdiclError(f"no values given for {name}")
+    return tuple(dict.fromkeys(numbers))
+
+
+def layer_lines(specs: str | Iterable[str], num_layers: int) -> list[str]:
+    """The layer sets a sweep draws one line each for, as non-negative indices.
+
+    `first2,last2` on 30 layers is four lines (0, 1, 28, 29), each layer pruned alone; `+` joins
+    specs into one set pruned together: `0+1` or `first2+last2` is one line.
+    """
+    lines: list[str] = []
+    for item in parse_list(specs):
+        if TOGETHER in item:
+            layers = sorted({i for part in item.split(TOGETHER) if part.strip() for i in parse_layers(part.strip(), num_layers)})
+            lines.append(",".join(map(str, layers)))
+        else:
+            lines += [str(i) for i in parse_layers(item, num_layers)]
+    if not lines:
+        raise SvdiclError("no layers given; use e.g. --layers first2,last2 (each swept alone) or 0+1 (pruned together)")
+    return list(dict.fromkeys(lines))
+
+
+def module_lines(specs: str | Iterable[str]) -> list[str]:
+    """Module specs swept one at a time: `mlp,attn` is two lines, `q+k` one line with both matrices."""
+    lines = [item.replace(TOGETHER, ",") for item in parse_list(specs)]
+    if not lines:
+        raise SvdiclError("no modules given; use e.g. --modules mlp,attn (each alone) or q+k (pruned together)")
+    if any(line.startswith("re:") and "," in line for line in lines):
+        raise SvdiclError("a re:<regex> module spec cannot be joined with +; write one regex that matches everything")
+    return list(dict.fromkeys(lines))
+
+
+@dataclass(frozen=True)
+class SweepGrid:
+    """What a sweep evaluates.  `shots` counts demonstrations per class (None: the task's paper default)."""
+
+    tasks: tuple[str, ...]
+    layers: tuple[str, ...] = ("first2", "last2")
+    modules: tuple[str, ...] = ("mlp", "attn")
+    rates: tuple[float, ...] = PAPER_RATES
+    shots: tuple[int | None, ...] = (None,)
+    seeds: tuple[int, ...] = (0,)
+    split: str = "test"
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise SvdiclError("no tasks given; use e.g. --tasks sst2,rte,copa")
+        if self.split not in SPLITS:
+            raise SvdiclError(f"unknown split {self.split!r}; use validation or test")
+        if self.limit is not None and self.limit < 1:
+            raise SvdiclError(f"--limit must be at least 1, got {self.limit}")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise SvdiclError("give at least one seed, each once")
+        object.__setattr__(self, "rates", parse_rates(self.rates))
+        if any(s is not None and s < 0 for s in self.shots):
+            raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+
+
+@dataclass(frozen=True)
+class RunCells:
+    """The cells of one prepared run (task, shots, seed), grouped into evaluate_edits calls."""
+
+    task: TaskConfig
+    shots: int
+    seed: int
+    examples: int  # examples per cell
+    calls: tuple[tuple[tuple[CellKey, tuple[PruneSpec, ...]], ...], ...]
+
+    @property
+    def cells(self) -> list[tuple[CellKey, tuple[PruneSpec, ...]]]:
+        return [cell for call in self.calls for cell in call]
+
+
+def cell_limit(limit: int | None, size: int) -> int | None:
+    """The limit as cell keys record it: None when it covers the whole split, so equal work gets equal keys."""
+    return None if limit is None or limit >= size else limit
+
+
+def edit_cell(key: CellKey, layers: str, modules: str, rate: float) -> tuple[CellKey, tuple[PruneSpec, ...]]:
+    """A cell key and the edit it names; rate 0 is the shared unpruned cell."""
+    if rate == 0:
+        return CellKey(key.model, key.task, key.split, key.shots, key.seed, UNPRUNED, key.limit, key.options), ()
+    spec = PruneSpec(layers, modules, rate)
+    return CellKey(key.model, key.task, key.split, key.shots, key.seed, str(spec), key.limit, key.options), (spec,)
+
+
+def plan_sweep(
+    loaded: LoadedModel,
+    grid: SweepGrid,
+    splits: dict[str, TaskSplits],
+    scoring: Scoring | None = None,
+) -> list[RunCells]:
+    """Every cell of the grid, grouped per prepared run and per evaluate_edits call, in the order they run.
+
+    Bad layers, modules or shot counts are refused here, before any scoring.
+    """
+    scoring = scoring or Scoring()
+    num_layers = len(layer_stack(loaded.model)[1])
+    lines = [(layers, modules) for layers in layer_lines(grid.layers, num_layers) for modules in module_lines(grid.modules)]
+    for layers, modules in lines:
+        resolve(loaded.model, layers, modules, allow_tied=scoring.allow_tied)
+    plan = []
+    for task_splits in splits.values():
+        task = task_splits.task
+        size = len(task_splits.split(grid.split))
+        examples = len(limit_examples(task_splits.split(grid.split), grid.limit, task.split_seed))
+        for shots in dict.fromkeys(task.shots if s is None else s for s in grid.shots):
+            sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
+            for seed in grid.seeds:
+                base = CellKey(
+                    loaded.fingerprint, task.name, grid.split, shots, seed, limit=cell_limit(grid.limit, size),
+                    options=scoring.key_options(),
+                )  # fmt: skip
+                calls = []
+                for index, (layers, modules) in enumerate(lines):
+                    rates = [r for r in grid.rates if r > 0]
+                    if index == 0:
+                        rates.insert(0, 0.0)  # the unpruned cell rides along with the first line's call
+                    calls.append(tuple(edit_cell(base, layers, modules, rate) for rate in rates))
+                plan.append(RunCells(task, shots, seed, examples, tuple(calls)))
+    return plan
+
+
+def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | None = None) -> dict[str, TaskSplits]:
+    """Each task's splits, read once, by task name (in the order given)."""
+    found: dict[str, TaskSplits] = {}
+    for task in tasks:
+        config = get_task(task) if isinstance(task, str) else task
+        if config.name not in found:
+            found[config.name] = load_splits(config, data_dir)
+    return found
+
+
+def compact_samples(result: RunResult) -> list[dict]:
+    """Per-example records for the store, without the prompt text (the demonstrations are in the cell's info)."""
+    return [{name: sample[name] for name in SAMPLE_FIELDS} for sample in result.samples()]
+
+
+def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring: Scoring) -> Result:
+    """What the store keeps of one scored cell: metrics with CIs, compact samples, and how it was made."""
+    run = result.run
+    return Result(
+        metrics={"accuracy": result.accuracy.to_dict(), "macro_f1": result.macro_f1.to_dict()},
+        n=len(result.predictions),
+        samples=compact_samples(result),
+        ties=sum(result.ties),
+        model_name=model_name,
+        info={
+            "shots_total": run.shots * run.task.num_classes,
+            "demonstrations": [e.id for e in run.demonstrations],
+            "data": run.data,
+            "matrices": [
+                {"name": m.name, "kept_rank": m.kept_rank, "rank": m.rank, "relative_error": m.relative_error}
+                for m in record.matrices
+            ],
+            "scoring": {
+                "path": result.timing.get("path"),  # the execution path evaluate_edits took ...
+                "fallback": result.timing.get("fallback"),  # ... and why a faster one was not
+                "requested_path": scoring.path,
+                "batch_size": scoring.batch_size,
+            },
+            "timing": result.timing,
+        },
+    )
+
+
+class Progress:
+    """One bar over the examples of many cells, with ETA.  It moves while the scorer works and is
+    set exact after every cell, whatever the scorer reported meanwhile; stored cells count at once."""
+
+    def __init__(self, total: int, desc: str, *, done: int = 0, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="ex", file=sys.stderr, disable=not enabled, smoothing=0.1)
+        self.done = done
+
+    def add(self, examples: int) -> None:
+        self.done += examples
+        self.bar.n = self.done
+        self.bar.refresh()
+
+    def describe(self, text: str) -> None:
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def evaluate_cells(
+    loaded: LoadedModel,
+    prepare: Callable[[], EvalRun],
+    cells: Sequence[tuple[CellKey, Sequence[PruneSpec]]],
+    store: Store,
+    *,
+    scoring: Scoring | None = None,
+    model_name: str = "",
+    progress: Progress | None = None,
+) -> list[Cell]:
+    """The cells of one prepared run, in order: those in `store` read back, the rest scored in one
+    evaluate_edits call and stored one by one as they finish.
+
+    `prepare()` builds the run; it is called only when a cell is missing.
+    """
+    scoring = scoring or Scoring()
+    todo = [(key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key)]
+    if progress is not None:
+        progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+    if todo:
+        run = prepare()
+        if progress is not None:
+            progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
+        bar = progress.bar if progress is not None else None
+        started = time.perf_counter()
+        scored = evaluate_edits(loaded, run, [specs for _, specs in todo], **scoring.edit_options(), progress=bar)
+        for (key, _), (record, result) in zip(todo, scored, strict=True):
+            store.put(key, cell_result(record, result, model_name, scoring), seconds=time.perf_counter() - started)
+            started = time.perf_counter()
+            if progress is not None:
+                progress.add(len(run.examples))
+    return [store.get(key) for key, _ in cells]
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    cells: tuple[Cell, ...]  # every cell of the grid, in plan order
+    computed: int  # cells scored by this call (the rest were in the store)
+    wall_s: float
+
+
+def sweep(
+    loaded: LoadedModel,
+    grid: SweepGrid,
+    store: Store,
+    *,
+    scoring: Scoring | None = None,
+    data_dir: str | Path | None = None,
+    model_name: str = "",
+    progress: bool = True,
+) -> SweepResult:
+    """Evaluate every cell of `grid` not already in `store`; one progress bar over the grid, in examples."""
+    started = time.perf_counter()
+    scoring = scoring or Scoring()
+    splits = load_task_splits(grid.tasks, data_dir)
+    plan = plan_sweep(loaded, grid, splits, scoring)
+    before = len(store)
+    bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
+    try:
+        for group in plan:
+            prepare = functools.cache(
+                lambda group=group: prepare_run(
+                    loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
+                    splits=splits[group.task.name],
+                )
+            )  # fmt: skip
+            for call in group.calls:
+                evaluate_cells(loaded, prepare, call, store, scoring=scoring, model_name=model_name, progress=bar)
+    finally:
+        bar.close()
+    cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
+    return SweepResult(cells=cells, computed=len(store) - before, wall_s=time.perf_counter() - started)
+
+
+def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
+    """`29:mlp` for the cells of one line, `unpruned` when only the baseline is left."""
+    specs = [specs[0] for _, specs in cells if specs]
+    return f"{specs[0].layers}:{specs[0].modules}" if specs else "unpruned"

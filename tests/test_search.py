@@ -1,0 +1,258 @@
+"""`svdicl search` (Algorithm 1): the largest condition number among the top k on planted spectra, rate*
+as the validation argmax with ties to the smaller rate, test numbers equal to a direct evaluation, resume,
+several seeds, replayable configs, export, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+import yaml
+from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded, write_toy_task
+
+import svdicl.experiments.condition as condition
+import svdicl.experiments.sweep as sweeping
+from svdicl.cli import _config_defaults, build_parser, main
+from svdicl.errors import SvdiclError
+from svdicl.experiments.condition import condition_numbers
+from svdicl.experiments.evaluate import evaluate_run, finish_run, prepare_run
+from svdicl.experiments.search import (
+    SearchConfig,
+    candidate_rates,
+    choose_layer,
+    choose_rate,
+    conditions_for,
+    search,
+    seed_mean_ci,
+    write_search,
+)
+from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.report import read_search
+from svdicl.scoring import Scores
+from svdicl.stats import compare
+from svdicl.store import Store
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CI machine spins badly on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    return write_toy_task(tmp_path)
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    return save_model(toy_loaded(), tmp_path / "model")
+
+
+def plant(weight: torch.Tensor, condition_number: float, seed: int) -> None:
+    """Overwrite `weight` with U diag(s) V^T, s log-spaced from `condition_number` down to 1."""
+    generator = torch.Generator().manual_seed(seed)
+    m, n = weight.shape
+    u, _ = torch.linalg.qr(torch.randn(m, min(m, n), generator=generator, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(n, min(m, n), generator=generator, dtype=torch.float64))
+    s = torch.logspace(torch.log10(torch.tensor(condition_number)).item(), 0, min(m, n), dtype=torch.float64)
+    with torch.no_grad():
+        weight.copy_((u * s) @ v.T)
+
+
+def planted_loaded():
+    """Layer 1's MLP has the largest condition number (1e4), layer 2's the second (1e3); ATTN's largest is layer 0's."""
+    loaded = toy_loaded()
+    layers = loaded.model.model.layers
+    plant(layers[1].mlp.down_proj.weight, 1e4, 0)
+    plant(layers[2].mlp.up_proj.weight, 1e3, 1)
+    plant(layers[0].self_attn.o_proj.weight, 1e5, 2)
+    return loaded
+
+
+def test_algorithm1_picks_the_largest_condition_number_among_the_top_k(tmp_path, monkeypatch):
+    loaded = planted_loaded()
+    found = condition_numbers(loaded.model, "all", "all")
+    mlp = choose_layer(found, "mlp", top_k=2)
+    assert mlp.top_layers == (1, 2) and mlp.layer == 1
+    # float32 storage moves sigma_min = 1 by ~eps * sigma_max * sqrt(n), so the planted numbers hold to ~1%
+    assert mlp.per_layer[1] == pytest.approx(1e4, rel=0.02) and mlp.per_layer[2] == pytest.approx(1e3, rel=0.02)
+    assert mlp.per_layer[0] < 1e2
+    assert choose_layer(found, "attn", top_k=3).layer == 0
+    assert choose_layer(found, "down", top_k=1).top_layers == (1,)  # a single matrix ranks on its own numbers
+
+    first = conditions_for(loaded, ["mlp"], tmp_path)  # computed and written to DIR/conditions.csv ...
+    assert {c.group for c in first} == {"mlp"}
+    calls = []
+    real = condition.condition_numbers
+    monkeypatch.setattr("svdicl.experiments.search.condition_numbers", lambda *a, **k: calls.append(a[2]) or real(*a, **k))
+    again = conditions_for(loaded, ["mlp"], tmp_path)  # ... and read back for the same weights
+    assert calls == [] and [c.condition_number for c in again] == pytest.approx([c.condition_number for c in first])
+    both = conditions_for(loaded, ["mlp", "attn"], tmp_path)  # only the missing group is computed
+    assert calls == ["attn"] and {c.group for c in both} == {"mlp", "attn"}
+
+
+def test_rate_star_is_the_validation_argmax_ties_to_the_smaller_rate():
+    assert choose_rate([0, 0.1, 0.5, 0.9], [0.5, 0.7, 0.7, 0.6]) == 0.1
+    assert choose_rate([0, 0.1, 0.5], [0.6, 0.6, 0.6]) == 0
+    assert choose_rate([0, 0.5, 0.995], [0.5, 0.6, 0.8]) == 0.995
+    assert choose_rate([0, 0.5, 0.9], [0.5, 0.7000000000000001, 0.7]) == 0.5  # a floating-point tie is a tie
+    assert candidate_rates("0.9,0.5") == (0.0, 0.5, 0.9)  # 0 is always a candidate
+    with pytest.raises(SvdiclError, match="one validation value per rate"):
+        choose_rate([0, 0.5], [0.5])
+
+
+# Planted validation accuracy per (seed, rate): each seed alone would pick another rate; the mean ties 0.9 and 0.99.
+PLANTED = {0: {0: 0.50, 0.5: 0.80, 0.9: 0.60, 0.99: 0.70}, 1: {0: 0.50, 0.5: 0.40, 0.9: 0.80, 0.99: 0.70}}
+
+
+def test_rate_star_is_chosen_on_the_seed_mean(toy, monkeypatch):
+    requested = []
+
+    def planted(loaded, run, edits, **options):
+        for specs in edits:
+            rate = specs[0].rate if specs else 0
+            requested.append((run.split, run.seed, rate))
+            accuracy = PLANTED[run.seed][rate] if run.split == "validation" else 0.5
+            right = round(accuracy * len(run.examples))
+            scores = [Scores((0.0, -1.0) if (i < right) == (g == 0) else (-1.0, 0.0), (1, 1)) for i, g in enumerate(run.gold)]
+            yield EditRecord(tuple(specs), ()), finish_run(run, scores, False, {"path": "planted", "fallback": None})
+
+    monkeypatch.setattr(sweeping, "evaluate_edits", planted)
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20)
+    result = search(toy_loaded(), config, Store(toy.parent / "out"), data_dir=toy.parent / "data")
+    assert result["rates"] == [0, 0.5, 0.9, 0.99]
+    assert [s["validation"] for s in result["seeds"]] == [pytest.approx(list(PLANTED[s].values())) for s in (0, 1)]
+    assert result["validation"]["values"] == pytest.approx([0.5, 0.6, 0.7, 0.7])
+    assert result["rate_star"] == 0.9
+    assert sorted(r for split, _, r in requested if split == "test") == [0, 0, 0.9, 0.9]  # test: unpruned and rate* only
+
+
+def test_search_end_to_end_equals_a_direct_evaluation(toy, monkeypatch):
+    loaded, out, data = planted_loaded(), toy.parent / "out", toy.parent / "data"
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), top_k=2, limit_validation=20, limit_test=24)
+    result = search(loaded, config, Store(out), data_dir=data, model_name="tiny")
+    written = write_search(result, out)
+    stored = read_search(written[0])  # the report's reader accepts it
+    assert stored["format"] == "svdicl.search/1" and stored["config"] == "search/toy-mlp.yaml"
+    assert (stored["layer"], stored["top_layers"], stored["layer_from"]) == (1, [1, 2], "condition numbers")
+    assert stored["condition"]["per_layer"]["1"] == pytest.approx(1e4, rel=0.02)
+    assert (stored["limit"], stored["validation"]["n"], stored["test"]["n"]) == ({"validation": 20, "test": 24}, 20, 24)
+    assert stored["rate_star"] == choose_rate(stored["rates"], stored["validation"]["values"])
+    assert stored["rate_star"] > 0 and stored["test"]["discordant"]["only_baseline_correct"] > 0  # the pruned model differs
+
+    runs = {
+        split: prepare_run(loaded, str(toy), split=split, limit=n, data_dir=data)
+        for split, n in (("validation", 20), ("test", 24))
+    }
+    direct = []
+    for rate in stored["rates"]:
+        with pruned(loaded.model, specs=[PruneSpec("1", "mlp", rate)]):
+            direct.append(evaluate_run(loaded, runs["validation"], path="plain").accuracy.value)
+    assert stored["validation"]["values"] == direct
+    with pruned(loaded.model, specs=[PruneSpec("1", "mlp", stored["rate_star"])]):
+        pruned_test = evaluate_run(loaded, runs["test"], path="plain")
+    baseline_test = evaluate_run(loaded, runs["test"], path="plain")
+    for name, run in (("baseline", baseline_test), ("pruned", pruned_test)):
+        entry = stored["test"][name]
+        assert (entry["value"], entry["ci_low"], entry["ci_high"]) == (run.accuracy.value, run.accuracy.low, run.accuracy.high)
+    ids = [e.id for e in runs["test"].examples]
+    paired = compare(list(zip(ids, baseline_test.correct, strict=True)), list(zip(ids, pruned_test.correct, strict=True)))
+    assert stored["test"]["mcnemar_p"] == paired.p_value
+    assert stored["seeds"][0]["mcnemar_p"] == paired.p_value
+
+    replay = yaml.safe_load((out / "search" / "toy-mlp.yaml").read_text())
+    spec = [] if stored["rate_star"] == 0 else [f"1:mlp:{stored['rate_star']:g}"]
+    assert (replay["task"], replay["split"], replay["limit"], replay["prune"]) == (str(toy), "test", 24, spec)
+
+    calls = Calls(monkeypatch)
+    again = search(loaded, config, Store(out), data_dir=data, model_name="tiny")
+    assert calls.edits == []  # resumed entirely from the store
+    for key in ("layer", "rates", "validation", "rate_star", "test", "seeds"):
+        assert again[key] == result[key]
+
+
+def test_several_seeds_give_mean_spread_and_pooled_mcnemar(toy):
+    loaded, out = planted_loaded(), toy.parent / "out"
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=-2, seeds=(0, 1, 2), limit_validation=20, limit_test=24)
+    result = search(loaded, config, Store(out), data_dir=toy.parent / "data")
+    assert result["layer"] == 1 and result["layer_from"] == "given" and result["top_layers"] == []
+    curves = [s["validation"] for s in result["seeds"]]
+    assert result["validation"]["values"] == pytest.approx([statistics.fmean(v) for v in zip(*curves, strict=True)])
+    assert result["rate_star"] > 0
+    store = Store(out)
+    cells = {c.id: c for c in store.cells()}
+    for name in ("baseline", "pruned"):
+        values = [s[name]["value"] for s in result["seeds"]]
+        entry = result["test"][name]
+        assert entry["value"] == pytest.approx(statistics.fmean(values))
+        assert entry["std"] == pytest.approx(statistics.stdev(values)) and entry["std"] > 0
+        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
+        one = cells[result["seeds"][0]["cells"][name]]  # one seed's interval is that cell's own bootstrap interval
+        for metric in ("accuracy", "macro_f1"):
+            interval = seed_mean_ci([store.samples(one)], metric, 2)
+            assert (interval.value, interval.low, interval.high) == tuple(
+                one.metrics[metric][k] for k in ("value", "ci_low", "ci_high")
+            )
+    pairs = [[], []]
+    for seed in result["seeds"]:
+        for side, name in enumerate(("baseline", "pruned")):
+            pairs[side] += [(f"{seed['seed']}:{s['id']}", s["correct"]) for s in store.samples(cells[seed["cells"][name]])]
+    pooled = compare(*pairs)
+    assert result["test"]["mcnemar_p"] == pooled.p_value and pooled.only_a + pooled.only_b > 0
+
+
+def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
+    out, export, data = tmp_path / "out", tmp_path / "export", str(toy.parent / "data")
+    model = save_model(planted_loaded(), tmp_path / "planted")
+    argv = ["-q", "search", "--model", str(model), "--tasks", str(toy), "--modules", "mlp,attn", "--rates", "0.5,0.9"]
+    argv += ["--limit-validation", "20", "--limit-test", "24", "--data-dir", data, "--output", str(out), "--export", str(export)]
+    argv += ["--format", "svg"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| toy |" in printed and "McNemar p" in printed and "top-3 by condition number" in printed
+    for module in ("mlp", "attn"):
+        result = json.loads((out / "search" / f"toy-{module}.json").read_text())
+        edit = json.loads((export / f"toy-{module}" / "svdicl_edit.json").read_text())
+        assert edit["edit"]["key"] == (
+            "none" if result["rate_star"] == 0 else f"{result['layer']}:{module}:{result['rate_star']:g}"
+        )
+        replay = tmp_path / f"replay-{module}"
+        config = out / "search" / f"toy-{module}.yaml"
+        assert main(["-q", "eval", "--config", str(config), "--data-dir", data, "--output", str(replay)]) == 0
+        replayed = json.loads((replay / "results.json").read_text())["runs"][0]["metrics"]["accuracy"]
+        assert replayed["value"] == result["test"]["pruned"]["value"]
+    assert json.loads((out / "search" / "toy-mlp.json").read_text())["rate_star"] > 0  # one replay prunes
+    assert (out / "report.md").is_file() and (out / "figures" / "algorithm1-validation.svg").is_file()
+    assert (out / "conditions.csv").is_file()
+
+
+def test_cli_search_errors_are_one_line(toy, model_folder, capsys, tmp_path):
+    base = ["search", "--model", str(model_folder), "--data-dir", str(toy.parent / "data"), "--output", str(tmp_path / "o")]
+    assert "layer 7 is out of range" in one_line_error(capsys, *base, "--tasks", str(toy), "--layer", "7")
+    assert "one layer index" in one_line_error(capsys, *base, "--tasks", str(toy), "--layer", "first2")
+    assert "outside [0, 1)" in one_line_error(capsys, *base, "--tasks", str(toy), "--rates", "0.5,2")
+    assert "--top-k must be at least 1" in one_line_error(capsys, *base, "--tasks", str(toy), "--top-k", "0")
+    assert "not re:" in one_line_error(capsys, *base, "--tasks", str(toy), "--modules", "re:mlp")
+    assert "unknown task 'nope'" in one_line_error(capsys, *base, "--tasks", "nope")
+    assert "unknown module" in one_line_error(capsys, *base, "--tasks", str(toy), "--modules", "fc_in", "--layer", "0")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("x")
+    assert "not empty" in one_line_error(capsys, *base, "--tasks", str(toy), "--export", str(full))
+
+
+def test_example_algorithm1_config_is_valid():
+    argv = ["search", "--config", str(EXAMPLES / "algorithm1.yaml")]
+    parser = build_parser()
+    _config_defaults(parser, argv)
+    args = parser.parse_args(argv)
+    tasks, modules = sweeping.parse_list(args.tasks), sweeping.parse_list(args.modules)
+    assert len(tasks) == 7 and modules == ["mlp", "attn"] and args.output
+    configs = [SearchConfig(t, m, rates=args.rates, top_k=args.top_k, limit_test=args.limit_test) for t in tasks for m in modules]
+    assert configs[0].rates == (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
