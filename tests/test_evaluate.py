@@ -4,10 +4,9 @@ interruption without rescoring, edits are scored on the same prepared requests, 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from conftest import tiny_model, tiny_tokenizer
+from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
 import svdicl.experiments.evaluate as evaluation
 from svdicl.cli import main
@@ -18,16 +17,6 @@ from svdicl.prune import PruneSpec, pruned
 from svdicl.scoring import choose
 from svdicl.tasks import get_task
 
-TASK = """
-kind: classification
-template: "q: {text} a:"
-labels: ["Yes", "No"]
-shots: 2
-splits:
-  demonstrations: {source: train}
-  validation: {source: test, size: 10}
-  test: {source: test, rest: true}
-"""
 N_TEST = 100
 
 
@@ -41,16 +30,7 @@ def tiny_loaded(family: str = "llama") -> LoadedModel:
 @pytest.fixture
 def task_dir(tmp_path):
     """A task YAML and its data folder: 40 train rows, N_TEST test rows of short random text."""
-    rng = random.Random(0)
-    data = tmp_path / "data" / "toy"
-    data.mkdir(parents=True)
-    for source, n in (("train", 40), ("test", N_TEST)):
-        rows = [
-            {"text": " ".join(rng.choice(["ab", "cd", "ef", "gh"]) for _ in range(rng.randint(1, 5))), "label": i % 2}
-            for i in range(n)
-        ]
-        (data / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "toy.yaml").write_text(TASK)
+    write_toy_task(tmp_path, N_TEST, validation=10)
     return tmp_path
 
 

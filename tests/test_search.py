@@ -10,7 +10,7 @@ import statistics
 import pytest
 import torch
 import yaml
-from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded, write_toy_task
+from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
 import svdicl.experiments.condition as condition
 import svdicl.experiments.sweep as sweeping
@@ -34,19 +34,7 @@ from svdicl.scoring import Scores
 from svdicl.stats import compare
 from svdicl.store import Store
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI machine spins badly on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def toy(tmp_path):
-    return write_toy_task(tmp_path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@ evaluation, resume after an interruption without rescoring, a torn store repaire
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -30,17 +29,9 @@ from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
 from svdicl.store import CELLS_FILE, Store
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TOY = """
-kind: classification
-template: "q: {text} a:"
-labels: ["Yes", "No"]
-shots: 2
-splits:
-  demonstrations: {source: train}
-  validation: {source: test, size: 30}
-  test: {source: test, rest: true}
-"""
 
 
 def toy_loaded() -> LoadedModel:
@@ -50,35 +41,6 @@ def toy_loaded() -> LoadedModel:
     config.initializer_range, config.bos_token_id, config.eos_token_id = 0.5, 1, 1
     model = tf.AutoModelForCausalLM.from_config(config).eval()
     return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny", fingerprint=fingerprint(model), dtype="float32")
-
-
-def write_toy_task(root: Path, n_test: int = 70) -> Path:
-    """toy.yaml and data/toy/{train,test}.jsonl: 40 train rows, `n_test` test rows of short random text."""
-    rng = random.Random(0)
-    data = root / "data" / "toy"
-    data.mkdir(parents=True)
-    for source, n in (("train", 40), ("test", n_test)):
-        rows = [
-            {"text": " ".join(rng.choice(["ab", "cd", "ef", "gh"]) for _ in range(rng.randint(1, 5))), "label": i % 2}
-            for i in range(n)
-        ]
-        (data / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "toy.yaml").write_text(TOY)
-    return root / "toy.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and a shared CI machine spins badly on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def toy(tmp_path):
-    return write_toy_task(tmp_path)
 
 
 def grid(toy: Path, **changes) -> SweepGrid:

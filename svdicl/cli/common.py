@@ -30,21 +30,29 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
 
 
-def load(args: argparse.Namespace):
-    """The model named by the model flags."""
+def load(args: argparse.Namespace, *, on_cpu: bool = False):
+    """The model named by the model flags; `on_cpu` ignores --device and --device-map (a driver that only plans)."""
     from svdicl.models import load_model
 
+    options = model_options(args)
+    if on_cpu:
+        options.update(device="cpu", device_map=None, max_memory=None, offload_folder=None)
     log(args, f"loading {args.model} ({args.dtype}) ...")
-    return load_model(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        cache_dir=args.cache_dir,
-        trust_remote_code=args.trust_remote_code,
-        device_map=args.device_map,
-        max_memory=args.max_memory,
-        offload_folder=args.offload_folder,
-    )
+    return load_model(**options)
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `load_model` the model flags give (what Ray workers load, too)."""
+    return {
+        "source": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "cache_dir": args.cache_dir,
+        "trust_remote_code": args.trust_remote_code,
+        "device_map": args.device_map,
+        "max_memory": args.max_memory,
+        "offload_folder": args.offload_folder,
+    }
 
 
 def log(args: argparse.Namespace, message: str) -> None:

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from svdicl.cli.common import add_model_args, load, log
-from svdicl.cli.sweep import add_scoring_args, check_output, scoring_from
+from svdicl.cli.sweep import add_executor_args, add_scoring_args, check_output, executor_from, scoring_from
 
 
 def add(sub) -> None:
@@ -50,6 +50,7 @@ def add(sub) -> None:
     what.add_argument("--limit-test", type=int, metavar="N", help="examples of the test split (overrides --limit)")
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_scoring_args(p)
+    add_executor_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--output", "--output-path", dest="output", help="folder of the result store, search/ and report (required)")
     out.add_argument(
@@ -106,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         for config in configs:
             where = Path(args.export) / f"{Path(config.task).stem}-{config.module.replace(',', '+')}"
             exports[config] = prepare_output(args.export if len(configs) == 1 else where, args.overwrite)
-    loaded = load(args)
+    loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
     store = Store(folder)
     splits = load_task_splits([c.task for c in configs], args.data_dir)
     conditions = None
@@ -114,17 +115,19 @@ def run(args: argparse.Namespace) -> int:
     if ranked:
         log(args, "condition numbers of every layer (reused from --output when already there) ...")
         conditions = conditions_for(loaded, ranked, folder, progress=not args.quiet)
+    executor = executor_from(args, loaded)
     progress = Progress(sum(c.examples(splits[_name(c)]) for c in configs), "search", enabled=not args.quiet)
     results = []
     try:
         for config in configs:
             result = search(
                 loaded, config, store, conditions=conditions, scoring=scoring, splits=splits[_name(config)],
-                model_name=loaded.source, progress=progress,
+                model_name=loaded.source, progress=progress, executor=executor,
             )  # fmt: skip
             results.append((result, write_search(result, folder, data_dir=args.data_dir)))
     finally:
         progress.close()
+        executor.close()
     for result, _ in results:
         _print(result)
     print()

@@ -49,6 +49,7 @@ def add(sub) -> None:
     )
     grid.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_scoring_args(p)
+    add_executor_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--output", "--output-path", dest="output", help="folder of the result store and report (required)")
     out.add_argument("--no-report", action="store_true", help="only fill the store; draw figures later with svdicl report DIR")
@@ -88,6 +89,46 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     scoring.add_argument(
         "--allow-tied", action="store_true", help="allow pruning a weight tied to another (e.g. lm_head = embeddings)"
     )
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where cells are computed, shared by sweep and search."""
+    group = p.add_argument_group("executor (where cells are computed; the store is written here either way)")
+    group.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local = this process; ray = worker actors that each load the model once and score whole sweep lines "
+        '(pip install "svdicl[ray]") (default: local)',
+    )
+    group.add_argument("--address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start one on this machine)")
+    group.add_argument(
+        "--workers", type=int, metavar="N", help="Ray workers (default: one per GPU with --gpus-per-worker, else one per CPU)"
+    )
+    group.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="N",
+        help="GPUs each Ray worker reserves; its --device cuda is then its own (default: 1 with --device cuda, else 0)",
+    )
+
+
+def executor_from(args: argparse.Namespace, loaded):
+    """The executor the executor flags name; Ray workers load the model the model flags name."""
+    from svdicl.cli.common import log, model_options
+    from svdicl.errors import SvdiclError
+    from svdicl.executors import RaySettings, open_executor
+
+    if args.executor == "local":
+        given = [flag for flag in ("address", "workers", "gpus_per_worker") if getattr(args, flag) is not None]
+        if given:
+            raise SvdiclError(f"--{given[0].replace('_', '-')} is for the Ray executor; add --executor ray")
+        return open_executor("local", loaded)
+    settings = RaySettings(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
+    executor = open_executor("ray", loaded, model_options(args), settings)
+    plan = executor.plan
+    log(args, f"ray: {plan.workers} worker(s) loading {args.model}, each with {plan.threads} thread(s), {plan.gpus:g} GPU(s)")
+    return executor
 
 
 def scoring_from(args: argparse.Namespace):
@@ -142,11 +183,16 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     scoring = scoring_from(args)
-    loaded = load(args)
+    loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
     store = Store(folder)
-    result = sweep(
-        loaded, grid, store, scoring=scoring, data_dir=args.data_dir, model_name=loaded.source, progress=not args.quiet
-    )
+    executor = executor_from(args, loaded)
+    try:
+        result = sweep(
+            loaded, grid, store, scoring=scoring, data_dir=args.data_dir, model_name=loaded.source, progress=not args.quiet,
+            executor=executor,
+        )  # fmt: skip
+    finally:
+        executor.close()
     print(
         f"sweep: {len(result.cells)} cells, {result.computed} scored now and {len(result.cells) - result.computed} "
         f"from the store, in {result.wall_s:.0f} s -> {store.file}"

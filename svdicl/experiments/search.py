@@ -11,7 +11,7 @@
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
-evaluation is a store cell (experiments/sweep.py's `evaluate_cells`), so a search resumes after
+evaluation is a store cell (experiments/sweep.py's `evaluate_lines`), so a search resumes after
 an interruption and shares cells with sweeps written to the same folder.
 """
 
@@ -29,6 +29,7 @@ import numpy as np
 import yaml
 
 from svdicl.errors import SvdiclError
+from svdicl.executors import Executor
 from svdicl.experiments.condition import (
     AGGREGATE,
     JSON_FILE,
@@ -47,7 +48,7 @@ from svdicl.experiments.sweep import (
     Scoring,
     cell_limit,
     edit_cell,
-    evaluate_cells,
+    evaluate_lines,
     module_lines,
     parse_rates,
 )
@@ -201,11 +202,13 @@ def search(
     data_dir: str | Path | None = None,
     model_name: str = "",
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> dict:
     """Run Algorithm 1 and return its result in the `svdicl.search/1` schema (docs/experiments.md).
 
     Cells already in `store` are read back, not rescored.  `conditions` defaults to computing
-    them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches).
+    them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches);
+    `executor` scores the cells (default: this process; the seeds' lines run side by side on Ray).
     """
     started = time.perf_counter()
     scoring = scoring or Scoring()
@@ -226,23 +229,29 @@ def search(
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     before = len(store)
 
-    def cells(split: str, seed: int, rates: Sequence[float]) -> list[Cell]:
+    def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
+        """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
         limit = cell_limit(limits[split], len(splits.split(split)))
-        base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
+        calls = {}
+        for seed in config.seeds:
+            base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
 
-        def prepare() -> EvalRun:
-            return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
+            def prepare(seed: int = seed) -> EvalRun:
+                return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
 
-        wanted = [edit_cell(base, str(layer), config.module, rate) for rate in rates]
-        return evaluate_cells(loaded, prepare, wanted, store, scoring=scoring, model_name=model_name, progress=progress)
+            calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
+        evaluate_lines(
+            loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )
+        return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
-    validation = {seed: cells("validation", seed, config.rates) for seed in config.seeds}
+    validation = evaluate("validation", config.rates)
     curves = {seed: [c.value(metric) for c in found] for seed, found in validation.items()}
     values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
     rate_star = choose_rate(config.rates, values)
     if rate_star == 0 and progress is not None:
         progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
-    test = {seed: cells("test", seed, sorted({0.0, rate_star})) for seed in config.seeds}
+    test = evaluate("test", sorted({0.0, rate_star}))
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
         "format": SEARCH_FORMAT,

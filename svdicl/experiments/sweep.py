@@ -10,7 +10,9 @@ demonstration seed under one edit.  The work is grouped so that nothing is done 
 The unpruned model (rate 0) is one cell per (task, split, shots, seed), shared by every line:
 the rate-0 point of every curve.  Each cell is stored the moment it is scored, so a sweep
 killed at any point resumes where it stopped and ends with the same store as one that ran
-through.  `evaluate_cells` is that unit of work; Algorithm 1 (experiments/search.py) uses it too.
+through.  `evaluate_lines` does this for any calls (Algorithm 1 in experiments/search.py uses it
+too), each call's missing cells as one line on an executor (svdicl.executors: this process, or
+Ray workers that hold the model); the driver alone writes the store, whatever the executor.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
+from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
@@ -289,38 +292,54 @@ class Progress:
         self.bar.close()
 
 
-def evaluate_cells(
+Call = tuple[Callable[[], EvalRun], Sequence[tuple[CellKey, Sequence[PruneSpec]]]]  # prepare the run, its cells
+
+
+def score_line(
+    loaded: LoadedModel, line: Line, progress=None, *, scoring: Scoring, model_name: str = ""
+) -> Iterator[tuple[CellKey, Result, float]]:
+    """The cells of one line scored in one evaluate_edits call: each cell's key, stored result and seconds.
+
+    The work function of every executor (svdicl.executors): it runs wherever the model is."""
+    started = time.perf_counter()
+    scored = evaluate_edits(loaded, line.run, [specs for _, specs in line.cells], **scoring.edit_options(), progress=progress)
+    for (key, _), (record, result) in zip(line.cells, scored, strict=True):
+        yield key, cell_result(record, result, model_name, scoring), time.perf_counter() - started
+        started = time.perf_counter()
+
+
+def evaluate_lines(
     loaded: LoadedModel,
-    prepare: Callable[[], EvalRun],
-    cells: Sequence[tuple[CellKey, Sequence[PruneSpec]]],
+    calls: Iterable[Call],
     store: Store,
     *,
     scoring: Scoring | None = None,
     model_name: str = "",
     progress: Progress | None = None,
-) -> list[Cell]:
-    """The cells of one prepared run, in order: those in `store` read back, the rest scored in one
-    evaluate_edits call and stored one by one as they finish.
-
-    `prepare()` builds the run; it is called only when a cell is missing.
-    """
+    executor: Executor | None = None,
+) -> None:
+    """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
+    this process), and store every cell the moment it arrives.  A call's run is prepared only when
+    one of its cells is missing, and only when an executor asks for the line."""
     scoring = scoring or Scoring()
-    todo = [(key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key)]
-    if progress is not None:
-        progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
-    if todo:
-        run = prepare()
-        if progress is not None:
-            progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-        bar = progress.bar if progress is not None else None
-        started = time.perf_counter()
-        scored = evaluate_edits(loaded, run, [specs for _, specs in todo], **scoring.edit_options(), progress=bar)
-        for (key, _), (record, result) in zip(todo, scored, strict=True):
-            store.put(key, cell_result(record, result, model_name, scoring), seconds=time.perf_counter() - started)
-            started = time.perf_counter()
+
+    def lines() -> Iterator[Line]:
+        for prepare, cells in calls:
+            todo = tuple((key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key))
             if progress is not None:
-                progress.add(len(run.examples))
-    return [store.get(key) for key, _ in cells]
+                progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+            if todo:
+                run = prepare()
+                if progress is not None:
+                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
+                yield Line(run, todo)
+
+    work = functools.partial(score_line, scoring=scoring, model_name=model_name)
+    bar = progress.bar if progress is not None else None
+    for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+        store.put(key, result, seconds=seconds)
+        if progress is not None:
+            progress.add(result.n)
 
 
 @dataclass(frozen=True)
@@ -339,15 +358,18 @@ def sweep(
     data_dir: str | Path | None = None,
     model_name: str = "",
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> SweepResult:
-    """Evaluate every cell of `grid` not already in `store`; one progress bar over the grid, in examples."""
+    """Evaluate every cell of `grid` not already in `store`, line by line on `executor` (default: this
+    process); one progress bar over the grid, in examples."""
     started = time.perf_counter()
     scoring = scoring or Scoring()
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     before = len(store)
     bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
-    try:
+
+    def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
         for group in plan:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
@@ -356,7 +378,10 @@ def sweep(
                 )
             )  # fmt: skip
             for call in group.calls:
-                evaluate_cells(loaded, prepare, call, store, scoring=scoring, model_name=model_name, progress=bar)
+                yield prepare, call
+
+    try:
+        evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
