@@ -15,6 +15,7 @@ Eckart-Young optimum sqrt(sum_{i>k} s_i^2) / ||W||.
     python benchmarks/svd_cost.py                          # SmolLM2-135M shapes (seconds)
     python benchmarks/svd_cost.py --shapes all --json out.json  # + GPT-J-6B and LLaMA-2-7B shapes (long)
     python benchmarks/svd_cost.py --shapes 4096x4096,llama2 --repeats 1 --threads 2
+    python benchmarks/svd_cost.py --shapes all --device cuda                # on a GPU, as the authors ran
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import math
 import platform
+import resource
 import time
 
 import torch
@@ -54,6 +56,8 @@ def parse_shapes(text: str) -> dict[tuple[int, int], list[str]]:
 
 
 def clocks() -> tuple[float, float]:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # a GPU's queued work belongs to the interval that queued it
     return time.perf_counter(), time.process_time()
 
 
@@ -92,9 +96,10 @@ def optimum(matrix: torch.Tensor, singular: torch.Tensor) -> list[float]:
     return [math.sqrt(energy[kept_rank(tuple(matrix.shape), rate) :].sum().item() / energy.sum().item()) for rate in RATES]
 
 
-def measure(shape: tuple[int, int], repeats: int, seed: int) -> dict:
-    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+def measure(shape: tuple[int, int], repeats: int, seed: int, device: str) -> dict:
+    matrix = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     exact_runs = [exact(matrix) for _ in range(repeats)]
+    torch.manual_seed(seed)  # svd_lowrank's random draws
     random_runs = [randomized(matrix) for _ in range(repeats)]
     exact_wall, exact_cpu = (min(run[0][i] for run in exact_runs) for i in (0, 1))
     random_wall, random_cpu = (min(run[0][i] for run in random_runs) for i in (0, 1))
@@ -119,12 +124,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per method; the best is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where the matrices live and the SVDs run (cpu, cuda)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = parse_shapes(args.shapes)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
+    cuda = args.device.startswith("cuda")
+    where = torch.cuda.get_device_name(args.device) if cuda else platform.processor() or platform.machine()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}: {where}")
     print(f"rates {list(RATES)}; best of {args.repeats}; float32\n")
     print(f"{'':>27}{'wall-clock seconds':^36}{'CPU seconds':^36}")
     header = f"{'exact 1 SVD+8':>14} {'8 randomized':>13} {'ratio':>7}"
@@ -132,7 +140,7 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     for shape, models in shapes.items():
-        row = measure(shape, args.repeats, args.seed)
+        row = measure(shape, args.repeats, args.seed, args.device)
         row["models"] = models
         results.append(row)
         above_exact = max(e - o for e, o in zip(row["exact_error"], row["optimal_error"], strict=True))
@@ -152,10 +160,12 @@ def main() -> None:
         ]
         print(f"{'x'.join(map(str, row['shape'])):>12}  " + "  ".join(cells))
     total = time.perf_counter() - started
-    print(f"\ntotal {total:.0f}s")
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(f"\ntotal {total:.0f}s, peak RSS {rss / (1 << 30):.2f} GiB")
     if args.json:
         with open(args.json, "w") as handle:
-            json.dump({"rates": RATES, "threads": torch.get_num_threads(), "seconds": total, "shapes": results}, handle, indent=1)
+            setup = {"rates": RATES, "threads": torch.get_num_threads(), "device": args.device}
+            json.dump({**setup, "seconds": total, "peak_rss": rss, "shapes": results}, handle, indent=1)
 
 
 if __name__ == "__main__":
