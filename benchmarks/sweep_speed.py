@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import time
@@ -255,6 +256,7 @@ def main() -> None:
         f"prompt {len(run.requests[0].prefix)} demonstration + {tokens - len(run.requests[0].prefix):.1f} query tokens (mean)"
     )
     print(f"rates {list(args.rates)}; layers {layers} {args.modules}; (a)/(x) on {len(subset)} of {n} examples")
+    print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     rows = []
     for layer in layers:
         rows.append(bench_layer(loaded, run, layer, args, subset, args.cache_memory))
@@ -266,7 +268,7 @@ def main() -> None:
         f"after the svdicl sweeps: {after / gib:.2f} GiB); --cache-memory budget {args.cache_memory / gib:.2f} GiB: "
         f"{'within' if rss <= args.cache_memory else 'OVER'}"
     )
-    print(f"total {since(started)[0]:.0f} s")
+    print("total {:.0f} s; load average at the end: {:.2f} {:.2f} {:.2f}".format(since(started)[0], *os.getloadavg()))
     if args.json:
         summary = {
             "model": args.model,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 
@@ -83,6 +84,7 @@ def main() -> None:
     requests = list(run.requests)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     tokens = sum(len(r.prefix) + len(r.context) for r in requests)
+    load = os.getloadavg()
     raw_predictions(loaded.model, requests[: args.batch_size], args.batch_size, pad_id)  # warm-up
     sides = {
         "raw": lambda: raw_predictions(loaded.model, requests, args.batch_size, pad_id),
@@ -125,6 +127,8 @@ def main() -> None:
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(f"peak RSS {rss / (1 << 30):.2f} GiB")
+    print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}".format(*load))
+    print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if args.json:
         summary = {"model": args.model, "examples": len(requests), "prompt_tokens": tokens, "peak_rss": rss, "sides": rows}
         with open(args.json, "w") as handle:
