@@ -21,6 +21,8 @@ seeded subset and extrapolates their time to all examples, marked "est." whereve
 
     nice -n 5 python benchmarks/sweep_speed.py --model smollm2-135m --examples 500 --layers -1 0 --rates paper --threads 2
     python benchmarks/sweep_speed.py --limit 8 --rates 0,0.9 --layers -1   # smoke run
+    python benchmarks/sweep_speed.py --model meta-llama/Llama-2-7b-hf --random-weights --device cuda --dtype bfloat16 \
+        --paper-examples 64   # a 7B-shaped model on a GPU
 """
 
 from __future__ import annotations
@@ -32,19 +34,20 @@ import random
 import resource
 import time
 
+import model_flags
 import torch
 
-import svdicl
 from svdicl.experiments.evaluate import EvalRun, evaluate_edits, prepare_run
 from svdicl.experiments.sweep import PAPER_RATES, Scoring, parse_rates
 from svdicl.forward import DEFAULT_CACHE_MEMORY, parse_memory
 from svdicl.prune import PruneSpec
 from svdicl.scoring import Request
-from svdicl.svd import kept_rank
+from svdicl.svd import cuda_driver, kept_rank
 from svdicl.targets import layer_stack, parse_layers, resolve
 
 
 def clocks() -> tuple[float, float]:
+    model_flags.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -60,14 +63,14 @@ def peak_rss() -> int:
 
 
 def randomized(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """The authors' truncation (LASER's do_low_rank): a randomized SVD of rank k, niter=2."""
-    u, s, v = torch.svd_lowrank(matrix, q=k, niter=2)
+    """The authors' truncation (LASER's do_low_rank): a randomized SVD of rank k, niter=2 (in float32, as svdicl's SVD)."""
+    u, s, v = torch.svd_lowrank(matrix.float(), q=k, niter=2)
     return u @ torch.diag(s) @ v.T
 
 
 def exact(matrix: torch.Tensor, k: int) -> torch.Tensor:
-    """The paper's definition: the best rank-k approximation from a full SVD."""
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    """The paper's definition: the best rank-k approximation from a full SVD (float32)."""
+    u, s, vh = torch.linalg.svd(matrix.float(), full_matrices=False, driver=cuda_driver(matrix))
     return u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
 
 
@@ -76,15 +79,16 @@ def batch1_scores(model: torch.nn.Module, requests: list[Request]) -> list[list[
     """Summed log-probability of every candidate: one forward of the full prompt per example
     (per candidate when a candidate has several tokens), batch 1, no padding, no caches."""
     scores = []
+    device = next(model.parameters()).device
     for request in requests:
         head = list(request.prefix + request.context)
         if all(len(c) == 1 for c in request.continuations):
-            logprobs = model(torch.tensor([head])).logits[0, -1].float().log_softmax(-1)
+            logprobs = model(torch.tensor([head], device=device)).logits[0, -1].float().log_softmax(-1)
             scores.append([logprobs[c[0]].item() for c in request.continuations])
             continue
         row = []
         for c in request.continuations:
-            logits = model(torch.tensor([head + list(c[:-1])])).logits[0, -len(c) :]
+            logits = model(torch.tensor([head + list(c[:-1])], device=device)).logits[0, -len(c) :]
             logprobs = logits.float().log_softmax(-1)
             row.append(sum(logprobs[j, token].item() for j, token in enumerate(c)))
         scores.append(row)
@@ -221,7 +225,7 @@ def report(row: dict, examples: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    model_flags.add(parser)
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--split", default="validation")
     parser.add_argument("--examples", "--limit", type=int, default=500, help="examples of the split (svdicl's --limit rule)")
@@ -240,9 +244,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = clocks()
-    loaded = svdicl.load_model(args.model)
-    loaded.model.eval()
+    loaded = model_flags.load(args)
     loaded_rss = peak_rss()
+    model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     run = prepare_run(loaded, args.task, split=args.split, shots=args.shots, seed=args.seed, limit=args.examples)
     n = len(run.requests)
     subset = list(range(n))
@@ -250,7 +254,7 @@ def main() -> None:
         subset = sorted(random.Random(f"paper:{args.seed}").sample(range(n), args.paper_examples))
     layers = [parse_layers(text, len(layer_stack(loaded.model)[1]))[0] for text in args.layers]
     tokens = sum(len(r.prefix) + len(r.context) for r in run.requests) / n
-    print(f"{args.model} ({loaded.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{model_flags.describe(loaded, args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"{args.task} {args.split}: {n} examples, {run.shots} shots per class, "
         f"prompt {len(run.requests[0].prefix)} demonstration + {tokens - len(run.requests[0].prefix):.1f} query tokens (mean)"
@@ -268,10 +272,16 @@ def main() -> None:
         f"after the svdicl sweeps: {after / gib:.2f} GiB); --cache-memory budget {args.cache_memory / gib:.2f} GiB: "
         f"{'within' if rss <= args.cache_memory else 'OVER'}"
     )
+    gpu = model_flags.gpu_peak(args.device)
+    if gpu is not None:
+        print(f"peak GPU memory allocated {gpu / gib:.2f} GiB (model {model_bytes / gib:.2f} GiB)")
     print("total {:.0f} s; load average at the end: {:.2f} {:.2f} {:.2f}".format(since(started)[0], *os.getloadavg()))
     if args.json:
         summary = {
-            "model": args.model,
+            "model": loaded.source,
+            "dtype": args.dtype,
+            "device": args.device,
+            "peak_gpu_memory": gpu,
             "task": args.task,
             "examples": n,
             "threads": torch.get_num_threads(),

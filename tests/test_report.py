@@ -15,6 +15,8 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import MatrixCondition, write_conditions
 from svdicl.report import (
     algorithm1_markdown,
+    algorithm1_seed_markdown,
+    answer_share,
     build_report,
     plot_conditions,
     plot_rates,
@@ -37,13 +39,20 @@ def accuracy(task: str, shots: int, seed: int, edit: str) -> float:
     return 0.5 + int(layer) / 100 + (0.05 if module == "mlp" else 0.0) + float(rate) / 10 + shots / 100 + seed / 1000
 
 
+def collapsed(key: CellKey) -> bool:
+    """Cells that answer one label to every example: layer 0 at rate 0.995, and layer 29 at 0.995 for seed 0 only."""
+    return key.edit.endswith(":0.995") and (key.edit.startswith("0:") or (key.seed == 0 and key.edit.startswith("29:")))
+
+
 def result(key: CellKey) -> Result:
     value = accuracy(key.task, key.shots, key.seed, key.edit)
     metrics = {
         "accuracy": {"value": value, "ci_low": value - 0.03, "ci_high": value + 0.02},
         "macro_f1": {"value": value - 0.1, "ci_low": value - 0.15, "ci_high": value - 0.05},
     }
-    return Result(metrics, n=200, samples=[{"id": "a", "correct": True}], model_name="tiny")
+    answers = [1, 1, 1, 1] if collapsed(key) else [0, 1, 1, 0]
+    samples = [{"id": f"e{i}", "prediction": a, "correct": a == 1} for i, a in enumerate(answers)]
+    return Result(metrics, n=200, samples=samples, model_name="tiny")
 
 
 def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa")) -> Store:
@@ -59,11 +68,24 @@ def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa")) -> 
     return store
 
 
-def search_result(task: str, module: str, layer: int, seeds: int = 1) -> dict:
+def seed_entry(seed: int, rates: list[float]) -> dict:
+    """A seed's part of a search result: its own curve and test cells at the shared rate*."""
+    return {
+        "seed": seed,
+        "validation": [0.7 + seed / 100 + i / 1000 for i in range(len(rates))],
+        "baseline": {"value": 0.75 + seed / 100},
+        "pruned": {"value": 0.80 - seed / 50},
+        "mcnemar_p": 0.01 * (seed + 1),
+        "discordant": {"only_baseline_correct": seed, "only_pruned_correct": 5},
+        "cells": {"baseline": f"base{seed}", "pruned": f"pruned{seed}"},
+    }
+
+
+def search_result(task: str, module: str, layer: int, seeds: int = 1, model: str = "tiny") -> dict:
     rates = [0.0, 0.1, 0.5, 0.9, 0.95, 0.99, 0.995]
     return {
         "format": "svdicl.search/1",
-        "model": {"name": "tiny", "fingerprint": "fp"},
+        "model": {"name": model, "fingerprint": "fp-" + model},
         "task": task,
         "module": module,
         "metric": "accuracy" if task != "copa" else "macro_f1",
@@ -82,7 +104,7 @@ def search_result(task: str, module: str, layer: int, seeds: int = 1) -> dict:
             "pruned": {"value": 0.8437, "ci_low": 0.8212, "ci_high": 0.8661, "std": 0.02 if seeds > 1 else None},
             "mcnemar_p": 0.0031,
         },
-        "seeds": [{"seed": s, "validation": [0.7] * len(rates)} for s in range(seeds)],
+        "seeds": [seed_entry(s, rates) for s in range(seeds)],
     }
 
 
@@ -134,10 +156,25 @@ def test_tables_equal_the_store(tmp_path):
     markdown = (tmp_path / "tables" / "sweep-test.md").read_text()
     sst2_row = next(line for line in markdown.splitlines() if line.startswith("| SST-2 | accuracy | MLP | 29 |"))
     expected = [accuracy("sst2", 5, 0, "none")] + [accuracy("sst2", 5, 0, f"29:mlp:{r}") for r in RATES]
-    assert [float(x.strip(" *")) for x in sst2_row.split("|")[5:-1]] == pytest.approx(expected, abs=5e-5)
+    assert [float(x.strip(" *ᶜ")) for x in sst2_row.split("|")[5:-1]] == pytest.approx(expected, abs=5e-5)
     assert {p.suffix for p in report.files} == {".csv", ".md", ".png", ".svg"}
     page = report.page.read_text()
     assert "figures/fig1-rates-test.png" in page and "tables" not in page.split("figures/fig1")[0].splitlines()[-1]
+
+
+def test_collapsed_cells_are_marked_in_every_seed_only(tmp_path):
+    assert answer_share([]) is None and answer_share([{"prediction": 2}] * 3 + [{"prediction": 0}]) == 0.75
+    store = make_store(tmp_path, seeds=(0, 1), tasks=("sst2",))
+    build_report(tmp_path, metric="accuracy")
+    shares = {r["id"]: float(r["answer_share"]) for r in read_csv(tmp_path / "tables" / "cells.csv")}
+    assert shares == {c.id: 1.0 if collapsed(c.key) else 0.5 for c in store.cells()}
+    constant = {(r["layers"], r["rate"]) for r in read_csv(tmp_path / "tables" / "sweep-test.csv") if r["constant"] == "True"}
+    assert constant == {("0", "0.995")}  # layer 29 at 0.995 collapsed for seed 0 alone
+    markdown = (tmp_path / "tables" / "sweep-test.md").read_text().splitlines()
+    row = next(line for line in markdown if line.startswith("| SST-2 | accuracy | MLP | 0 |"))
+    assert row.split("|")[-2].strip().endswith("ᶜ") and "ᶜ" not in "".join(row.split("|")[:-2])
+    assert "ᶜ" not in next(line for line in markdown if line.startswith("| SST-2 | accuracy | MLP | 29 |"))
+    assert any(line.startswith("ᶜ: every example got the same answer") for line in markdown)
 
 
 def test_several_seeds_are_mean_and_spread(tmp_path):
@@ -225,6 +262,48 @@ def test_algorithm1_table_follows_the_search_schema(tmp_path):
 def test_algorithm1_several_seeds_show_spread():
     text = algorithm1_markdown([search_result("rte", "mlp", 29, seeds=3)])
     assert "0.7527±0.0100 [0.725, 0.780] → 0.8437±0.0200 [0.821, 0.866] (ξ*=0.95, p=0.003, 3 seeds)" in text
+
+
+def test_algorithm1_per_seed_rows_are_each_seeds_cells_at_the_shared_rate(tmp_path):
+    (tmp_path / "search").mkdir()
+    data = search_result("rte", "attn", 12, seeds=3)
+    (tmp_path / "search" / "rte-attn.json").write_text(json.dumps(data))
+    build_report(tmp_path)
+    rows = read_csv(tmp_path / "tables" / "algorithm1-seeds.csv")
+    star = data["rates"].index(0.95)
+    assert [int(r["seed"]) for r in rows] == [0, 1, 2]
+    for row, seed in zip(rows, data["seeds"], strict=True):
+        assert float(row["validation_unpruned"]) == seed["validation"][0]
+        assert float(row["validation_at_rate_star"]) == seed["validation"][star]
+        assert float(row["delta"]) == pytest.approx(seed["pruned"]["value"] - seed["baseline"]["value"])
+        assert (row["layer"], row["rate_star"], float(row["mcnemar_p"])) == ("12", "0.95", seed["mcnemar_p"])
+    markdown = (tmp_path / "tables" / "algorithm1-seeds.md").read_text().splitlines()
+    assert markdown[2] == "| tiny | RTE | ATTN | 12 | 0.95 | 0 | 0.700 → 0.704 | 0.750 → 0.800 | +0.050 | 0.010 | – → – |"
+    assert markdown[4].endswith("| 2 | 0.720 → 0.724 | 0.770 → 0.760 | -0.010 | 0.030 | – → – |")
+    with_shares = algorithm1_seed_markdown([data], {"base1": 0.5, "pruned1": 1.0}).splitlines()
+    assert with_shares[3].endswith("| 1 | 0.710 → 0.714 | 0.760 → 0.780 | +0.020 | 0.020 | 0.50 → 1.00 |")
+
+
+def test_several_folders_make_one_report_with_a_column_per_model(tmp_path, capsys):
+    for model, layer in (("small", 17), ("large", 5)):
+        folder = tmp_path / model
+        (folder / "search").mkdir(parents=True)
+        for module in ("mlp", "attn"):
+            data = search_result("sst2", module, layer, seeds=3, model=model)
+            (folder / "search" / f"sst2-{module}.json").write_text(json.dumps(data))
+        write_conditions(conditions(), folder, model_name=model)
+    make_store(tmp_path / "small", tasks=("sst2",))
+    out = tmp_path / "combined"
+    assert main(["-q", "report", str(tmp_path / "small"), str(tmp_path / "large"), "--output", str(out)]) == 0
+    header = (out / "tables" / "algorithm1.md").read_text().splitlines()[0]
+    assert header == "| task | large L5 MLP | large L5 ATTN | small L17 MLP | small L17 ATTN |"
+    assert {r["model_name"] for r in read_csv(out / "tables" / "algorithm1-seeds.csv")} == {"small", "large"}
+    assert (out / "figures" / "fig3-conditions-small.png").is_file() and (out / "tables" / "conditions-large.md").is_file()
+    assert (out / "figures" / "fig1-rates-test.png").is_file()
+    assert not (tmp_path / "small" / "figures").exists()  # the inputs are only read
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "small"), str(tmp_path / "large")]) == 2
+    assert "2 report folders need --output" in capsys.readouterr().err
 
 
 def test_bad_search_result_is_refused(tmp_path):

@@ -28,7 +28,7 @@ def reference_logprobs(model, tokenizer, prompt: str, candidates) -> list[float]
         ids = tokenizer(prompt + candidate)["input_ids"]
         assert ids[: len(base)] == base
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            logp = torch.log_softmax(model(torch.tensor([ids], device=model.device)).logits[0].float(), dim=-1)
         result.append(sum(logp[j - 1, ids[j]].item() for j in range(len(base), len(ids))))
     return result
 

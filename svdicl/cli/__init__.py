@@ -12,6 +12,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -76,9 +77,30 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     subparser.set_defaults(**defaults)
 
 
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """`--prune -1:mlp:0.9` as `--prune=-1:mlp:0.9`: argparse takes a value starting with `-` (other than a plain
+    negative number) for a flag, so layer specs counted from the end would need the `=` form otherwise."""
+    parsers, valued = [parser], set()
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += action.choices.values()
+            elif action.option_strings and action.nargs is None:
+                valued.update(action.option_strings)
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in valued and re.match(r"-\d", arg):
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    argv = _join_negative_values(parser, argv)
     try:
         _config_defaults(parser, argv)
         args = parser.parse_args(argv)

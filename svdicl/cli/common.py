@@ -73,12 +73,51 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         metavar="LAYERS:MODULES:RATE",
         help="an edit as one string, e.g. 26:mlp:0.95; repeat for several",
     )
+    add_svd_args(group)
+
+
+def add_svd_args(group: argparse._ArgumentGroup) -> None:
     group.add_argument(
         "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
     )
     group.add_argument(
         "--allow-tied", action="store_true", help="allow pruning a weight tied to another (e.g. lm_head = embeddings)"
     )
+
+
+PATHS = {
+    "layer": "layer = layers below the pruned one run once per sweep line",
+    "prefix": "prefix = the demonstrations' keys/values once, then each example's own tokens",
+    "plain": "plain = every prompt in full",
+}
+
+
+def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) -> argparse._ArgumentGroup:
+    """Scoring flags of eval, sweep and search; `paths` are the execution paths the command has (fastest first)."""
+    group = parser.add_argument_group("scoring")
+    group.add_argument(
+        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
+    )
+    group.add_argument(
+        "--length-normalize",
+        action="store_true",
+        help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
+    )
+    group.add_argument(
+        "--path",
+        default="auto",
+        choices=["auto", *paths],
+        help="execution path: "
+        + "; ".join(PATHS[path] for path in paths)
+        + "; auto = the fastest the model family has and --cache-memory holds (default: auto)",
+    )
+    group.add_argument(
+        "--cache-memory",
+        default="4GiB",
+        metavar="SIZE",
+        help="most memory the caches of the faster paths may take, e.g. 512MiB or 4GiB (default: 4GiB)",
+    )
+    return group
 
 
 def prune_specs(args: argparse.Namespace, required: bool):

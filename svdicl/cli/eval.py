@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from svdicl.cli.common import add_model_args, add_prune_args, load, log, prune_specs
+from svdicl.cli.common import add_model_args, add_prune_args, add_scoring_args, load, log, prune_specs
 
 
 def add(sub) -> None:
@@ -46,30 +46,9 @@ def add(sub) -> None:
     task.add_argument("--split", default="test", choices=["validation", "test"], help="examples to score (default: test)")
     task.add_argument("--limit", type=int, metavar="N", help="score only N examples (the same seeded subset for every run)")
     task.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
-    scoring = p.add_argument_group("scoring")
-    scoring.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
-    )
-    scoring.add_argument(
-        "--length-normalize",
-        action="store_true",
-        help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
-    )
+    scoring = add_scoring_args(p, paths=("prefix", "plain"))
     scoring.add_argument(
         "--padding-side", default="left", choices=["left", "right"], help="batch padding side of the plain path (default: left)"
-    )
-    scoring.add_argument(
-        "--path",
-        default="auto",
-        choices=["auto", "plain", "prefix"],
-        help="execution path: prefix = the demonstrations' keys/values once, then each example's own tokens; plain = every "
-        "prompt in full; auto = prefix where the model family has it and --cache-memory holds it (default: auto)",
-    )
-    scoring.add_argument(
-        "--cache-memory",
-        default="4GiB",
-        metavar="SIZE",
-        help="most memory the prefix cache may take, e.g. 512MiB or 4GiB; over it, the plain path runs (default: 4GiB)",
     )
     add_prune_args(p)
     out = p.add_argument_group("output")

@@ -12,9 +12,11 @@ def add(sub) -> None:
         "report",
         help="figures (fig 1-3) and tables (appendix C.5 layout) from the output folder of sweep, condition or search",
         description="Reads DIR/cells.jsonl, DIR/conditions.csv and DIR/search/*.json (whichever exist) and writes "
-        "DIR/figures/*.{png,svg}, DIR/tables/*.{md,csv} and DIR/report.md.",
+        "DIR/figures/*.{png,svg}, DIR/tables/*.{md,csv} and DIR/report.md. Several DIRs (one per model, say) make one "
+        "combined report in --output: an Algorithm 1 table with a column per model x module, every model's sweeps.",
     )
-    p.add_argument("directory", metavar="DIR", help="an --output folder of svdicl sweep, condition or search")
+    p.add_argument("directories", metavar="DIR", nargs="+", help="--output folders of svdicl sweep, condition or search")
+    p.add_argument("--output", metavar="OUT", help="where to write the report of several DIRs (default: the one DIR)")
     p.add_argument(
         "--metric",
         default="task",
@@ -30,7 +32,7 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from svdicl.report import build_report
 
-    report = build_report(args.directory, metric=args.metric, formats=args.format, bands=not args.no_bands)
+    report = build_report(args.directories, output=args.output, metric=args.metric, formats=args.format, bands=not args.no_bands)
     for path in report.files:
         log(args, f"wrote {path}")
     print(report.page)

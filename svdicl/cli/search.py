@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from svdicl.cli.common import add_model_args, load, log
-from svdicl.cli.sweep import add_executor_args, add_scoring_args, check_output, executor_from, scoring_from
+from svdicl.cli.sweep import add_executor_args, add_sweep_scoring_args, check_output, executor_from, scoring_from
 
 
 def add(sub) -> None:
@@ -49,7 +49,7 @@ def add(sub) -> None:
     what.add_argument("--limit-validation", type=int, metavar="N", help="examples of the validation split (overrides --limit)")
     what.add_argument("--limit-test", type=int, metavar="N", help="examples of the test split (overrides --limit)")
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
-    add_scoring_args(p)
+    add_sweep_scoring_args(p)
     add_executor_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--output", "--output-path", dest="output", help="folder of the result store, search/ and report (required)")

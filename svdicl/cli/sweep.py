@@ -6,7 +6,7 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from svdicl.cli.common import add_model_args, load
+from svdicl.cli.common import add_model_args, add_scoring_args, add_svd_args, load
 
 
 def add(sub) -> None:
@@ -48,7 +48,7 @@ def add(sub) -> None:
         "--limit", type=int, metavar="N", help="score N examples per task (the same seeded subset in every cell; recorded)"
     )
     grid.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
-    add_scoring_args(p)
+    add_sweep_scoring_args(p)
     add_executor_args(p)
     out = p.add_argument_group("output")
     out.add_argument("--output", "--output-path", dest="output", help="folder of the result store and report (required)")
@@ -59,36 +59,9 @@ def add(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def add_scoring_args(p: argparse.ArgumentParser) -> None:
-    """Scoring flags shared by sweep and search."""
-    scoring = p.add_argument_group("scoring")
-    scoring.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
-    )
-    scoring.add_argument(
-        "--length-normalize",
-        action="store_true",
-        help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
-    )
-    scoring.add_argument(
-        "--path",
-        default="auto",
-        choices=["auto", "plain", "prefix", "layer"],
-        help="execution path: layer = layers below the pruned one run once per sweep line; prefix = the demonstrations' "
-        "keys/values once; plain = every prompt in full; auto = the fastest that fits --cache-memory (default: auto)",
-    )
-    scoring.add_argument(
-        "--cache-memory",
-        default="4GiB",
-        metavar="SIZE",
-        help="most memory the prefix and layer caches may take, e.g. 512MiB or 4GiB (default: 4GiB)",
-    )
-    scoring.add_argument(
-        "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
-    )
-    scoring.add_argument(
-        "--allow-tied", action="store_true", help="allow pruning a weight tied to another (e.g. lm_head = embeddings)"
-    )
+def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
+    """Scoring flags shared by sweep and search: every path, and the SVD's."""
+    add_svd_args(add_scoring_args(p, paths=("layer", "prefix", "plain")))
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
