@@ -48,14 +48,3 @@ def describe(loaded: LoadedModel, device: str) -> str:
     params = sum(p.numel() for p in loaded.model.parameters())
     where = torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
     return f"{loaded.source}: {params / 1e9:.2f}B parameters, {loaded.dtype}, {device} ({where})"
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work, so that it counts in the interval that queued it."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def gpu_peak(device: str) -> int | None:
-    """Peak bytes torch allocated on a CUDA `device` so far, None elsewhere."""
-    return torch.cuda.max_memory_allocated(device) if device.startswith("cuda") else None

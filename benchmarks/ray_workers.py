@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import tempfile
 from pathlib import Path
 
+import measure
 import ray
 import torch
 
@@ -88,7 +88,7 @@ def main() -> None:
         for workers in (1, 2):
             rows[f"ray-{workers}"] = run_ray(workers, args.model, loaded, grid, Path(tmp) / f"ray-{workers}", args.data_dir)
         stores = {name: predictions(Store(Path(tmp) / name)) for name in rows}
-    rows["local"]["driver_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rows["local"]["driver_peak_rss_mib"] = measure.peak_rss() / (1 << 20)
     for name, row in rows.items():
         row["agrees_with_local"] = agree(stores["local"], stores[name])
     loads = f"{load:.1f} -> {os.getloadavg()[0]:.1f}"

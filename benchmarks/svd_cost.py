@@ -24,9 +24,9 @@ import argparse
 import json
 import math
 import platform
-import resource
 import time
 
+import measure
 import torch
 
 from svdicl.svd import kept_rank, svd_factors
@@ -55,34 +55,22 @@ def parse_shapes(text: str) -> dict[tuple[int, int], list[str]]:
     return shapes
 
 
-def clocks() -> tuple[float, float]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()  # a GPU's queued work belongs to the interval that queued it
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> tuple[float, float]:
-    """(wall, CPU) seconds since `start`."""
-    now = clocks()
-    return now[0] - start[0], now[1] - start[1]
-
-
 def exact(matrix: torch.Tensor) -> tuple[tuple[float, float], list[torch.Tensor], torch.Tensor]:
     """Seconds for one SVD + every rate's reconstruction; the reconstructions; the singular values."""
-    start = clocks()
+    start = measure.clocks()
     factors = svd_factors(matrix)
     pruned = [factors.truncate(kept_rank(tuple(matrix.shape), rate)) for rate in RATES]
-    return since(start), pruned, factors.s
+    return measure.since(start), pruned, factors.s
 
 
 def randomized(matrix: torch.Tensor) -> tuple[tuple[float, float], list[torch.Tensor]]:
     """Seconds for one torch.svd_lowrank + reconstruction per rate (LASER's do_low_rank); the reconstructions."""
-    start = clocks()
+    start = measure.clocks()
     pruned = []
     for rate in RATES:
         u, s, v = torch.svd_lowrank(matrix, q=kept_rank(tuple(matrix.shape), rate), niter=2)
         pruned.append(u @ torch.diag(s) @ v.T)
-    return since(start), pruned
+    return measure.since(start), pruned
 
 
 def errors(matrix: torch.Tensor, pruned: list[torch.Tensor]) -> list[float]:
@@ -96,7 +84,7 @@ def optimum(matrix: torch.Tensor, singular: torch.Tensor) -> list[float]:
     return [math.sqrt(energy[kept_rank(tuple(matrix.shape), rate) :].sum().item() / energy.sum().item()) for rate in RATES]
 
 
-def measure(shape: tuple[int, int], repeats: int, seed: int, device: str) -> dict:
+def measure_shape(shape: tuple[int, int], repeats: int, seed: int, device: str) -> dict:
     matrix = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
     exact_runs = [exact(matrix) for _ in range(repeats)]
     torch.manual_seed(seed)  # svd_lowrank's random draws
@@ -144,7 +132,7 @@ def main() -> None:
     results = []
     started = time.perf_counter()
     for shape, models in shapes.items():
-        row = measure(shape, args.repeats, args.seed, args.device)
+        row = measure_shape(shape, args.repeats, args.seed, args.device)
         row["models"] = models
         results.append(row)
         above_exact = max(e - o for e, o in zip(row["exact_error"], row["optimal_error"], strict=True))
@@ -164,7 +152,7 @@ def main() -> None:
         ]
         print(f"{'x'.join(map(str, row['shape'])):>12}  " + "  ".join(cells))
     total = time.perf_counter() - started
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss = measure.peak_rss()
     print(f"\ntotal {total:.0f}s, peak RSS {rss / (1 << 30):.2f} GiB")
     if args.json:
         with open(args.json, "w") as handle:

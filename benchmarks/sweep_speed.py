@@ -31,9 +31,8 @@ import argparse
 import json
 import os
 import random
-import resource
-import time
 
+import measure
 import model_flags
 import torch
 
@@ -44,22 +43,6 @@ from svdicl.prune import PruneSpec
 from svdicl.scoring import Request
 from svdicl.svd import cuda_driver, kept_rank
 from svdicl.targets import layer_stack, parse_layers, resolve
-
-
-def clocks() -> tuple[float, float]:
-    model_flags.synchronize()
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> tuple[float, float]:
-    """(wall, CPU) seconds since `start`; CPU counts every thread of the process."""
-    now = clocks()
-    return now[0] - start[0], now[1] - start[1]
-
-
-def peak_rss() -> int:
-    """Peak resident set size of this process so far, in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def randomized(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -99,7 +82,7 @@ def plain_sweep(model, weights: dict[str, torch.nn.Parameter], rates, requests, 
     """Per rate: reload the original matrices, truncate each with `truncate`, score batch 1. Returns seconds and scores."""
     originals = {name: w.detach().clone() for name, w in weights.items()}
     per_rate = []
-    started = clocks()
+    started = measure.clocks()
     for rate in rates:
         with torch.no_grad():
             for name, weight in weights.items():
@@ -109,7 +92,7 @@ def plain_sweep(model, weights: dict[str, torch.nn.Parameter], rates, requests, 
                     torch.manual_seed(seed)
                     weight.copy_(truncate(weight, k))
         per_rate.append(batch1_scores(model, requests))
-    seconds = since(started)
+    seconds = measure.since(started)
     with torch.no_grad():
         for name, weight in weights.items():
             weight.copy_(originals[name])
@@ -138,10 +121,10 @@ def bench_layer(loaded, run: EvalRun, layer: int, args, subset: list[int], budge
     model = loaded.model
     gold = run.gold
     edits = [[PruneSpec(str(layer), args.modules, rate)] for rate in rates]
-    started = clocks()
+    started = measure.clocks()
     results = [r for _, r in evaluate_edits(loaded, run, edits, **Scoring(cache_memory=budget).edit_options())]
-    fast_seconds = since(started)
-    fast_rss = peak_rss()
+    fast_seconds = measure.since(started)
+    fast_rss = measure.peak_rss()
     weights = layer_weights(model, layer, args.modules)
     requests = [run.requests[i] for i in subset]
     paper_seconds, paper = plain_sweep(model, weights, rates, requests, randomized, args.seed)
@@ -243,9 +226,9 @@ def main() -> None:
     args.rates = PAPER_RATES if args.rates == "paper" else parse_rates(args.rates)
     if args.threads:
         torch.set_num_threads(args.threads)
-    started = clocks()
+    started = measure.clocks()
     loaded = model_flags.load(args)
-    loaded_rss = peak_rss()
+    loaded_rss = measure.peak_rss()
     model_bytes = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     run = prepare_run(loaded, args.task, split=args.split, shots=args.shots, seed=args.seed, limit=args.examples)
     n = len(run.requests)
@@ -265,17 +248,17 @@ def main() -> None:
     for layer in layers:
         rows.append(bench_layer(loaded, run, layer, args, subset, args.cache_memory))
         report(rows[-1], n)
-    rss, gib = peak_rss(), 1 << 30
+    rss, gib = measure.peak_rss(), 1 << 30
     after = max(r["peak_rss_after_svdicl"] for r in rows)
     print(
         f"\npeak RSS {rss / gib:.2f} GiB (model loaded: {loaded_rss / gib:.2f} GiB; "
         f"after the svdicl sweeps: {after / gib:.2f} GiB); --cache-memory budget {args.cache_memory / gib:.2f} GiB: "
         f"{'within' if rss <= args.cache_memory else 'OVER'}"
     )
-    gpu = model_flags.gpu_peak(args.device)
+    gpu = measure.gpu_peak(args.device)
     if gpu is not None:
         print(f"peak GPU memory allocated {gpu / gib:.2f} GiB (model {model_bytes / gib:.2f} GiB)")
-    print("total {:.0f} s; load average at the end: {:.2f} {:.2f} {:.2f}".format(since(started)[0], *os.getloadavg()))
+    print("total {:.0f} s; load average at the end: {:.2f} {:.2f} {:.2f}".format(measure.since(started)[0], *os.getloadavg()))
     if args.json:
         summary = {
             "model": loaded.source,

@@ -24,25 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import time
 
+import measure
 import model_flags
 import torch
 
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.scoring import Request
-
-
-def clocks() -> tuple[float, float]:
-    model_flags.synchronize()
-    return time.perf_counter(), time.process_time()
-
-
-def since(start: tuple[float, float]) -> tuple[float, float]:
-    """(wall, CPU) seconds since `start`; CPU counts every thread of the process."""
-    now = clocks()
-    return now[0] - start[0], now[1] - start[1]
 
 
 @torch.inference_mode()
@@ -98,9 +86,9 @@ def main() -> None:
     answers: dict = {}
     for _ in range(args.repeats):
         for name, side in sides.items():
-            started = clocks()
+            started = measure.clocks()
             answers[name] = side()
-            seconds[name].append(since(started))
+            seconds[name].append(measure.since(started))
     raw = answers["raw"]
     print(f"{model_flags.describe(loaded, args.device)}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(
@@ -128,8 +116,8 @@ def main() -> None:
             f"{name:>8} {path:>7} {wall:>8.1f} {cpu:>8.1f} {tokens / wall:>9.1f} {rows[name]['ratio']:>6.2f}x "
             f"{rows[name]['cpu_ratio']:>8.2f}x {agree:>7.1%}"
         )
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    gpu = model_flags.gpu_peak(args.device)
+    rss = measure.peak_rss()
+    gpu = measure.gpu_peak(args.device)
     print(f"peak RSS {rss / (1 << 30):.2f} GiB" + ("" if gpu is None else f", peak GPU memory {gpu / (1 << 30):.2f} GiB"))
     print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}".format(*load))
     print("load average at the end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))

@@ -132,11 +132,6 @@ def answer_share(samples: Sequence[Mapping[str, Any]]) -> float | None:
     return max(counts.values()) / len(samples)
 
 
-def answer_shares(store: Store) -> dict[str, float | None]:
-    """`answer_share` of every cell of a store, by cell id."""
-    return {cell.id: answer_share(store.samples(cell)) for cell in store.cells()}
-
-
 def sweep_points(
     cells: Iterable[Cell], metric: str = TASK_METRIC, shares: Mapping[str, float | None] | None = None
 ) -> list[Point]:
@@ -668,12 +663,12 @@ def algorithm1_seed_rows(
     return rows
 
 
-def algorithm1_seed_markdown(results: Sequence[Mapping[str, Any]], shares: Mapping[str, float | None] | None = None) -> str:
-    """Algorithm 1 per seed: does a gain at the shared ξ* hold for every seed, or come from one?"""
+def algorithm1_seed_markdown(seed_rows: Sequence[Sequence[Any]]) -> str:
+    """Algorithm 1 per seed (rows of `algorithm1_seed_rows`): does a gain at the shared ξ* hold for every seed?"""
     rows = [
         [name, _task_label(task), _module_label(module), layer, f"{star:g}", seed, f"{_fmt(v0, 3)} → {_fmt(vs, 3)}",
          f"{_fmt(b, 3)} → {_fmt(p, 3)}", f"{d:+.3f}", _fmt_p(mp), f"{_fmt(sb, 2)} → {_fmt(sp, 2)}"]
-        for name, task, module, layer, star, seed, v0, vs, b, p, d, mp, _, _, _, sb, sp in algorithm1_seed_rows(results, shares)
+        for name, task, module, layer, star, seed, v0, vs, b, p, d, mp, _, _, _, sb, sp in seed_rows
     ]  # fmt: skip
     headers = ["model", "task", "module", "layer", "ξ*", "seed", "validation ξ=0 → ξ*", "test ξ=0 → ξ*", "Δ test", "p",
                "top answer ξ=0 → ξ*"]  # fmt: skip
@@ -771,11 +766,11 @@ def build_report(
     page = ["# svdicl report", "", "Folders: " + ", ".join(f"`{f}`" for f in folders) + ".", ""]
     found_any = False
 
-    stores = [Store(folder) for folder in folders if (folder / CELLS_FILE).is_file()]
-    shares = {cell_id: share for store in stores for cell_id, share in answer_shares(store).items()}
-    if stores:
+    stored = [(store, store.cells()) for store in (Store(f) for f in folders if (f / CELLS_FILE).is_file())]
+    shares = {cell.id: answer_share(store.samples(cell)) for store, cells in stored for cell in cells}
+    if stored:
         found_any = True
-        cells = [cell for store in stores for cell in store.cells()]
+        cells = [cell for _, found in stored for cell in found]
         headers, rows = cell_rows(cells, shares)
         written.append(write_csv(tables / "cells.csv", headers, rows))
         points = sweep_points(cells, metric, shares)
@@ -806,7 +801,7 @@ def build_report(
         written.append(_write_text(tables / "algorithm1.md", text))
         seed_rows = algorithm1_seed_rows(results, shares)
         written.append(write_csv(tables / "algorithm1-seeds.csv", ALGORITHM1_SEED_COLUMNS, seed_rows))
-        per_seed = algorithm1_seed_markdown(results, shares)
+        per_seed = algorithm1_seed_markdown(seed_rows)
         written.append(_write_text(tables / "algorithm1-seeds.md", per_seed))
         written += save_figure(plot_search(results), figures / "algorithm1-validation", formats)
         page += [

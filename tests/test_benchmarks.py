@@ -26,7 +26,7 @@ def flat(scores: list[list[float]]) -> list[float]:
 
 
 def load(name: str):
-    """A benchmark script as a module; its sibling imports (model_flags) resolve as when it runs."""
+    """A benchmark script as a module; its sibling imports (model_flags, measure) resolve as when it runs."""
     if str(BENCHMARKS) not in sys.path:
         sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")

@@ -16,6 +16,7 @@ from svdicl.experiments.condition import MatrixCondition, write_conditions
 from svdicl.report import (
     algorithm1_markdown,
     algorithm1_seed_markdown,
+    algorithm1_seed_rows,
     answer_share,
     build_report,
     plot_conditions,
@@ -280,7 +281,7 @@ def test_algorithm1_per_seed_rows_are_each_seeds_cells_at_the_shared_rate(tmp_pa
     markdown = (tmp_path / "tables" / "algorithm1-seeds.md").read_text().splitlines()
     assert markdown[2] == "| tiny | RTE | ATTN | 12 | 0.95 | 0 | 0.700 → 0.704 | 0.750 → 0.800 | +0.050 | 0.010 | – → – |"
     assert markdown[4].endswith("| 2 | 0.720 → 0.724 | 0.770 → 0.760 | -0.010 | 0.030 | – → – |")
-    with_shares = algorithm1_seed_markdown([data], {"base1": 0.5, "pruned1": 1.0}).splitlines()
+    with_shares = algorithm1_seed_markdown(algorithm1_seed_rows([data], {"base1": 0.5, "pruned1": 1.0})).splitlines()
     assert with_shares[3].endswith("| 1 | 0.710 → 0.714 | 0.760 → 0.780 | +0.020 | 0.020 | 0.50 → 1.00 |")
 
 
