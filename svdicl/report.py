@@ -574,8 +574,76 @@ def _search_column(result: Mapping[str, Any]) -> tuple[str, str]:
     return (model.get("name") or model.get("fingerprint", "")[:10] or "model", result["module"])
 
 
+def _limits_label(limit: Any) -> str:
+    if not isinstance(limit, Mapping):
+        return "all examples" if limit is None else f"limit {limit}"
+    return " ".join(f"{split[:4]} {'all' if n is None else n}" for split, n in limit.items())
+
+
+def _options_label(options: Any) -> str:
+    return "opts-" + hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()[:6]
+
+
+# What tells two searches of one task, model name and module apart, in the order a column label adds them,
+# each with its short label.  Searches differing in none of these are the same search.
+SEARCH_SETUP: tuple[tuple[str, Callable[[Mapping[str, Any]], Any], Callable[[Any], str]], ...] = (
+    ("dtype", lambda r: r.get("model", {}).get("dtype"), str),
+    ("fingerprint", lambda r: r.get("model", {}).get("fingerprint"), lambda v: f"fp {str(v)[:8]}"),
+    ("shots", lambda r: r.get("shots"), lambda v: f"{v}-shot"),
+    ("limit", lambda r: r.get("limit"), _limits_label),
+    ("seeds", lambda r: [s.get("seed") for s in r.get("seeds", [])], lambda v: "seeds " + ",".join(map(str, v))),
+    ("metric", lambda r: r.get("metric"), lambda v: _metric_label(str(v))),
+    ("rates", lambda r: r.get("rates"), lambda v: f"{len(v or [])} rates"),
+    ("layer", lambda r: r["layer"] if r.get("layer_from") == "given" else None, lambda v: f"layer {v} given"),
+    ("scoring", lambda r: (r.get("scoring") or {}).get("options"), _options_label),
+    ("data", lambda r: r.get("data"), lambda v: f"data {Path(str(v)).name}"),
+)
+
+
+def search_columns(results: Sequence[Mapping[str, Any]], sources: Sequence[Any] | None = None) -> list[tuple[str, str]]:
+    """The Algorithm 1 column (model label, module) of each result, so that no two results of one task share one.
+
+    A column is the model's name and the module; where two results of one task share those (the same alias
+    in float32 and bfloat16, other shots or limits), the label adds the first setup fields that tell them
+    apart (SEARCH_SETUP order).  Two results of one task differing in none are the same search, refused in
+    one line naming both (`sources`: where each result came from).
+    """
+    columns = [_search_column(r) for r in results]
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, column in enumerate(columns):
+        groups.setdefault(column, []).append(i)
+    for (name, module), members in groups.items():
+        keys = {i: [results[i]["task"]] for i in members}
+        labels = {i: [name] for i in members}
+        for _, value, label in SEARCH_SETUP:
+            if not _collisions(keys):
+                break
+            texts = {i: json.dumps(value(results[i]), sort_keys=True, default=str) for i in members}
+            if any(len({texts[i] for i in group}) > 1 for group in _collisions(keys)):
+                for i in members:
+                    keys[i].append(texts[i])
+                    labels[i].append(label(value(results[i])))
+        for group in _collisions(keys):
+            first, second = (str(sources[i]) if sources else f"result {i + 1}" for i in group[:2])
+            raise SvdiclError(
+                f"{first} and {second} are the same search ({results[group[0]]['task']}, {module} of {name}: same weights, "
+                "dtype, shots, limits, seeds and scoring); report only one of them"
+            )
+        for i in members:
+            columns[i] = (" ".join(labels[i]), module)
+    return columns
+
+
+def _collisions(keys: Mapping[int, list[str]]) -> list[list[int]]:
+    """Groups of more than one index with equal keys."""
+    found: dict[str, list[int]] = {}
+    for i, key in keys.items():
+        found.setdefault(json.dumps(key), []).append(i)
+    return [group for group in found.values() if len(group) > 1]
+
+
 ALGORITHM1_COLUMNS = (
-    "model_name", "model", "task", "module", "layer", "top_k", "top_layers", "metric", "shots", "rate_star",
+    "model_name", "column", "model", "dtype", "task", "module", "layer", "top_k", "top_layers", "metric", "shots", "rate_star",
     "baseline", "baseline_ci_low", "baseline_ci_high", "baseline_std", "pruned", "pruned_ci_low", "pruned_ci_high",
     "pruned_std", "mcnemar_p", "seeds", "n_test",
 )  # fmt: skip
@@ -584,12 +652,13 @@ ALGORITHM1_COLUMNS = (
 def algorithm1_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     """Long-form rows of the Algorithm 1 table (tables/algorithm1.csv)."""
     rows = []
-    for r in results:
+    for r, (label, _) in zip(results, search_columns(results), strict=True):
         test, base, pruned = r["test"], r["test"]["baseline"], r["test"]["pruned"]
         name, _ = _search_column(r)
+        model = r.get("model", {})
         seeds = [s.get("seed") for s in r.get("seeds", [])]
         rows.append([
-            name, r.get("model", {}).get("fingerprint", ""), r["task"], r["module"], r["layer"], r.get("top_k"),
+            name, label, model.get("fingerprint", ""), model.get("dtype", ""), r["task"], r["module"], r["layer"], r.get("top_k"),
             " ".join(map(str, r.get("top_layers", []))), r.get("metric", ""), r.get("shots"), r["rate_star"],
             base["value"], base.get("ci_low"), base.get("ci_high"), base.get("std"),
             pruned["value"], pruned.get("ci_low"), pruned.get("ci_high"), pruned.get("std"),
@@ -600,12 +669,13 @@ def algorithm1_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
 
 def algorithm1_markdown(results: Sequence[Mapping[str, Any]]) -> str:
     """Appendix C.5 layout: rows = tasks, columns = model x layer x module, "baseline -> pruned (ξ*=...)" with CIs and p."""
-    columns = sorted({_search_column(r) for r in results}, key=lambda c: (c[0], _module_order(c[1])))
+    of = search_columns(results)
+    columns = sorted(set(of), key=lambda c: (c[0], _module_order(c[1])))
     tasks = sorted({r["task"] for r in results}, key=_task_order)
-    by_cell = {(r["task"], _search_column(r)): r for r in results}
+    by_cell = {(r["task"], column): r for r, column in zip(results, of, strict=True)}
     headers = ["task"]
     for column in columns:
-        layers = {r["layer"] for r in results if _search_column(r) == column}
+        layers = {r["layer"] for r, c in zip(results, of, strict=True) if c == column}
         where = f"L{next(iter(layers))} " if len(layers) == 1 else ""
         headers.append(f"{column[0]} {where}{_module_label(column[1])}")
     rows = []
@@ -619,7 +689,7 @@ def algorithm1_markdown(results: Sequence[Mapping[str, Any]]) -> str:
                 row.append("–")
                 continue
             seeds = len(r.get("seeds", [])) or 1
-            layers = {x["layer"] for x in results if _search_column(x) == column}
+            layers = {x["layer"] for x, c in zip(results, of, strict=True) if c == column}
             where = f"L{r['layer']}: " if len(layers) > 1 else ""
             text = f"{where}{_estimate(r['test']['baseline'], seeds)} → {_estimate(r['test']['pruned'], seeds)}"
             text += f" (ξ*={r['rate_star']:g}, p={_fmt_p(r['test'].get('mcnemar_p'))}"
@@ -649,13 +719,14 @@ def algorithm1_seed_rows(
     """
     shares = shares or {}
     rows = []
-    for r in sorted(results, key=lambda r: (_search_column(r)[0], _task_order(r["task"]), _module_order(r["module"]))):
+    labelled = zip(search_columns(results), results, strict=True)
+    for (label, _), r in sorted(labelled, key=lambda x: (x[0][0], _task_order(x[1]["task"]), _module_order(x[1]["module"]))):
         star = r["rates"].index(r["rate_star"])
         for seed in r.get("seeds", []):
             base, pruned = seed["baseline"]["value"], seed["pruned"]["value"]
             discordant, cells = seed.get("discordant", {}), seed.get("cells", {})
             rows.append([
-                _search_column(r)[0], r["task"], r["module"], r["layer"], r["rate_star"], seed["seed"],
+                label, r["task"], r["module"], r["layer"], r["rate_star"], seed["seed"],
                 seed["validation"][0], seed["validation"][star], base, pruned, pruned - base, seed.get("mcnemar_p"),
                 discordant.get("only_baseline_correct"), discordant.get("only_pruned_correct"), r["test"].get("n"),
                 shares.get(cells.get("baseline")), shares.get(cells.get("pruned")),
@@ -683,12 +754,13 @@ def algorithm1_seed_markdown(seed_rows: Sequence[Sequence[Any]]) -> str:
 def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
     """Algorithm 1's validation curves: metric vs rate per task x module, star at ξ*, dashed at ξ=0; thin lines per seed."""
     tasks = sorted({r["task"] for r in results}, key=_task_order)
-    columns = sorted({_search_column(r) for r in results}, key=lambda c: (c[0], _module_order(c[1])))
-    fig, axes = _figure(len(tasks), len(columns))
+    of = search_columns(results)
+    columns = sorted(set(of), key=lambda c: (c[0], _module_order(c[1])))
+    fig, axes = _figure(len(tasks), len(columns), height=2.4)
     for i, task in enumerate(tasks):
         for j, column in enumerate(columns):
             ax = axes[i][j]
-            found = [r for r in results if r["task"] == task and _search_column(r) == column]
+            found = [r for r, c in zip(results, of, strict=True) if r["task"] == task and c == column]
             if not found:
                 ax.set_axis_off()
                 continue
@@ -702,7 +774,9 @@ def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
             star = rates.index(r["rate_star"])
             ax.plot([star], [values[star]], marker="*", ms=11, color=COLORS[1], ls="none", label="ξ*", zorder=4)
             ax.set_xticks(list(x), [f"{rate:g}" for rate in rates])
-            ax.set_title(f"{_task_label(task)} · {column[0]} L{r['layer']} {_module_label(column[1])}")
+            n = r.get("validation", {}).get("n")
+            where = f"{_task_label(task)} · {column[0]} L{r['layer']} {_module_label(column[1])}"
+            ax.set_title(where + ("" if n is None else f"\nvalidation n={n}"))
             ax.set_xlabel("clipping rate ξ")
             ax.set_ylabel(f"validation {_metric_label(r.get('metric', ''))}" if j == 0 else "")
     _legend(fig, axes, ["validation", "ξ=0", "ξ*"])
@@ -796,6 +870,7 @@ def build_report(
     if searches:
         found_any = True
         results = [read_search(path) for path in searches]
+        search_columns(results, searches)  # refuses the same search twice, naming both files
         written.append(write_csv(tables / "algorithm1.csv", ALGORITHM1_COLUMNS, algorithm1_rows(results)))
         text = algorithm1_markdown(results)
         written.append(_write_text(tables / "algorithm1.md", text))

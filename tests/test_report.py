@@ -21,6 +21,7 @@ from svdicl.report import (
     build_report,
     plot_conditions,
     plot_rates,
+    plot_search,
     plot_shots,
     read_search,
     sweep_points,
@@ -333,3 +334,57 @@ def test_cli_report_writes_images_and_rerun_is_identical(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(empty)]) == 2
     assert "nothing to report" in capsys.readouterr().err
+
+
+def write_search(folder: Path, data: dict, name: str = "sst2-mlp.json") -> Path:
+    (folder / "search").mkdir(parents=True, exist_ok=True)
+    path = folder / "search" / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_searches_sharing_a_key_get_a_column_and_a_panel_each(tmp_path):
+    """The same alias in float32 and bfloat16: the table and the figure both show each search, in its own column."""
+    searches = {}
+    for dtype, shift in (("float32", 0.0), ("bfloat16", 0.1)):
+        data = search_result("sst2", "mlp", 29)
+        data["model"] = {"name": "tiny", "fingerprint": f"fp-{dtype}", "dtype": dtype}
+        data["validation"]["values"] = [round(v + shift, 4) for v in data["validation"]["values"]]
+        data["test"]["pruned"]["value"] = 0.8 + shift
+        write_search(tmp_path / dtype, data)
+        searches[dtype] = data
+    out = tmp_path / "out"
+    assert main(["-q", "report", str(tmp_path / "float32"), str(tmp_path / "bfloat16"), "--output", str(out)]) == 0
+    lines = (out / "tables" / "algorithm1.md").read_text().splitlines()
+    assert lines[0] == "| task | tiny bfloat16 L29 MLP | tiny float32 L29 MLP |"
+    cells = lines[2].split(" | ")[1:]
+    assert "→ 0.9000 [" in cells[0] and "→ 0.8000 [" in cells[1]
+    rows = {r["dtype"]: r for r in read_csv(out / "tables" / "algorithm1.csv")}
+    assert {d: float(r["pruned"]) for d, r in rows.items()} == {"float32": 0.8, "bfloat16": 0.9}
+    fig = plot_search([read_search(p) for p in sorted(tmp_path.glob("*/search/*.json"))])
+    curves = {ax.get_title().split("\n")[0]: list(ax.get_lines()[0].get_ydata()) for ax in fig.axes}
+    assert curves == {f"SST-2 · tiny {d} L29 MLP": searches[d]["validation"]["values"] for d in searches}
+    svg = (out / "figures" / "algorithm1-validation.svg").read_text()
+    assert "tiny float32 L29 MLP" in svg and "tiny bfloat16 L29 MLP" in svg
+
+
+def test_searches_of_other_shots_and_limits_are_told_apart_by_what_differs():
+    a, b, c = (search_result("sst2", "mlp", 29) for _ in range(3))
+    b["shots"], c["limit"] = 2, {"validation": 100, "test": None}
+    from svdicl.report import search_columns
+
+    assert search_columns([a, b, c]) == [
+        ("tiny 5-shot all examples", "mlp"),
+        ("tiny 2-shot all examples", "mlp"),
+        ("tiny 5-shot vali 100 test all", "mlp"),
+    ]
+    assert search_columns([a, search_result("cb", "mlp", 29)]) == [("tiny", "mlp"), ("tiny", "mlp")]  # one column, two rows
+
+
+def test_the_same_search_twice_is_refused_in_one_line(tmp_path, capsys):
+    for folder in ("a", "b"):
+        write_search(tmp_path / folder, search_result("sst2", "mlp", 29))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "are the same search" in err
+    assert str(tmp_path / "a" / "search" / "sst2-mlp.json") in err and str(tmp_path / "b" / "search" / "sst2-mlp.json") in err
