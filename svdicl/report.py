@@ -23,6 +23,7 @@ matplotlib Figures (no pyplot state) so tests can inspect what was drawn.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -30,7 +31,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ from svdicl.experiments.condition import TOL_RULE, MatrixCondition, layer_condit
 from svdicl.store import CELLS_FILE, Cell, Store
 
 SEARCH_DIR = "search"
+REPORT_FILES = "report-files.json"  # what the last report wrote into its folder: the files the next one may replace
 SEARCH_FORMAT = "svdicl.search/1"
 FORMATS = ("png", "svg")
 TASK_METRIC = "task"  # --metric value: each task's own headline metric (accuracy; macro-F1 for COPA)
@@ -292,10 +294,11 @@ def _line_order(points: Iterable[Point]) -> list[str]:
 
 
 @_styled
-def plot_rates(points: Sequence[Point], *, shots: int | None = None, bands: bool = True) -> Figure:
+def plot_rates(points: Sequence[Point], *, shots: int | None = None, bands: bool = True, title: str | None = None) -> Figure:
     """Fig 1: metric vs clipping rate, a line per layer, dashed unpruned baseline, a panel per task x module.
 
-    `points` come from one setting (model, split, limit, options); `shots` defaults to the largest present.
+    `points` come from one setting (model, split, limit, options); `shots` defaults to the largest present;
+    `title` (default `setting_title`) names the model, split and n.
     """
     shots = max(p.shots for p in points) if shots is None else shots
     chosen = [p for p in points if p.shots == shots]
@@ -315,12 +318,24 @@ def plot_rates(points: Sequence[Point], *, shots: int | None = None, bands: bool
             task_points = [p for p in chosen if p.task == task]
             ax.set_ylabel(_metric_label(task_points[0].metric) if j == 0 else "")
     _legend(fig, axes, [*(_layer_label(x) for x in layers), "unpruned"])
+    fig.suptitle(setting_title(chosen) if title is None else title)
     return fig
 
 
+def setting_title(points: Sequence[Point], model: str | None = None) -> str:
+    """`smollm2-135m · test split · n=200`: the model (default: its name), the split and the examples per cell
+    (per task where they differ), so that a figure read on its own says what it shows."""
+    model = model or ", ".join(sorted({p.model_name for p in points}))
+    sizes = {p.task: max(q.n for q in points if q.task == p.task) for p in points}
+    tasks = sorted(sizes, key=_task_order)
+    each = ", ".join(f"{_task_label(t)} {sizes[t]}" for t in tasks)
+    n = f"n={sizes[tasks[0]]}" if len(set(sizes.values())) == 1 else f"n: {each}"
+    return f"{model} · {' + '.join(sorted({p.split for p in points}))} split · {n}"
+
+
 @_styled
-def plot_shots(points: Sequence[Point], *, bands: bool = True) -> Figure:
-    """Fig 2: the rate curves per shot count (rows, most shots first), a column per task x module."""
+def plot_shots(points: Sequence[Point], *, bands: bool = True, title: str | None = None) -> Figure:
+    """Fig 2: the rate curves per shot count (rows, most shots first), a column per task x module; `title` as fig 1."""
     shots = sorted({p.shots for p in points}, reverse=True)
     panels = sorted(
         {(p.task, p.modules) for p in points if p.modules is not None}, key=lambda x: (_task_order(x[0]), _module_order(x[1]))
@@ -338,12 +353,13 @@ def plot_shots(points: Sequence[Point], *, bands: bool = True) -> Figure:
             ax.set_title(f"{_task_label(task)} · {_module_label(module)} · {k}-shot")
             ax.set_ylabel(_metric_label(chosen[0].metric) if chosen else "")  # columns are different tasks
     _legend(fig, axes, [*(_layer_label(x) for x in layers), "unpruned"])
+    fig.suptitle(setting_title(points) if title is None else title)
     return fig
 
 
 @_styled
-def plot_conditions(conditions: Sequence[MatrixCondition]) -> Figure:
-    """Fig 3: condition number vs layer, a line per matrix, a panel per module group, log scale.
+def plot_conditions(conditions: Sequence[MatrixCondition], title: str | None = None) -> Figure:
+    """Fig 3: condition number vs layer, a line per matrix, a panel per module group, log scale; `title`: the model.
 
     Near-singular matrices (see TOL_RULE) get an open ring; an exactly singular one (inf) is left out of its line.
     """
@@ -378,13 +394,16 @@ def plot_conditions(conditions: Sequence[MatrixCondition]) -> Figure:
         ax.set_xlabel("layer")
         ax.set_ylabel(r"condition number $\sigma_{\max} / \sigma_{\min}$" if ax is axes[0][0] else "")
     _legend(fig, axes, [*matrices, "near-singular"])
+    if title:
+        fig.suptitle(title)
     return fig
 
 
 def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = FORMATS) -> list[Path]:
     """Write `stem.png` (200 dpi) and `stem.svg` (text as text, no timestamp: reruns give identical files)."""
     stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    with _writing(stem.parent):
+        stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     with matplotlib.rc_context(STYLE):
         for fmt in formats:
@@ -392,7 +411,8 @@ def save_figure(fig: Figure, stem: str | Path, formats: Sequence[str] = FORMATS)
                 raise SvdiclError(f"figure format {fmt!r} is not supported; use png, svg or pdf")
             path = stem.with_name(f"{stem.name}.{fmt}")
             metadata = {"Date": None} if fmt == "svg" else {"CreationDate": None} if fmt == "pdf" else {}
-            fig.savefig(path, dpi=200, bbox_inches="tight", metadata=metadata)
+            with _writing(path):
+                fig.savefig(path, dpi=200, bbox_inches="tight", metadata=metadata)
             written.append(path)
     return written
 
@@ -417,11 +437,12 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 def write_csv(path: Path, headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(headers)
-        writer.writerows(["" if x is None else x for x in row] for row in rows)
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(headers)
+            writer.writerows(["" if x is None else x for x in row] for row in rows)
     return path
 
 
@@ -449,8 +470,8 @@ def sweep_markdown(points: Sequence[Point]) -> str:
     rates = _rates(points)
     for shots in sorted({p.shots for p in points}, reverse=True):
         chosen = [p for p in points if p.shots == shots]
-        seeds = max(p.seeds for p in chosen)
-        note = f", mean of {seeds} seeds" if seeds > 1 else ""
+        counts = {p.seeds for p in chosen}
+        note = f", mean of {max(counts)} seeds" if counts != {1} and len(counts) == 1 else ""
         parts.append(f"**{shots}-shot{note}**\n")
         rows = []
         for task in sorted({p.task for p in chosen}, key=_task_order):
@@ -467,11 +488,23 @@ def sweep_markdown(points: Sequence[Point]) -> str:
                 metric = next(p.metric for p in chosen if p.task == task)
                 label = "unpruned" if layers is None else layers
                 rows.append([_task_label(task), _metric_label(metric), _module_label(modules or "–"), label, *cells])
-        headers = ["task", "metric", "module", "layer", *(("ξ=0 (unpruned)" if r == 0 else f"{r:g}") for r in rates)]
+        headers = ["task", "metric", "module", "layer"]
+        for r in rates:
+            header = "ξ=0 (unpruned)" if r == 0 else f"{r:g}"
+            column = {p.seeds for p in chosen if p.rate == r}
+            headers.append(header if len(counts) == 1 or not column else f"{header}, {_seeds_label(column)}")
         parts.append(markdown_table(headers, rows))
     if any(p.constant for p in points):
         parts.append(f"{CONSTANT_MARK}: every example got the same answer, in every seed (a collapsed model).\n")
     return "\n".join(parts)
+
+
+def _seeds_label(counts: set[int]) -> str:
+    """`2 seeds`, `1 seed`, or `1-3 seeds` where the cells of a column differ (a seed-averaged value of each)."""
+    low, high = min(counts), max(counts)
+    if low == high:
+        return f"{low} seed" + ("s" if low > 1 else "")
+    return f"{low}-{high} seeds"
 
 
 def _sweep_cell(point: Point | None, best: float | None) -> str:
@@ -790,17 +823,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
+def model_labels(models: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """Fingerprint -> display label: the model's name, plus the fingerprint's first 8 digits where two weights share
+    a name (one alias loaded in float32 and in bfloat16), so that no two models share a heading or a file name."""
+    names = dict(models)
+    count: dict[str, int] = {}
+    for name in names.values():
+        count[name] = count.get(name, 0) + 1
+    return {fp: name if count[name] == 1 else f"{name} {fp[:8]}" for fp, name in names.items()}
+
+
 def _setting_tags(points: Sequence[Point]) -> dict[tuple, str]:
     """A file-name tag per setting: the split, plus whatever else differs between settings."""
     settings = {p.setting: p for p in points}
     models = {p.model for p in settings.values()}
+    labels = model_labels((p.model, p.model_name) for p in settings.values())
     limits = {p.limit for p in settings.values()}
     options = {p.options for p in settings.values()}
     tags = {}
     for setting, p in settings.items():
         parts = [p.split]
         if len(models) > 1:
-            parts.insert(0, p.model_name)
+            parts.insert(0, labels[p.model])
         if len(limits) > 1:
             parts.append("full" if p.limit is None else f"limit{p.limit}")
         if len(options) > 1:
@@ -836,11 +880,12 @@ def build_report(
         raise SvdiclError(f"{len(folders)} report folders need --output, the folder to write the combined report to")
     target = Path(output) if output is not None else folders[0]
     figures, tables = target / "figures", target / "tables"
+    previous = _report_files(target)
     written: list[Path] = []
     page = ["# svdicl report", "", "Folders: " + ", ".join(f"`{f}`" for f in folders) + ".", ""]
     found_any = False
 
-    stored = [(store, store.cells()) for store in (Store(f) for f in folders if (f / CELLS_FILE).is_file())]
+    stored = [(store, store.cells()) for store in (Store(f, readonly=True) for f in folders if (f / CELLS_FILE).is_file())]
     shares = {cell.id: answer_share(store.samples(cell)) for store, cells in stored for cell in cells}
     if stored:
         found_any = True
@@ -854,13 +899,13 @@ def build_report(
         page += _sweep_section(points, figures, tables, formats, bands, written)
         page.append(_baseline_note({p.model_name for p in points}))
 
-    with_conditions = [folder for folder in folders if (folder / CONDITIONS_CSV).is_file()]
-    for folder in with_conditions:
+    with_conditions = _condition_folders([folder for folder in folders if (folder / CONDITIONS_CSV).is_file()])
+    for folder, name in with_conditions:
         found_any = True
         conditions = read_conditions(folder / CONDITIONS_CSV)
-        name = _conditions_model(folder)
         tag = "" if len(with_conditions) == 1 else f"-{_slug(name)}"
-        written += save_figure(plot_conditions(conditions), figures / f"fig3-conditions{tag}", formats)
+        figure = plot_conditions(conditions, title=f"{name} · condition numbers per layer")
+        written += save_figure(figure, figures / f"fig3-conditions{tag}", formats)
         text = conditions_markdown(conditions)
         written.append(_write_text(tables / f"conditions{tag}.md", text))
         title = "## Condition numbers (fig 3)" + ("" if len(with_conditions) == 1 else f": {name}")
@@ -897,20 +942,59 @@ def build_report(
             "run svdicl sweep, condition or search with --output there first"
         )
     page_path = _write_text(target / "report.md", "\n".join(page) + "\n")
+    _replace_report_files(target, [*written, page_path], previous)
     return Report(files=tuple(written), page=page_path)
 
 
-def _conditions_model(folder: Path) -> str:
-    """The model named in the folder's conditions.json (`svdicl condition` writes it), else the folder's name."""
+def _report_files(target: Path) -> list[str]:
+    """The files an earlier report wrote into `target` (relative paths from its manifest; none if there is none)."""
     try:
-        return json.loads((folder / CONDITIONS_JSON).read_text(encoding="utf-8"))["model"]["name"] or folder.name
+        data = json.loads((target / REPORT_FILES).read_text(encoding="utf-8"))
+        return [str(name) for name in data["files"]]
     except (OSError, ValueError, KeyError, TypeError):
-        return folder.name
+        return []
+
+
+def _replace_report_files(target: Path, written: Sequence[Path], previous: Sequence[str]) -> None:
+    """Delete what the earlier report wrote and this one did not (stale figures and tables), then record this one's
+    files.  Only paths the manifest lists, inside `target`, are ever deleted: never a file report did not write."""
+    names = [path.relative_to(target).as_posix() for path in written]
+    root = target.resolve()
+    for name in set(previous) - set(names):
+        path = (target / name).resolve()
+        if path.is_relative_to(root) and path != root / REPORT_FILES and path.is_file():
+            with _writing(path):
+                path.unlink()
+    _write_text(target / REPORT_FILES, json.dumps({"format": "svdicl.report-files/1", "files": names}, indent=1) + "\n")
+
+
+def _conditions_model(folder: Path) -> tuple[str, str]:
+    """(name, fingerprint) of the model in the folder's conditions.json (`svdicl condition` writes it); the folder's
+    name and no fingerprint where it says nothing."""
+    try:
+        model = json.loads((folder / CONDITIONS_JSON).read_text(encoding="utf-8"))["model"]
+        return str(model["name"] or folder.name), str(model.get("fingerprint") or "")
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder.name, ""
+
+
+def _condition_folders(folders: Sequence[Path]) -> list[tuple[Path, str]]:
+    """(folder, model label) per folder with condition numbers: one per weights (the same fingerprint twice is one
+    model's numbers twice), labels unique (fingerprint digits where names are shared, else the folder's name)."""
+    found: dict[str, tuple[Path, str]] = {}
+    for folder in folders:
+        name, fp = _conditions_model(folder)
+        found.setdefault(fp or f"folder:{folder}", (folder, name))
+    labels = model_labels((key, name) for key, (_, name) in found.items())
+    chosen = [(folder, labels[key] if not key.startswith("folder:") else name) for key, (folder, name) in found.items()]
+    names = [label for _, label in chosen]
+    return [(folder, label if names.count(label) == 1 else f"{label} ({folder})") for folder, label in chosen]
 
 
 def _sweep_section(points, figures: Path, tables: Path, formats, bands: bool, written: list[Path]) -> list[str]:
     page = []
     tags = _setting_tags(points)
+    labels = model_labels((p.model, p.model_name) for p in points)
     for setting, tag in tags.items():
         chosen = [p for p in points if p.setting == setting]
         written.append(write_csv(tables / f"sweep-{tag}.csv", SWEEP_COLUMNS, sweep_rows(chosen)))
@@ -918,12 +1002,14 @@ def _sweep_section(points, figures: Path, tables: Path, formats, bands: bool, wr
         written.append(_write_text(tables / f"sweep-{tag}.md", text))
         first = chosen[0]
         limit = "all examples" if first.limit is None else f"first {first.limit} examples"
-        page += [f"## Sweep: {first.model_name}, {first.split} split, {limit}", ""]
+        page += [f"## Sweep: {labels[first.model]}, {first.split} split, {limit}", ""]
+        title = setting_title(chosen, labels[first.model])
         if any(p.layers is not None for p in chosen):
-            written += save_figure(plot_rates(chosen, bands=bands), figures / f"fig1-rates-{tag}", formats)
+            written += save_figure(plot_rates(chosen, bands=bands, title=title), figures / f"fig1-rates-{tag}", formats)
             page += [f"![fig 1](figures/fig1-rates-{tag}.png)", ""]
             if len({p.shots for p in chosen}) > 1:
-                written += save_figure(plot_shots(chosen, bands=bands), figures / f"fig2-shots-{tag}", formats)
+                figure = plot_shots(chosen, bands=bands, title=title)
+                written += save_figure(figure, figures / f"fig2-shots-{tag}", formats)
                 page += [f"![fig 2](figures/fig2-shots-{tag}.png)", ""]
         page += [text, ""]
     if points:
@@ -947,6 +1033,16 @@ def _baseline_note(model_names: set[str]) -> str:
 
 
 def _write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    with _writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
     return path
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A report that cannot be written (a read-only folder, a full disk) is one line naming the file and the fix."""
+    try:
+        yield
+    except OSError as exc:
+        raise SvdiclError(f"cannot write report file {path} ({exc.strerror or exc}); give --output a writable folder") from None

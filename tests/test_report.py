@@ -57,9 +57,9 @@ def result(key: CellKey) -> Result:
     return Result(metrics, n=200, samples=samples, model_name="tiny")
 
 
-def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa")) -> Store:
+def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa"), model="fp") -> Store:
     keys = [
-        CellKey("fp", task, "test", k, seed, edit)
+        CellKey(model, task, "test", k, seed, edit)
         for task in tasks
         for k in shots
         for seed in seeds
@@ -388,3 +388,104 @@ def test_the_same_search_twice_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "are the same search" in err
     assert str(tmp_path / "a" / "search" / "sst2-mlp.json") in err and str(tmp_path / "b" / "search" / "sst2-mlp.json") in err
+
+
+def test_two_models_with_one_name_get_their_own_files(tmp_path):
+    """One alias in float32 and bfloat16 (two fingerprints, one name) into one folder: a table, figure and heading each."""
+    make_store(tmp_path, tasks=("sst2",), model="f32aaaaaaaaa")
+    make_store(tmp_path, tasks=("sst2",), model="bf16bbbbbbbb", seeds=(0, 1))
+    report = build_report(tmp_path, metric="accuracy")
+    for fp in ("f32aaaaa", "bf16bbbb"):
+        rows = read_csv(tmp_path / "tables" / f"sweep-tiny_{fp}-test.csv")
+        assert {r["model"][:8] for r in rows} == {fp}
+        assert (tmp_path / "figures" / f"fig1-rates-tiny_{fp}-test.png").is_file()
+    page = report.page.read_text()
+    figures = [line for line in page.splitlines() if line.startswith("![fig 1]")]
+    assert len(figures) == len(set(figures)) == 2
+    assert "## Sweep: tiny f32aaaaa, test split" in page and "## Sweep: tiny bf16bbbb, test split" in page
+    for folder, fp in (("a", "fp-aaaa"), ("b", "fp-bbbb")):
+        write_conditions(conditions(), tmp_path / folder, model_name="tiny", fingerprint=fp)
+    write_conditions(conditions(), tmp_path / "c", model_name="tiny", fingerprint="fp-aaaa")  # the same weights again
+    build_report([tmp_path / f for f in "abc"], output=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "tables").glob("conditions*")) == [
+        "conditions-tiny_fp-aaaa.md",
+        "conditions-tiny_fp-bbbb.md",
+    ]
+
+
+def test_figures_carry_the_model_name_and_n(tmp_path):
+    store = make_store(tmp_path, shots=(0, 5), tasks=("sst2",))
+    points = sweep_points(store.cells(), metric="accuracy")
+    assert plot_rates(points).get_suptitle() == "tiny · test split · n=200"
+    assert plot_shots(points).get_suptitle() == "tiny · test split · n=200"
+    assert plot_conditions(conditions(), title="tiny").get_suptitle() == "tiny"
+    fig = plot_search([search_result("sst2", "mlp", 29)])
+    assert fig.axes[0].get_title() == "SST-2 · tiny L29 MLP\nvalidation n=300"
+    build_report(tmp_path, formats=["svg"])
+    assert "tiny · test split · n=200" in (tmp_path / "figures" / "fig1-rates-test.svg").read_text()
+
+
+def test_seed_counts_are_per_column(tmp_path):
+    """Seed 1 ran only the unpruned model and layer 29: no heading says "mean of 2 seeds" over single-seed cells."""
+    store = make_store(tmp_path, tasks=("sst2",))
+    keys = [CellKey("fp", "sst2", "test", 5, 1, edit) for edit in ("none", *(f"29:mlp:{r}" for r in RATES[:2]))]
+    run_cells(store, keys, result, progress=False)
+    build_report(tmp_path, metric="accuracy")
+    lines = (tmp_path / "tables" / "sweep-test.md").read_text().splitlines()
+    assert lines[0] == "**5-shot**"
+    assert (
+        lines[2]
+        == "| task | metric | module | layer | ξ=0 (unpruned), 2 seeds | 0.1, 1-2 seeds | 0.5, 1-2 seeds | 0.9, 1 seed | 0.995, 1 seed |"
+    )
+    seeds = {
+        (r["layers"], r["rate"]): r["seeds"] for r in read_csv(tmp_path / "tables" / "sweep-test.csv") if r["modules"] == "mlp"
+    }
+    assert seeds[("29", "0.1")] == "2" and seeds[("0", "0.1")] == "1"
+
+
+def test_stale_report_files_are_removed_and_only_those(tmp_path):
+    write_search(tmp_path, search_result("sst2", "mlp", 29))
+    build_report(tmp_path)
+    assert (tmp_path / "tables" / "algorithm1.md").is_file()
+    (tmp_path / "tables" / "my-notes.md").write_text("mine")
+    (tmp_path / "search" / "sst2-mlp.json").unlink()  # the search is gone; a sweep is there now
+    make_store(tmp_path, tasks=("sst2",))
+    report = build_report(tmp_path)
+    left = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "tables").iterdir()} | {
+        p.relative_to(tmp_path).as_posix() for p in (tmp_path / "figures").iterdir()
+    }
+    assert left == {p.relative_to(tmp_path).as_posix() for p in report.files} | {"tables/my-notes.md"}
+    assert "algorithm1" not in report.page.read_text()
+
+
+def test_corrupted_samples_file_is_a_one_line_error(tmp_path, capsys):
+    store = make_store(tmp_path, tasks=("sst2",))
+    path = tmp_path / store.cells()[3].samples
+    path.write_bytes(path.read_bytes()[:-30] + b"\xff\xfe}\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"samples file {path} line 4 is damaged" in err
+
+
+def test_report_of_a_read_only_store(tmp_path, monkeypatch):
+    """A finished store in a read-only folder (simulated: every open for writing there fails) is reported elsewhere."""
+    import errno
+    import os
+
+    store = make_store(tmp_path / "store", tasks=("sst2",))
+    expected = {c.id: c.value("accuracy") for c in store.cells()}
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "store")) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    build_report(tmp_path / "store", output=tmp_path / "out", metric="accuracy")
+    cells = read_csv(tmp_path / "out" / "tables" / "cells.csv")
+    assert {r["id"]: float(r["accuracy"]) for r in cells} == expected
+    with pytest.raises(SvdiclError, match="opened read-only"):
+        Store(tmp_path / "store", readonly=True).put(
+            CellKey("fp", "sst2", "test", 5, 9), result(CellKey("fp", "sst2", "test", 5, 9))
+        )
