@@ -433,10 +433,8 @@ def test_seed_counts_are_per_column(tmp_path):
     build_report(tmp_path, metric="accuracy")
     lines = (tmp_path / "tables" / "sweep-test.md").read_text().splitlines()
     assert lines[0] == "**5-shot**"
-    assert (
-        lines[2]
-        == "| task | metric | module | layer | ξ=0 (unpruned), 2 seeds | 0.1, 1-2 seeds | 0.5, 1-2 seeds | 0.9, 1 seed | 0.995, 1 seed |"
-    )
+    headers = [x.strip() for x in lines[2].split("|")[5:-1]]
+    assert headers == ["ξ=0 (unpruned), 2 seeds", "0.1, 1-2 seeds", "0.5, 1-2 seeds", "0.9, 1 seed", "0.995, 1 seed"]
     seeds = {
         (r["layers"], r["rate"]): r["seeds"] for r in read_csv(tmp_path / "tables" / "sweep-test.csv") if r["modules"] == "mlp"
     }
