@@ -18,7 +18,7 @@ from pathlib import Path
 
 from svdicl.errors import SvdiclError
 
-COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
+COMMANDS = ("inspect", "prune", "condition", "report", "eval", "compare", "sweep", "search", "theory")
 
 
 def build_parser() -> argparse.ArgumentParser:
