@@ -25,24 +25,31 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import functools
 import hashlib
 import json
 import math
 import re
 import statistics
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 from matplotlib.figure import Figure
 
+from svdicl import stats
 from svdicl.errors import SvdiclError
+from svdicl.experiments.compare import EvalFolder, compare_evals, read_eval
 from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
 from svdicl.experiments.condition import JSON_FILE as CONDITIONS_JSON
 from svdicl.experiments.condition import TOL_RULE, MatrixCondition, layer_conditions, read_conditions
+from svdicl.experiments.evaluate import RESULTS_FILE
+from svdicl.stats import Estimate, PairedComparison, holm
 from svdicl.store import CELLS_FILE, Cell, Store
 
 SEARCH_DIR = "search"
@@ -816,6 +823,162 @@ def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
     return fig
 
 
+# ----- eval folders (`svdicl eval --output`) -----
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    """One eval folder in the report: its setting, each metric as the seed mean with its CI over examples and
+    its spread over seeds, the share of the most common answer, and the paired comparison with the unpruned
+    model's eval of the same examples (when the report has one; `adjusted_p`: Holm over the report's comparisons)."""
+
+    folder: str
+    model: str
+    fingerprint: str
+    dtype: str
+    task: str
+    split: str
+    shots: int | None
+    edit: str
+    seeds: tuple[int, ...]
+    n: int
+    metric: str
+    accuracy: Estimate
+    accuracy_std: float | None
+    macro_f1: Estimate
+    macro_f1_std: float | None
+    answer_share: float | None
+    versus: PairedComparison | None = None
+    adjusted_p: float | None = None
+
+    def value(self, metric: str) -> Estimate:
+        return self.accuracy if metric == "accuracy" else self.macro_f1
+
+
+def find_evals(folder: Path) -> list[EvalFolder]:
+    """The eval outputs in a folder: the folder itself, or one subfolder per task (a multi-task eval)."""
+    if (folder / RESULTS_FILE).is_file():
+        return [read_eval(folder)]
+    return [read_eval(path.parent) for path in sorted(folder.glob(f"*/{RESULTS_FILE}"))]
+
+
+def eval_rows(evals: Sequence[EvalFolder]) -> list[EvalRow]:
+    """A row per eval folder, each pruned one paired with the unpruned eval of the same weights and examples."""
+    labels = model_labels((e.fingerprint, e.model_name) for e in evals)
+    rows = []
+    for e in evals:
+        versus = None
+        base = next((b for b in evals if b.edit == "none" and e.edit != "none" and _same_setting(b, e)), None)
+        if base is not None:
+            versus = compare_evals(base, e).paired
+        rows.append(_eval_row(e, labels[e.fingerprint], versus))
+    tested = [i for i, row in enumerate(rows) if row.versus is not None]
+    adjusted = holm([rows[i].versus.p_value for i in tested]) if tested else []
+    for i, p in zip(tested, adjusted, strict=True):
+        rows[i] = dataclasses.replace(rows[i], adjusted_p=p)
+    return sorted(rows, key=lambda r: (r.model, _task_order(r.task), r.split, r.edit != "none", r.edit))
+
+
+def _same_setting(a: EvalFolder, b: EvalFolder) -> bool:
+    """Same weights, task, split, shots and examples: the pair `svdicl compare` would accept."""
+    same = (a.fingerprint, a.task, a.split, a.config.get("shots_per_class")) == (
+        b.fingerprint, b.task, b.split, b.config.get("shots_per_class"))  # fmt: skip
+    return same and set(a.ids) == set(b.ids)
+
+
+def _eval_row(e: EvalFolder, model: str, versus: PairedComparison | None) -> EvalRow:
+    ids = e.ids
+    gold_by_id, predicted_by_id = e.table("gold"), e.table("prediction")
+    gold = [gold_by_id[i][0] for i in ids]
+    predicted = np.array([predicted_by_id[i] for i in ids], dtype=np.int64).T  # seeds x examples
+    classes = len(e.config["task"].get("labels") or []) or int(max(gold + predicted.ravel().tolist())) + 1
+    per_seed = {
+        name: [stats.accuracy(gold, p) if name == "accuracy" else stats.macro_f1(gold, p, classes) for p in predicted]
+        for name in ("accuracy", "macro_f1")
+    }
+    shares = [answer_share([{"prediction": x} for x in p]) for p in predicted]
+    return EvalRow(
+        folder=str(e.folder), model=model, fingerprint=e.fingerprint, dtype=e.dtype, task=e.task, split=e.split,
+        shots=e.config.get("shots_per_class"), edit=e.edit, seeds=e.seeds, n=len(ids), metric=e.metric,
+        accuracy=stats.seed_mean_ci(gold, predicted, "accuracy", classes),
+        accuracy_std=statistics.stdev(per_seed["accuracy"]) if len(predicted) > 1 else None,
+        macro_f1=stats.seed_mean_ci(gold, predicted, "macro_f1", classes),
+        macro_f1_std=statistics.stdev(per_seed["macro_f1"]) if len(predicted) > 1 else None,
+        answer_share=statistics.fmean(shares), versus=versus,
+    )  # fmt: skip
+
+
+EVAL_COLUMNS = (
+    "model_name", "model", "dtype", "task", "split", "shots", "edit", "seeds", "n", "metric",
+    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_ci_method", "accuracy_std",
+    "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_f1_ci_method", "macro_f1_std", "answer_share",
+    "delta_accuracy", "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "p_method", "mde", "folder",
+)  # fmt: skip
+
+
+def eval_table_rows(rows: Sequence[EvalRow]) -> list[list[Any]]:
+    """Long-form rows of tables/evals.csv."""
+    out = []
+    for r in rows:
+        v = r.versus
+        out.append([
+            r.model, r.fingerprint, r.dtype, r.task, r.split, r.shots, r.edit, " ".join(map(str, r.seeds)), r.n, r.metric,
+            r.accuracy.value, r.accuracy.low, r.accuracy.high, r.accuracy.method, r.accuracy_std,
+            r.macro_f1.value, r.macro_f1.low, r.macro_f1.high, r.macro_f1.method, r.macro_f1_std, r.answer_share,
+            *((v.difference, v.low, v.high, v.p_value, r.adjusted_p, v.method, v.mde) if v else (None,) * 7), r.folder,
+        ])  # fmt: skip
+    return out
+
+
+def eval_markdown(rows: Sequence[EvalRow]) -> str:
+    """A row per eval: seed mean ± sd over seeds [95% CI over examples], top-answer share, and B - unpruned."""
+    table = []
+    for r in rows:
+        v = r.versus
+        delta = "–" if v is None else f"{v.difference:+.4f} [{v.low:+.3f}, {v.high:+.3f}]"
+        table.append([
+            r.model, _task_label(r.task), r.split, _fmt(r.shots, 0) if r.shots is not None else "–", r.edit,
+            len(r.seeds), r.n, _eval_estimate(r.accuracy, r.accuracy_std), _eval_estimate(r.macro_f1, r.macro_f1_std),
+            _fmt(r.answer_share, 2), delta, _fmt_p(v.p_value if v else None), _fmt_p(r.adjusted_p),
+        ])  # fmt: skip
+    headers = ["model", "task", "split", "shots/class", "edit", "seeds", "n", "accuracy", "macro-F1", "top answer",
+               "Δ accuracy vs unpruned", "p", "p (Holm)"]  # fmt: skip
+    note = (
+        "\nValues: mean over seeds ±sd over seeds [95% CI over examples: Wilson for one seed's accuracy, else a BCa "
+        "bootstrap]. n: examples. top answer: share of examples given the most common answer (1.00 = one answer to "
+        "all). Δ: accuracy of the row minus the unpruned eval of the same weights and examples, each example averaged "
+        "over its seeds first [95% t-interval over examples]; p: exact sign-flip test on those per-example "
+        "differences (`svdicl compare`); p (Holm): adjusted over this table's comparisons.\n"
+    )
+    return markdown_table(headers, table) + note
+
+
+def _eval_estimate(estimate: Estimate, std: float | None) -> str:
+    text = _fmt(estimate.value) + ("" if std is None else f"±{_fmt(std)}")
+    return f"{text} [{_fmt(estimate.low, 3)}, {_fmt(estimate.high, 3)}]"
+
+
+@_styled
+def plot_evals(rows: Sequence[EvalRow]) -> Figure:
+    """Each eval's headline metric with its 95% CI over examples, a panel per task x split, titled with the model(s) and n."""
+    panels = sorted({(r.task, r.split) for r in rows}, key=lambda x: (_task_order(x[0]), x[1]))
+    fig, axes = _figure(1, len(panels), width=max(2.9, 0.9 * max(Counter((r.task, r.split) for r in rows).values())))
+    for ax, (task, split) in zip(axes[0], panels, strict=True):
+        chosen = [r for r in rows if (r.task, r.split) == (task, split)]
+        metric = chosen[0].metric
+        for x, r in enumerate(chosen):
+            e = r.value(metric)
+            color = BASELINE_COLOR if r.edit == "none" else COLORS[0]
+            ax.errorbar([x], [e.value], yerr=[[e.value - e.low], [e.high - e.value]], fmt="o", color=color, capsize=3)
+        ax.set_xticks(range(len(chosen)), [f"{r.model}\n{'unpruned' if r.edit == 'none' else r.edit}" for r in chosen])
+        ax.set_xlim(-0.6, len(chosen) - 0.4)
+        sizes = sorted({r.n for r in chosen})
+        ax.set_title(f"{_task_label(task)} · {split} · n={'/'.join(map(str, sizes))}")
+        ax.set_ylabel(_metric_label(metric) if ax is axes[0][0] else "")
+    fig.suptitle(", ".join(sorted({r.model for r in rows})) + " · mean over seeds, 95% CI over examples")
+    return fig
+
+
 # ----- the whole report -----
 
 
@@ -935,11 +1098,21 @@ def build_report(
             per_seed,
         ]
 
+    evals = [found for folder in folders for found in find_evals(folder)]
+    if evals:
+        found_any = True
+        rows = eval_rows(evals)
+        written.append(write_csv(tables / "evals.csv", EVAL_COLUMNS, eval_table_rows(rows)))
+        text = eval_markdown(rows)
+        written.append(_write_text(tables / "evals.md", text))
+        written += save_figure(plot_evals(rows), figures / "evals", formats)
+        page += ["## Evaluations (svdicl eval)", "", "![evaluations](figures/evals.png)", "", text]
+
     if not found_any:
         where = ", ".join(str(f) for f in folders)
         raise SvdiclError(
-            f"nothing to report in {where}: no {CELLS_FILE}, {CONDITIONS_CSV} or {SEARCH_DIR}/*.json; "
-            "run svdicl sweep, condition or search with --output there first"
+            f"nothing to report in {where}: no {CELLS_FILE}, {CONDITIONS_CSV}, {SEARCH_DIR}/*.json or {RESULTS_FILE}; "
+            "run svdicl sweep, condition, search or eval with --output there first"
         )
     page_path = _write_text(target / "report.md", "\n".join(page) + "\n")
     _replace_report_files(target, [*written, page_path], previous)

@@ -487,3 +487,39 @@ def test_report_of_a_read_only_store(tmp_path, monkeypatch):
         Store(tmp_path / "store", readonly=True).put(
             CellKey("fp", "sst2", "test", 5, 9), result(CellKey("fp", "sst2", "test", 5, 9))
         )
+
+
+def test_report_reads_eval_folders_and_pairs_each_with_its_unpruned_eval(tmp_path):
+    import numpy as np
+    from test_compare import two_arms, write_eval
+
+    from svdicl.experiments.compare import compare_evals
+    from svdicl.stats import holm
+
+    rng = np.random.default_rng(11)
+    a, b = two_arms(rng)
+    c, _ = two_arms(rng)
+    write_eval(tmp_path / "base", a)
+    write_eval(tmp_path / "pruned", b, edit="29:mlp:0.9")
+    write_eval(tmp_path / "other" / "pruned2", c, edit="29:mlp:0.5")
+    write_eval(tmp_path / "other" / "cb", c[:1], task="cb")  # a multi-task eval folder: one subfolder per task
+    out = tmp_path / "out"
+    report = build_report([tmp_path / "base", tmp_path / "pruned", tmp_path / "other"], output=out)
+    rows = {(r["task"], r["edit"]): r for r in read_csv(out / "tables" / "evals.csv")}
+    assert set(rows) == {("sst2", "none"), ("sst2", "29:mlp:0.9"), ("sst2", "29:mlp:0.5"), ("cb", "none")}
+    base = rows[("sst2", "none")]
+    assert float(base["accuracy"]) == pytest.approx(a.mean()) and base["seeds"] == "0 1" and base["n"] == "14"
+    assert float(base["accuracy_std"]) == pytest.approx(statistics.stdev(a.mean(axis=1)))
+    gold = np.arange(14) % 2
+    predictions = np.where(b == 1, gold, 1 - gold)
+    share = statistics.fmean(max(np.mean(p == 0), np.mean(p == 1)) for p in predictions)
+    assert float(rows[("sst2", "29:mlp:0.9")]["answer_share"]) == pytest.approx(share)
+    direct = [compare_evals(tmp_path / "base", tmp_path / f).paired for f in ("pruned", "other/pruned2")]
+    for edit, paired, adjusted in zip(("29:mlp:0.9", "29:mlp:0.5"), direct, holm([p.p_value for p in direct]), strict=True):
+        row = rows[("sst2", edit)]
+        assert float(row["delta_accuracy"]) == pytest.approx(paired.difference)
+        assert (float(row["p_value"]), float(row["p_holm"])) == pytest.approx((paired.p_value, adjusted))
+    assert rows[("cb", "none")]["p_value"] == ""  # nothing to pair with
+    assert "## Evaluations (svdicl eval)" in report.page.read_text()
+    svg = (out / "figures" / "evals.svg").read_text()
+    assert "SST-2 · test · n=14" in svg and "tiny · mean over seeds" in svg
