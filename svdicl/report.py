@@ -6,19 +6,25 @@
     DIR/figures/fig2-shots-<split>.{png,svg}    the same per shot count (when there are several)
     DIR/figures/fig3-conditions.{png,svg}       condition number vs layer, a line per matrix (log scale)
     DIR/figures/algorithm1-validation.{png,svg} Algorithm 1's validation curves with the chosen rate
-    DIR/tables/*.{md,csv}                       the numbers behind every figure, the appendix C.5 table and
-                                                Algorithm 1 per demonstration seed
+    DIR/figures/evals.{png,svg}                 each `svdicl eval` folder's metric with its CI over examples
+    DIR/tables/*.{md,csv}                       the numbers behind every figure, the appendix C.5 table,
+                                                Algorithm 1 per demonstration seed, the evals paired with
+                                                their unpruned eval
     DIR/report.md                               all of it on one page
+    DIR/report-files.json                       what this report wrote: the next one replaces exactly these
 
 `build_report([DIR, ...], output=OUT)` does the same for several folders at once (one per model, say)
 into OUT: one Algorithm 1 table with a column per model x module, the sweeps of every model, and a
 fig 3 per model.
 
-Inputs: DIR/cells.jsonl (the result store of `svdicl sweep`), DIR/conditions.csv (`svdicl
-condition`) and DIR/search/*.json (`svdicl search`, schema in docs/experiments.md); each is
-optional.  Several seeds of a cell are drawn as their mean with a band of +-1 sample standard
-deviation; a single seed with its 95% bootstrap interval.  The plotting functions return
-matplotlib Figures (no pyplot state) so tests can inspect what was drawn.
+Inputs: DIR/cells.jsonl (the result store of `svdicl sweep`, opened read-only), DIR/conditions.csv
+(`svdicl condition`), DIR/search/*.json (`svdicl search`, schema in docs/experiments.md) and
+DIR/results.json + samples.jsonl (`svdicl eval`, or one such folder per task); each is optional.
+No two inputs share a table column, a figure panel or a file name: searches and models that share
+a display name are told apart by what differs (`search_columns`, `model_labels`).  Several seeds
+of a cell are drawn as their mean with a band of +-1 sample standard deviation; a single seed with
+its 95% interval.  The plotting functions return matplotlib Figures (no pyplot state) so tests can
+inspect what was drawn.
 """
 
 from __future__ import annotations

@@ -38,7 +38,10 @@ def write_eval(folder: Path, correct: np.ndarray, *, task="sst2", edit="none", g
     (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
     config = {"model": {"source": "tiny", "fingerprint": "fp", "dtype": "float32"}, "task": {"name": task}, "split": "test",
               "seeds": list(range(seeds)), "limit": None, "edit": {"key": edit}}  # fmt: skip
-    (folder / "results.json").write_text(json.dumps({"format": "svdicl-eval/1", "config": config, "runs": []}))
+    summary = {"metric": "macro_f1" if task == "copa" else "accuracy"}
+    (folder / "results.json").write_text(
+        json.dumps({"format": "svdicl-eval/1", "config": config, "runs": [], "summary": summary})
+    )
     return folder
 
 
@@ -145,3 +148,12 @@ def test_cli_compare_of_two_real_eval_runs(tmp_path, capsys, one_thread):
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "pruned")]) == 0
     out = capsys.readouterr().out
     assert f"on the same {len(d)} examples" in out and f"{d.mean():+.4f}" in out and "p = " in out
+
+
+def test_copa_says_the_comparison_is_on_accuracy(tmp_path, capsys):
+    a, b = two_arms(np.random.default_rng(8))
+    write_eval(tmp_path / "a", a, task="copa")
+    write_eval(tmp_path / "b", b, task="copa")
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert "(paired on accuracy; the task's headline metric is macro_f1" in capsys.readouterr().out
+    assert compare_evals(tmp_path / "a", tmp_path / "b").to_dict()["metric"] == "accuracy"

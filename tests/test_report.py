@@ -523,3 +523,11 @@ def test_report_reads_eval_folders_and_pairs_each_with_its_unpruned_eval(tmp_pat
     assert "## Evaluations (svdicl eval)" in report.page.read_text()
     svg = (out / "figures" / "evals.svg").read_text()
     assert "SST-2 · test · n=14" in svg and "tiny · mean over seeds" in svg
+
+
+def test_an_unwritable_report_folder_is_a_one_line_error(tmp_path, capsys):
+    make_store(tmp_path / "store", tasks=("sst2",))
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["report", str(tmp_path / "store"), "--output", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write report file" in err and "give --output a writable folder" in err
