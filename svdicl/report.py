@@ -50,12 +50,11 @@ from matplotlib.figure import Figure
 
 from svdicl import stats
 from svdicl.errors import SvdiclError
-from svdicl.experiments.compare import EvalFolder, compare_evals, read_eval
+from svdicl.experiments.compare import EvalFolder, paired_accuracy, read_eval
 from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
 from svdicl.experiments.condition import JSON_FILE as CONDITIONS_JSON
 from svdicl.experiments.condition import TOL_RULE, MatrixCondition, layer_conditions, read_conditions
 from svdicl.experiments.evaluate import RESULTS_FILE
-from svdicl.stats import Estimate, PairedComparison, holm
 from svdicl.store import CELLS_FILE, Cell, Store
 
 SEARCH_DIR = "search"
@@ -849,15 +848,15 @@ class EvalRow:
     seeds: tuple[int, ...]
     n: int
     metric: str
-    accuracy: Estimate
+    accuracy: stats.Estimate
     accuracy_std: float | None
-    macro_f1: Estimate
+    macro_f1: stats.Estimate
     macro_f1_std: float | None
     answer_share: float | None
-    versus: PairedComparison | None = None
+    versus: stats.PairedComparison | None = None
     adjusted_p: float | None = None
 
-    def value(self, metric: str) -> Estimate:
+    def value(self, metric: str) -> stats.Estimate:
         return self.accuracy if metric == "accuracy" else self.macro_f1
 
 
@@ -876,10 +875,10 @@ def eval_rows(evals: Sequence[EvalFolder]) -> list[EvalRow]:
         versus = None
         base = next((b for b in evals if b.edit == "none" and e.edit != "none" and _same_setting(b, e)), None)
         if base is not None:
-            versus = compare_evals(base, e).paired
+            versus = paired_accuracy(base, e)
         rows.append(_eval_row(e, labels[e.fingerprint], versus))
     tested = [i for i, row in enumerate(rows) if row.versus is not None]
-    adjusted = holm([rows[i].versus.p_value for i in tested]) if tested else []
+    adjusted = stats.holm([rows[i].versus.p_value for i in tested]) if tested else []
     for i, p in zip(tested, adjusted, strict=True):
         rows[i] = dataclasses.replace(rows[i], adjusted_p=p)
     return sorted(rows, key=lambda r: (r.model, _task_order(r.task), r.split, r.edit != "none", r.edit))
@@ -892,7 +891,7 @@ def _same_setting(a: EvalFolder, b: EvalFolder) -> bool:
     return same and set(a.ids) == set(b.ids)
 
 
-def _eval_row(e: EvalFolder, model: str, versus: PairedComparison | None) -> EvalRow:
+def _eval_row(e: EvalFolder, model: str, versus: stats.PairedComparison | None) -> EvalRow:
     ids = e.ids
     gold_by_id, predicted_by_id = e.table("gold"), e.table("prediction")
     gold = [gold_by_id[i][0] for i in ids]
@@ -959,7 +958,7 @@ def eval_markdown(rows: Sequence[EvalRow]) -> str:
     return markdown_table(headers, table) + note
 
 
-def _eval_estimate(estimate: Estimate, std: float | None) -> str:
+def _eval_estimate(estimate: stats.Estimate, std: float | None) -> str:
     text = _fmt(estimate.value) + ("" if std is None else f"±{_fmt(std)}")
     return f"{text} [{_fmt(estimate.low, 3)}, {_fmt(estimate.high, 3)}]"
 

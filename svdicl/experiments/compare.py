@@ -184,14 +184,20 @@ def compare_evals(a: str | Path | EvalFolder, b: str | Path | EvalFolder) -> Com
     """The example-level paired comparison of two eval folders (B - A), refusing folders that are not paired."""
     first = a if isinstance(a, EvalFolder) else read_eval(a)
     second = b if isinstance(b, EvalFolder) else read_eval(b)
-    _check_paired(first, second)
+    paired = paired_accuracy(first, second)
     ids = first.ids
-    correct_a, correct_b = _matrix(first, "correct", ids), _matrix(second, "correct", ids)
-    if correct_a.shape[1] == correct_b.shape[1]:
-        paired = paired_comparison(correct_a, correct_b)
-    else:  # other seed counts: still one value per example and arm, the mean over that arm's seeds
-        paired = paired_comparison(correct_a.mean(axis=1), correct_b.mean(axis=1))
     return Comparison(first.task, first.split, len(ids), _arm(first, ids), _arm(second, ids), paired, first.metric)
+
+
+def paired_accuracy(a: EvalFolder, b: EvalFolder) -> PairedComparison:
+    """B - A on the same examples, each example's correctness averaged over its arm's seeds (refuses unpaired folders)."""
+    _check_paired(a, b)
+    ids = a.ids
+    correct_a, correct_b = _matrix(a, "correct", ids), _matrix(b, "correct", ids)
+    if correct_a.shape[1] == correct_b.shape[1]:
+        return paired_comparison(correct_a, correct_b)
+    # other seed counts: still one value per example and arm, the mean over that arm's seeds
+    return paired_comparison(correct_a.mean(axis=1), correct_b.mean(axis=1))
 
 
 def _check_paired(a: EvalFolder, b: EvalFolder) -> None:
