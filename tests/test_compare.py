@@ -114,7 +114,7 @@ def test_damaged_or_missing_eval_output_is_one_line(tmp_path, capsys):
 def test_docs_compare_snippet_runs_on_a_two_seed_run(tmp_path, monkeypatch):
     """The snippet of docs/evaluation.md, run as written on 2-seed folders (the old one failed: "id appears twice")."""
     text = DOCS.read_text()
-    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", text, re.S) if "compare" in s]
+    (snippet,) = [s for s in re.findall(r"```python\n(.*?)```", text, re.S) if "compare_evals" in s]
     a, b = two_arms(np.random.default_rng(7))
     write_eval(tmp_path / "out" / "base", a)
     write_eval(tmp_path / "out" / "pruned", b)
