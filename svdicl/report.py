@@ -1057,7 +1057,13 @@ def build_report(
     shares = {cell.id: answer_share(store.samples(cell)) for store, cells in stored for cell in cells}
     if stored:
         found_any = True
-        cells = [cell for _, found in stored for cell in found]
+        # one cell per key: two folders holding the same cell (a sweep's and a search's unpruned cells) must not
+        # count it twice in a seed mean or spread
+        unique: dict[str, Cell] = {}
+        for _, found in stored:
+            for cell in found:
+                unique.setdefault(cell.id, cell)
+        cells = list(unique.values())
         headers, rows = cell_rows(cells, shares)
         written.append(write_csv(tables / "cells.csv", headers, rows))
         points = sweep_points(cells, metric, shares)

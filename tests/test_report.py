@@ -531,3 +531,15 @@ def test_an_unwritable_report_folder_is_a_one_line_error(tmp_path, capsys):
     assert main(["report", str(tmp_path / "store"), "--output", str(tmp_path / "file" / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write report file" in err and "give --output a writable folder" in err
+
+
+def test_a_cell_in_two_folders_counts_once(tmp_path):
+    """A sweep's and a search's store of one model share the unpruned cells: no duplicate rows, no doubled seeds."""
+    for folder in ("sweep", "search"):
+        make_store(tmp_path / folder, seeds=(0, 1), tasks=("sst2",))
+    build_report([tmp_path / "sweep", tmp_path / "search"], output=tmp_path / "out", metric="accuracy")
+    ids = [r["id"] for r in read_csv(tmp_path / "out" / "tables" / "cells.csv")]
+    assert len(ids) == len(set(ids)) == len(Store(tmp_path / "sweep").cells())
+    (row,) = [r for r in read_csv(tmp_path / "out" / "tables" / "sweep-test.csv") if r["layers"] == ""]
+    values = [accuracy("sst2", 5, s, "none") for s in (0, 1)]
+    assert float(row["high"]) - float(row["value"]) == pytest.approx(statistics.stdev(values))
