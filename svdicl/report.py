@@ -1039,6 +1039,7 @@ def build_report(
 ) -> Report:
     """Figures, tables and report.md for everything found in one folder (written there) or several (into `output`)."""
     folders = [Path(directories)] if isinstance(directories, (str, Path)) else [Path(d) for d in directories]
+    folders = _unique_folders(folders)
     for folder in folders:
         if not folder.is_dir():
             raise SvdiclError(
@@ -1128,6 +1129,14 @@ def build_report(
     page_path = _write_text(target / "report.md", "\n".join(page) + "\n")
     _replace_report_files(target, [*written, page_path], previous)
     return Report(files=tuple(written), page=page_path)
+
+
+def _unique_folders(folders: Sequence[Path]) -> list[Path]:
+    """The folders in order, a folder given twice (under any spelling) once."""
+    unique: dict[Path, Path] = {}
+    for folder in folders:
+        unique.setdefault(folder.resolve(), folder)
+    return list(unique.values())
 
 
 def _report_files(target: Path) -> list[str]:

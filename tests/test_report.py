@@ -543,3 +543,9 @@ def test_a_cell_in_two_folders_counts_once(tmp_path):
     (row,) = [r for r in read_csv(tmp_path / "out" / "tables" / "sweep-test.csv") if r["layers"] == ""]
     values = [accuracy("sst2", 5, s, "none") for s in (0, 1)]
     assert float(row["high"]) - float(row["value"]) == pytest.approx(statistics.stdev(values))
+
+
+def test_a_folder_given_twice_is_read_once(tmp_path):
+    write_search(tmp_path / "a", search_result("sst2", "mlp", 29))
+    report = build_report([tmp_path / "a", tmp_path / "a" / ".." / "a"], output=tmp_path / "out")
+    assert len(read_csv(tmp_path / "out" / "tables" / "algorithm1.csv")) == 1 and report.page.is_file()
