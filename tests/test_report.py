@@ -549,3 +549,14 @@ def test_a_folder_given_twice_is_read_once(tmp_path):
     write_search(tmp_path / "a", search_result("sst2", "mlp", 29))
     report = build_report([tmp_path / "a", tmp_path / "a" / ".." / "a"], output=tmp_path / "out")
     assert len(read_csv(tmp_path / "out" / "tables" / "algorithm1.csv")) == 1 and report.page.is_file()
+
+
+def test_read_only_store_skips_a_torn_last_line_without_repairing_it(tmp_path):
+    store = make_store(tmp_path, tasks=("sst2",))
+    with open(tmp_path / "cells.jsonl", "ab") as handle:
+        handle.write(b'{"format": 1, "id": "torn')
+    size = (tmp_path / "cells.jsonl").stat().st_size
+    with pytest.warns(UserWarning, match="cut short by an interrupted write; skipped it"):
+        reader = Store(tmp_path, readonly=True)
+    assert [c.id for c in reader.cells()] == [c.id for c in store.cells()]
+    assert (tmp_path / "cells.jsonl").stat().st_size == size  # nothing written into a folder opened read-only
