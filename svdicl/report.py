@@ -857,6 +857,7 @@ class EvalRow:
     adjusted_p: float | None = None
 
     def value(self, metric: str) -> stats.Estimate:
+        """The estimate of `metric` (accuracy or macro_f1)."""
         return self.accuracy if metric == "accuracy" else self.macro_f1
 
 

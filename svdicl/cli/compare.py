@@ -7,6 +7,7 @@ import json
 
 
 def add(sub) -> None:
+    """Register `svdicl compare` on the subparsers `sub`."""
     p = sub.add_parser(
         "compare",
         help="paired comparison of two eval folders on the same examples: difference, CI, p-value, detectable effect",
@@ -22,6 +23,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Compare the two folders and print each arm, the paired difference, p and the detectable effect (or JSON)."""
     from svdicl.experiments.compare import compare_evals
 
     comparison = compare_evals(args.a, args.b)

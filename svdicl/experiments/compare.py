@@ -39,27 +39,33 @@ class EvalFolder:
 
     @property
     def config(self) -> dict[str, Any]:
+        """results.json's config: model, task, split, seeds, edit, scoring."""
         return self.results["config"]
 
     @property
     def model_name(self) -> str:
+        """The model as given to eval (alias, path or Hub id), else the fingerprint's start."""
         model = self.config.get("model", {})
         return str(model.get("source") or model.get("fingerprint", "")[:10] or "model")
 
     @property
     def fingerprint(self) -> str:
+        """Digest of the weights as loaded (before the edit)."""
         return str(self.config.get("model", {}).get("fingerprint", ""))
 
     @property
     def dtype(self) -> str:
+        """The dtype the model was loaded in."""
         return str(self.config.get("model", {}).get("dtype", ""))
 
     @property
     def task(self) -> str:
+        """The task's name."""
         return str(self.config["task"]["name"])
 
     @property
     def split(self) -> str:
+        """The split scored (test or validation)."""
         return str(self.config["split"])
 
     @property
@@ -69,10 +75,12 @@ class EvalFolder:
 
     @property
     def edit(self) -> str:
+        """The edit's key: `none` for the unpruned model, else e.g. `29:mlp:0.9`."""
         return str(self.config.get("edit", {}).get("key", "none"))
 
     @property
     def seeds(self) -> tuple[int, ...]:
+        """The demonstration seeds, in results.json's order."""
         return tuple(self.config["seeds"])
 
     @property
@@ -158,6 +166,7 @@ class Arm:
     accuracy: Estimate
 
     def to_dict(self) -> dict[str, Any]:
+        """The arm as JSON (the `a`/`b` entries of svdicl.compare/1)."""
         return {"folder": self.folder, "model": self.model, "edit": self.edit, "seeds": list(self.seeds),
                 "accuracy": self.accuracy.to_dict()}  # fmt: skip
 
@@ -175,6 +184,7 @@ class Comparison:
     headline: str = "accuracy"  # the task's own metric; the comparison is on accuracy whatever it is
 
     def to_dict(self) -> dict[str, Any]:
+        """The comparison as JSON (schema svdicl.compare/1, what `svdicl compare --json` prints)."""
         return {"format": "svdicl.compare/1", "task": self.task, "split": self.split, "n": self.n, "metric": "accuracy",
                 "headline_metric": self.headline, "a": self.a.to_dict(), "b": self.b.to_dict(),
                 "paired": self.paired.to_dict()}  # fmt: skip
