@@ -24,6 +24,7 @@ CONFIDENCE = 0.95
 
 
 def accuracy(gold: Sequence[int], predicted: Sequence[int]) -> float:
+    """Share of predictions equal to gold."""
     gold_a, pred_a = _arrays(gold, predicted)
     return float((gold_a == pred_a).mean())
 
@@ -65,6 +66,7 @@ class Estimate:
     resamples: int = RESAMPLES
 
     def to_dict(self) -> dict:
+        """The estimate as results files record it."""
         return {
             "value": self.value,
             "ci_low": self.low,
@@ -102,10 +104,12 @@ def bootstrap_ci(
 
 
 def accuracy_ci(gold: Sequence[int], predicted: Sequence[int], **options) -> Estimate:
+    """Accuracy with its percentile-bootstrap confidence interval."""
     return bootstrap_ci(gold, predicted, lambda g, p: (g == p).mean(axis=1), **options)
 
 
 def macro_f1_ci(gold: Sequence[int], predicted: Sequence[int], num_classes: int, **options) -> Estimate:
+    """Macro-F1 with its percentile-bootstrap confidence interval."""
     return bootstrap_ci(gold, predicted, lambda g, p: _macro_f1(g, p, num_classes), **options)
 
 
@@ -118,6 +122,7 @@ class McNemar:
     p_value: float
 
     def to_dict(self) -> dict:
+        """The discordant counts and the exact p-value as results files record them."""
         return {"only_a_correct": self.only_a, "only_b_correct": self.only_b, "p_value": self.p_value}
 
 
