@@ -341,6 +341,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     """BLAKE2 digest of the architecture and every weight as loaded: keys results to exact weights."""
     digest = hashlib.blake2b(digest_size=16)
     config = {k: v for k, v in model.config.to_dict().items() if k not in _PROVENANCE_KEYS and not k.startswith("_")}
+    # save_pretrained fills in `architectures`; a model not yet saved (GGUF without a cache, built in memory) has the same class
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in state_tensors(model):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())

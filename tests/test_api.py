@@ -131,7 +131,8 @@ def test_search_picks_the_reference_layer_and_rate_and_agrees_with_evaluate(task
 
 @pytest.mark.slow
 def test_real_smollm2_loaded_by_transformers_wraps_to_the_same_weights(real_model, data_dir):
-    """SmolLM2 loaded with transformers directly (not svdicl.load_model) scores as the svdicl-loaded model does."""
+    """SmolLM2 loaded with transformers directly (not svdicl.load_model) is keyed and scored as the svdicl-loaded
+    model is (which `real_model` reads back from SVDICL_CACHE when set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from svdicl.models import ALIASES, alias_gguf
@@ -141,7 +142,7 @@ def test_real_smollm2_loaded_by_transformers_wraps_to_the_same_weights(real_mode
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     wrapped = svdicl.wrap(model, tokenizer, name="smollm2-135m")
-    assert wrapped.fingerprint == fingerprint(model) and not model.training
+    assert wrapped.fingerprint == real_model.fingerprint and not model.training  # the same cells in every store
     theirs_weights = dict(state_tensors(real_model.model))
     assert all(torch.equal(tensor, theirs_weights[name]) for name, tensor in state_tensors(model))
     mine = svdicl.evaluate(model, "sst2", tokenizer=tokenizer, limit=24, data_dir=data_dir, prune="-1:mlp:0.9")
@@ -205,3 +206,16 @@ def test_the_docstring_check_catches_a_missing_docstring():
         pass
 
     assert _undocumented(Bare) and _undocumented(bare) and not _undocumented(svdicl.Evaluation)
+
+
+def test_the_fingerprint_does_not_depend_on_whether_the_model_was_saved(tmp_path):
+    """save_pretrained fills in config.architectures: SmolLM2 from its GGUF file (or any model built in
+    memory and wrapped) once fingerprinted differently from the same weights read back from SVDICL_CACHE."""
+    import transformers as tf
+
+    model = tiny_model("llama")
+    assert model.config.architectures is None
+    before = fingerprint(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert model.config.architectures == ["LlamaForCausalLM"]
+    assert fingerprint(model) == before == fingerprint(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "saved"))
