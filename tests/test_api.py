@@ -127,6 +127,11 @@ def test_search_picks_the_reference_layer_and_rate_and_agrees_with_evaluate(task
     assert 0 <= found.mcnemar_p <= 1
     written = json.loads((task_dir / "out" / "search" / "toy-mlp.json").read_text())
     assert svdicl.SearchResult.from_results(written).rate_star == found.rate_star
+    again = svdicl.search(model, yaml, tokenizer=tokenizer, rates="0.5,0.99", layer=found.layer, data_dir=data)  # no output
+    assert again.folder is None and again.top_layers == () and again.layer == found.layer
+    assert (again.validation, again.rate_star, again.baseline, again.pruned) == (
+        found.validation, found.rate_star, found.baseline, found.pruned
+    )  # fmt: skip
 
 
 @pytest.mark.slow
