@@ -132,7 +132,12 @@ class SearchResult:
 
 
 def _estimate(entry: dict) -> Estimate:
-    return Estimate(entry["value"], entry["ci_low"], entry["ci_high"])
+    """An Estimate from its results-file dict (confidence, resamples and method when recorded)."""
+    recorded = {name: entry[key] for name, key in _ESTIMATE_KEYS if key in entry}
+    return Estimate(entry["value"], entry["ci_low"], entry["ci_high"], **recorded)
+
+
+_ESTIMATE_KEYS = (("confidence", "confidence"), ("resamples", "resamples"), ("method", "ci_method"))
 
 
 def _loaded(model: LoadedModel | torch.nn.Module, tokenizer, name: str | None) -> LoadedModel:
