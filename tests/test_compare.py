@@ -133,7 +133,7 @@ def test_cli_compare_of_two_real_eval_runs(tmp_path, capsys, one_thread):
     for name, specs in (("base", ()), ("pruned", (PruneSpec.parse("2:mlp:0.99"),))):
         evaluate(loaded, task, seeds=(0, 1), specs=specs, data_dir=tmp_path / "data", output=tmp_path / name, quiet=True)
     assert main(["compare", str(tmp_path / "base"), str(tmp_path / "pruned"), "--json"]) == 0
-    found = json.loads(capsys.readouterr().out)
+    (found,) = json.loads(capsys.readouterr().out)["comparisons"]
     correct = {}
     for name in ("base", "pruned"):
         rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
@@ -157,3 +157,27 @@ def test_copa_says_the_comparison_is_on_accuracy(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b")]) == 0
     assert "(paired on accuracy; the task's headline metric is macro_f1" in capsys.readouterr().out
     assert compare_evals(tmp_path / "a", tmp_path / "b").to_dict()["metric"] == "accuracy"
+
+
+def test_multi_task_folders_are_compared_per_task_with_holm(tmp_path, capsys):
+    from svdicl.experiments.compare import compare_tasks
+
+    rng = np.random.default_rng(9)
+    arms = {task: two_arms(rng, n=20) for task in ("sst2", "cb")}
+    for task, (a, b) in arms.items():
+        write_eval(tmp_path / "base" / task, a, task=task)
+        write_eval(tmp_path / "pruned" / task, b, task=task)
+    found = compare_tasks(tmp_path / "base", tmp_path / "pruned")
+    assert [c.task for c in found] == ["cb", "sst2"]
+    raw = [compare_evals(tmp_path / "base" / c.task, tmp_path / "pruned" / c.task).paired.p_value for c in found]
+    low, high = sorted(range(2), key=raw.__getitem__)
+    expected = [0.0, 0.0]
+    expected[low] = min(1.0, 2 * raw[low])
+    expected[high] = min(1.0, max(expected[low], raw[high]))  # Holm's step-down for two tests
+    assert [c.p_holm for c in found] == pytest.approx(expected)
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "pruned")]) == 0
+    assert capsys.readouterr().out.count("Holm over 2 tasks") == 2
+    write_eval(tmp_path / "more" / "sst2", arms["sst2"][1])
+    assert main(["compare", str(tmp_path / "base"), str(tmp_path / "more")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds tasks cb, sst2 and B" in err and "sst2; compare folders of the same tasks" in err

@@ -24,12 +24,18 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compare the two folders and print each arm, the paired difference, p and the detectable effect (or JSON)."""
-    from svdicl.experiments.compare import compare_evals
+    from svdicl.experiments.compare import compare_tasks
 
-    comparison = compare_evals(args.a, args.b)
+    comparisons = compare_tasks(args.a, args.b)
     if args.json:
-        print(json.dumps(comparison.to_dict(), indent=2))
+        print(json.dumps({"format": "svdicl.compare/1", "comparisons": [c.to_dict() for c in comparisons]}, indent=2))
         return 0
+    for comparison in comparisons:
+        _print(comparison, len(comparisons))
+    return 0
+
+
+def _print(comparison, tasks: int) -> None:
     paired = comparison.paired
     print(f"{comparison.task} {comparison.split}: B - A on the same {comparison.n} examples, each averaged over its seeds")
     if comparison.headline != "accuracy":
@@ -44,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"  B - A  {paired.difference:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}]  ({level} {paired.ci_method} over examples)"
     )
-    print(f"  p = {paired.p_value:.4g}  ({paired.method}, two-sided)")
+    holm = "" if comparison.p_holm is None else f"; Holm over {tasks} tasks: p = {comparison.p_holm:.4g}"
+    print(f"  p = {paired.p_value:.4g}  ({paired.method}, two-sided{holm})")
     mde = "none (no example differs)" if paired.mde is None else f"±{paired.mde:.4f}"
     print(f"  minimum detectable difference ({paired.power:.0%} power, α = {1 - paired.confidence:.2g}): {mde}")
-    return 0

@@ -2,6 +2,7 @@
 
     comparison = compare_evals("out/base", "out/pruned")
     comparison.paired.difference, comparison.paired.low, comparison.paired.high, comparison.paired.p_value
+    compare_tasks("runs/base", "runs/pruned")   # multi-task eval folders: one comparison per task, Holm over them
 
 The unit of inference is the example, never example x seed: each example's correctness is averaged
 over the seeds of its arm first (the demonstrations of seed s are the same in both arms, but the
@@ -13,6 +14,7 @@ refused in one line naming the mismatch, because an unpaired difference is not w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ import numpy as np
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import PROGRESS_FILE, RESULTS_FILE, SAMPLES_FILE
-from svdicl.stats import Estimate, PairedComparison, paired_comparison, seed_mean_ci
+from svdicl.stats import Estimate, PairedComparison, holm, paired_comparison, seed_mean_ci
 
 EVAL_FORMAT = "svdicl-eval/"
 SAMPLE_KEYS = ("seed", "id", "gold", "prediction", "correct")
@@ -182,12 +184,12 @@ class Comparison:
     b: Arm
     paired: PairedComparison
     headline: str = "accuracy"  # the task's own metric; the comparison is on accuracy whatever it is
+    p_holm: float | None = None  # Holm-adjusted over the tasks of one `compare_tasks` call; None for one comparison
 
     def to_dict(self) -> dict[str, Any]:
-        """The comparison as JSON (schema svdicl.compare/1, what `svdicl compare --json` prints)."""
-        return {"format": "svdicl.compare/1", "task": self.task, "split": self.split, "n": self.n, "metric": "accuracy",
-                "headline_metric": self.headline, "a": self.a.to_dict(), "b": self.b.to_dict(),
-                "paired": self.paired.to_dict()}  # fmt: skip
+        """The comparison as JSON (an entry of svdicl.compare/1's `comparisons`, what `svdicl compare --json` prints)."""
+        return {"task": self.task, "split": self.split, "n": self.n, "metric": "accuracy", "headline_metric": self.headline,
+                "a": self.a.to_dict(), "b": self.b.to_dict(), "paired": self.paired.to_dict(), "p_holm": self.p_holm}  # fmt: skip
 
 
 def compare_evals(a: str | Path | EvalFolder, b: str | Path | EvalFolder) -> Comparison:
@@ -197,6 +199,30 @@ def compare_evals(a: str | Path | EvalFolder, b: str | Path | EvalFolder) -> Com
     paired = paired_accuracy(first, second)
     ids = first.ids
     return Comparison(first.task, first.split, len(ids), _arm(first, ids), _arm(second, ids), paired, first.metric)
+
+
+def compare_tasks(a: str | Path, b: str | Path) -> list[Comparison]:
+    """`compare_evals` of two eval folders, or of each task of two multi-task eval folders (one subfolder per task,
+    as `svdicl eval --task a,b` writes them) with Holm's adjustment over the tasks; both must hold the same tasks."""
+    a, b = Path(a), Path(b)
+    if (a / RESULTS_FILE).is_file() or (b / RESULTS_FILE).is_file():
+        return [compare_evals(a, b)]
+    tasks_a, tasks_b = _task_folders(a), _task_folders(b)
+    if not tasks_a or not tasks_b or set(tasks_a) != set(tasks_b):
+        for folder, tasks in ((a, tasks_a), (b, tasks_b)):
+            if not tasks:
+                read_eval(folder)  # says what the folder is instead
+        raise SvdiclError(
+            f"A ({a}) holds tasks {', '.join(sorted(tasks_a))} and B ({b}) {', '.join(sorted(tasks_b))}; "
+            "compare folders of the same tasks, or one task's folder of each"
+        )
+    found = [compare_evals(tasks_a[task], tasks_b[task]) for task in sorted(tasks_a)]
+    adjusted = holm([c.paired.p_value for c in found])
+    return [dataclasses.replace(c, p_holm=p) for c, p in zip(found, adjusted, strict=True)]
+
+
+def _task_folders(folder: Path) -> dict[str, Path]:
+    return {path.parent.name: path.parent for path in sorted(folder.glob(f"*/{RESULTS_FILE}"))}
 
 
 def paired_accuracy(a: EvalFolder, b: EvalFolder) -> PairedComparison:
