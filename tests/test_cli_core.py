@@ -236,6 +236,18 @@ def test_every_command_takes_the_same_keys_and_aliases_in_configs(tmp_path):
                 assert parse_list(got.get("task") or got.get("tasks")) == ["sst2"]
 
 
+def test_a_config_may_give_required_flags(tmp_path):
+    config = write_config(tmp_path, {"output": "out", "top_k": 2})
+    for argv in (["condition", "--config", config], ["-q", "condition", f"--config={config}"]):
+        args = parse_args(argv)
+        assert (args.output, args.top_k) == ("out", 2)
+    linreg = write_config(tmp_path, {"output": "x", "steps": 3}, "linreg.json")
+    assert vars(parse_args(["theory", "linreg", "--config", linreg]))["steps"] == 3
+    linreg = write_config(tmp_path, {"output_dir": "x"}, "linreg.json")
+    with pytest.raises(SvdiclError, match=r"unknown key 'output_dir'; valid keys .*: batch_size, checkpoint_every"):
+        parse_args(["theory", "linreg", "--config", linreg])
+
+
 def test_command_line_wins_over_the_config_for_lists_too(tmp_path):
     config = write_config(tmp_path, {"task": "sst2", "seed": [0, 1], "limit": 8, "prune": ["-1:mlp:0.9"]})
     args = parse_args(["eval", "--config", config, "--seed", "5", "--limit", "3"])

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from svdicl.cli.config import VALUE, Parser, config_argv, given_dests, read_config
+from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
 from svdicl.errors import SvdiclError
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
@@ -53,18 +53,18 @@ def parse_args(argv: list[str], parser: Parser | None = None) -> argparse.Namesp
     """Flags, with a `--config FILE` of the chosen command read as the flags it names (the command line wins)."""
     parser = parser or build_parser()
     argv = _join_negative_values(parser, argv)
-    probe, _ = parser.parse_known_args(argv)
-    if not getattr(probe, "config", None):
+    path = config_path(argv)
+    if path is None:
         return parser.parse_args(argv)
-    flags = parser.command_parser(probe).flags
+    flags = parser.command_parser(argv).flags
     given = given_dests(flags, argv)
-    extra = config_argv(flags, read_config(probe.config), probe.config, given)
+    extra = config_argv(flags, read_config(path), path, given)
     try:
         return parser.parse_args(argv + extra)
     except SvdiclError as exc:
         named = [f for f in flags if f.dest not in given and f"argument {'/'.join(f.options)}:" in str(exc)]
         if named:
-            raise SvdiclError(f"config {probe.config}: {exc}") from None
+            raise SvdiclError(f"config {path}: {exc}") from None
         raise
 
 

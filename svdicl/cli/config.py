@@ -64,11 +64,15 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise SvdiclError(f"{message} (see {self.prog} --help)")
 
-    def command_parser(self, args: argparse.Namespace) -> Parser:
-        """The innermost subcommand's parser that parsed `args` (`svdicl theory linreg` -> linreg's)."""
-        parser = self
-        while parser.commands is not None and getattr(args, parser.commands.dest, None) is not None:
-            parser = parser.commands.choices[getattr(args, parser.commands.dest)]
+    def command_parser(self, argv: Sequence[str]) -> Parser:
+        """The innermost subcommand's parser `argv` names (`svdicl -q theory linreg ...` -> linreg's), before parsing:
+        a config may hold the flags a parse would ask for (`output` of `condition`)."""
+        parser, rest = self, list(argv)
+        while parser.commands is not None:
+            names = [i for i, arg in enumerate(rest) if arg in parser.commands.choices]
+            if not names:
+                break
+            parser, rest = parser.commands.choices[rest[names[0]]], rest[names[0] + 1 :]
         return parser
 
     def all_flags(self) -> list[Flag]:
@@ -123,6 +127,17 @@ def read_config(path: str) -> dict:
     if not isinstance(values, dict):
         raise SvdiclError(f"config {path} must be a mapping of flag names to values")
     return values
+
+
+def config_path(argv: Sequence[str]) -> str | None:
+    """The value of the last `--config FILE` or `--config=FILE` in `argv`."""
+    found = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            found = argv[i + 1]
+        elif arg.startswith("--config="):
+            found = arg.split("=", 1)[1]
+    return found
 
 
 def given_dests(flags: Sequence[Flag], argv: Sequence[str]) -> set[str]:
