@@ -253,6 +253,10 @@ def test_command_line_wins_over_the_config_for_lists_too(tmp_path):
     args = parse_args(["eval", "--config", config, "--seed", "5", "--limit", "3"])
     assert seeds_from(args) == (5,) and args.limit == 3 and args.prune == ["-1:mlp:0.9"] and args.task == ["sst2"]
     assert parse_args(["eval", "--config", config, "--seeds=7,8"]).seeds == ["7,8"]
+    limits = write_config(tmp_path, {"task": "sst2", "limit_test": 500, "limit": 9}, "limits.json")
+    for flag, expected in (("--limit", (5, 500, None)), ("--limit-t", (9, 5, None))):  # a flag or its unique prefix
+        args = parse_args(["search", "--config", limits, flag, "5"])  # overrides that flag only
+        assert (args.limit, args.limit_test, args.limit_validation) == expected
 
 
 def test_lm_eval_spellings_and_common_flags(capsys, tmp_path, toy_eval):

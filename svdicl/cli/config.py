@@ -141,15 +141,17 @@ def config_path(argv: Sequence[str]) -> str | None:
 
 
 def given_dests(flags: Sequence[Flag], argv: Sequence[str]) -> set[str]:
-    """Destinations the command line sets itself (any spelling, `--flag=value`, or an unambiguous prefix)."""
-    typed = {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}
-    return {
-        flag.dest
-        for flag in flags
-        for option in flag.options
-        for text in typed
-        if text == option or (text.startswith("--") and len(text) > 2 and option.startswith(text))
-    }
+    """Destinations the command line sets itself: any spelling, `--flag=value`, or an unambiguous prefix as argparse
+    takes it (`--limit` is search's --limit, not also --limit-test)."""
+    options = {option: flag.dest for flag in flags for option in flag.options}
+    given = set()
+    for text in {arg.split("=", 1)[0] for arg in argv if arg.startswith("-")}:
+        if text in options:
+            given.add(options[text])
+        elif text.startswith("--"):
+            matches = {dest for option, dest in options.items() if option.startswith(text)}
+            given |= matches if len(matches) == 1 else set()
+    return given
 
 
 def config_argv(flags: Sequence[Flag], values: Mapping[str, Any], origin: str, given: set[str]) -> list[str]:
