@@ -138,12 +138,13 @@ def test_gguf_without_gguf_package_names_the_fix(capsys, monkeypatch, tmp_path):
 
 
 @pytest.fixture
-def toy_eval(tmp_path) -> list[str]:
+def toy_eval(tmp_path, capsys) -> list[str]:
     """`svdicl eval` argv on a toy 2-class task (40 train rows, row i of class i % 2) with a tiny random model."""
     task = write_toy_task(tmp_path)
     model_dir = tmp_path / "model"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()  # transformers' "Writing model shards" bar is not the CLI's output
     return ["eval", "--model", str(model_dir), "--task", str(task), "--data-dir", str(tmp_path / "data"), "--limit", "4"]
 
 

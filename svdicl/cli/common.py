@@ -150,12 +150,19 @@ def positive_int(text: str) -> int:
     try:
         number = int(text)
     except ValueError:
-        hint = "; a fraction of the examples (lm-eval's --limit 0.1) has no svdicl form" if "." in text else ""
+        hint = "; a fraction of the examples (lm-eval's --limit 0.1) has no svdicl form" if _fraction(text) else ""
         hint = "; svdicl has no automatic batch size" if text.startswith("auto") else hint
         raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}{hint}") from None
     if number < 1:
         raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}")
     return number
+
+
+def _fraction(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
 
 
 def non_negative_int(text: str) -> int:
