@@ -22,6 +22,7 @@ COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search"
 
 
 def build_parser() -> Parser:
+    """The `svdicl` argument parser: global flags and one subparser per command module."""
     from svdicl import __version__
 
     parser = Parser(
@@ -82,6 +83,7 @@ def _join_negative_values(parser: Parser, argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:

@@ -22,6 +22,7 @@ from svdicl.cli.common import (
 
 
 def add(sub) -> None:
+    """Register `svdicl eval` on the subparsers `sub`."""
     from svdicl.tasks import TASKS
 
     p = sub.add_parser(
@@ -59,6 +60,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate each --task under the optional edit and print per-seed metrics with their CIs."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
     from svdicl.forward import parse_memory
