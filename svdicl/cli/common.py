@@ -225,6 +225,7 @@ def seeds_from(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def check_shot_flags(args: argparse.Namespace) -> None:
+    """Refuse --shots with --num_fewshot: one count, in one convention."""
     if args.shots is not None and args.num_fewshot is not None:
         raise SvdiclError("give --shots (per class) or --num_fewshot (in all), not both")
 

@@ -38,6 +38,7 @@ class Flag:
 
 
 def config_key(text: str) -> str:
+    """`--num-fewshot` or `num-fewshot` as the key `num_fewshot`."""
     return text.lstrip("-").replace("-", "_")
 
 
@@ -50,18 +51,22 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """argparse's add_argument, recording the flag."""
         action = super().add_argument(*args, **kwargs)
         _record(self.flags, action, kwargs)
         return action
 
     def add_argument_group(self, *args, **kwargs) -> _Group:
+        """A group whose flags go into this parser's table too."""
         return _Group(super().add_argument_group(*args, **kwargs), self.flags)
 
     def add_subparsers(self, **kwargs) -> argparse.Action:
+        """Subcommands, kept as `commands` so configs and `-1` values can find every command's flags."""
         self.commands = super().add_subparsers(**kwargs)
         return self.commands
 
     def error(self, message: str):
+        """A usage error as one line (raised, so `main` prints it like every other svdicl error)."""
         raise SvdiclError(f"{message} (see {self.prog} --help)")
 
     def command_parser(self, argv: Sequence[str]) -> Parser:
