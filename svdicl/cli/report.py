@@ -18,7 +18,13 @@ def add(sub) -> None:
         "sweeps, every eval paired with its unpruned eval. Files an earlier report wrote and this one does not are removed.",
     )
     p.add_argument("directories", metavar="DIR", nargs="+", help="--output folders of svdicl sweep, condition, search or eval")
-    p.add_argument("--output", metavar="OUT", help="where to write the report of several DIRs (default: the one DIR)")
+    p.add_argument(
+        "--output",
+        "--output-path",
+        "--output_path",
+        metavar="OUT",
+        help="where to write the report of several DIRs (default: the one DIR)",
+    )
     p.add_argument(
         "--metric",
         default="task",
