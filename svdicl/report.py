@@ -644,6 +644,7 @@ SEARCH_SETUP: tuple[tuple[str, Callable[[Mapping[str, Any]], Any], Callable[[Any
     ("layer", lambda r: r["layer"] if r.get("layer_from") == "given" else None, lambda v: f"layer {v} given"),
     ("scoring", lambda r: (r.get("scoring") or {}).get("options"), _options_label),
     ("data", lambda r: r.get("data"), lambda v: f"data {Path(str(v)).name}"),
+    ("task_source", lambda r: r.get("task_source"), lambda v: f"task {Path(str(v)).name}"),
 )
 
 
@@ -674,7 +675,7 @@ def search_columns(results: Sequence[Mapping[str, Any]], sources: Sequence[Any] 
             first, second = (str(sources[i]) if sources else f"result {i + 1}" for i in group[:2])
             raise SvdiclError(
                 f"{first} and {second} are the same search ({results[group[0]]['task']}, {module} of {name}: same weights, "
-                "dtype, shots, limits, seeds and scoring); report only one of them"
+                "dtype, shots, limits, seeds, scoring and data); report only one of them"
             )
         for i in members:
             columns[i] = (" ".join(labels[i]), module)
