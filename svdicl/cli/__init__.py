@@ -16,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, read_text, write_error
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
 
@@ -44,7 +44,7 @@ def _config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
     file = Path(path)
     if not file.is_file():
         raise SvdiclError(f"config file {path} does not exist")
-    text = file.read_text()
+    text = read_text(file)
     try:
         if file.suffix in (".yaml", ".yml"):
             import yaml
@@ -110,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except SvdiclError as exc:
         print(f"svdicl: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
+        problem = write_error(exc, writing=False)
+        if problem is None:
+            raise
+        print(f"svdicl: error: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)

@@ -87,11 +87,17 @@ def _local_rows(task: TaskConfig, path: Path) -> list[dict]:
 def _check_lines(task: TaskConfig, path: Path) -> None:
     """Raise on the first bad line, naming file and line: JSON, columns, label."""
     columns, labels = task.columns(), set(task.data_labels())
-    with open(path, encoding="utf-8") as handle:
+    with open(path, "rb") as handle:
         count = 0
-        for number, line in enumerate(handle, start=1):
+        for number, raw in enumerate(handle, start=1):
             count += 1
             where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SvdiclError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+                ) from None
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
