@@ -18,7 +18,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
@@ -114,9 +114,8 @@ def content_digest(task: TaskConfig, *groups: Sequence[Example]) -> str:
     digest = hashlib.sha256(task.digest.encode())
     for group in groups:
         digest.update(b"\x1e")
-        for example in group:
-            digest.update(json.dumps(asdict(example), sort_keys=True, ensure_ascii=False).encode())
-            digest.update(b"\n")
+        rows = [[e.id, e.fields, e.label, e.choices] for e in group]
+        digest.update(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
     return digest.hexdigest()[:16]
 
 
