@@ -6,12 +6,14 @@ One store per output folder:
     DIR/samples/<task>/<split>-...-<id>.jsonl  that cell's per-example predictions
 
 A cell is one evaluation: (model fingerprint, task, split, shots, seed, edit, limit, scoring
-options).  Writing a cell first puts its samples file in place (temp name, fsync, atomic
+options, data digest).  Writing a cell first puts its samples file in place (temp name, fsync, atomic
 rename), then appends its line with a single write and fsyncs it, all under an exclusive lock
 on cells.jsonl.  So a kill -9 at any moment loses at most the cell in flight: a torn last line
 is cut off (with a warning) the next time the store is opened, and a line never points at a
 samples file that is not there.  A bad line anywhere else is refused, never silently dropped.
-The edit is part of the key, so a pruned model never reads the unpruned model's answers.
+The edit is part of the key, so a pruned model never reads the unpruned model's answers; the
+data digest is, so a cell scored on other rows or under another task definition (same task
+name) is never reused: such cells stay in the store, apart (`Store.other_data`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ class CellKey:
     string (`EditRecord.key`: `26:mlp:0.95`, `none` for the unpruned model; write layers as
     non-negative indices so equal edits get equal keys), `limit` the number of evaluated
     examples (None = the whole split), `options` the scoring options (e.g. length
-    normalisation) as a mapping of JSON scalars.
+    normalisation) as a mapping of JSON scalars, `data` the digest of the task definition and
+    the examples scored (`svdicl.tasks.data.content_digest`; empty in stores older than it).
     """
 
     model: str
@@ -65,6 +68,7 @@ class CellKey:
     edit: str = UNPRUNED
     limit: int | None = None
     options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    data: str = ""
 
     def __post_init__(self) -> None:
         options = dict(self.options)
@@ -79,12 +83,16 @@ class CellKey:
         for name in ("model", "task", "split", "edit"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise SvdiclError(f"cell key field {name!r} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.data, str):
+            raise SvdiclError(f"cell key field 'data' must be a digest string, got {self.data!r}")
         object.__setattr__(self, "edit", canonical_edit(self.edit))
 
     @property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of the key."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """16 hex digits of SHA-256 over the canonical JSON of the key (an empty `data` left out, so cells
+        of stores older than the data digest keep their ids)."""
+        key = {name: value for name, value in self.to_dict().items() if name != "data" or value}
+        text = json.dumps(key, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,6 +286,12 @@ class Store:
     def missing(self, keys: Iterable[CellKey]) -> list[CellKey]:
         """The keys not finished yet, in order, without duplicates."""
         return [k for k in dict.fromkeys(keys) if k.id not in self._cells]
+
+    def other_data(self, keys: Iterable[CellKey]) -> list[Cell]:
+        """Stored cells equal to one of `keys` but for the data digest: scored on other rows or under another
+        definition of a task of the same name.  They are never returned for `keys`; this says they are there."""
+        wanted = {replace(key, data="").id: key.data for key in keys}
+        return [c for c in self._cells.values() if wanted.get(replace(c.key, data="").id, c.key.data) != c.key.data]
 
     def cells(self, **filters: Any) -> list[Cell]:
         """Cells in file order whose fields equal the filters (a list/tuple/set value means any of them).

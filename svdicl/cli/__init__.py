@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import sys
+import warnings
 from pathlib import Path
 
 from svdicl.errors import SvdiclError, read_text, write_error
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     argv = _join_negative_values(parser, argv)
+    warnings.showwarning = _warning_line
     try:
         _config_defaults(parser, argv)
         args = parser.parse_args(argv)
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors (svdicl's are addressed to the user, not to a developer)."""
+    print(f"svdicl: warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:
