@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"svdicl: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
-        problem = write_error(exc, writing=False)
+        problem = write_error(exc, _output_folder(parser, argv), writing=False)
         if problem is None:
             raise
         print(f"svdicl: error: {problem}", file=sys.stderr)
@@ -122,6 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _output_folder(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The folder the command writes to, to name in an error that does not name its file."""
+    probe = parser.parse_known_args(argv)[0]
+    directories = getattr(probe, "directories", None)
+    return getattr(probe, "output", None) or (directories[0] if directories and len(directories) == 1 else None)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
