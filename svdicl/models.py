@@ -172,7 +172,9 @@ def cache_entry(target: Path) -> Iterator[Path]:
         lock = FileLock(target.with_name(target.name + ".lock"))
         lock.acquire()
     except OSError as exc:
-        raise write_error(exc, target.parent) or exc from None
+        raise write_error(exc, target.parent) or SvdiclError(
+            f"cannot make the model cache folder {target.parent} ({exc.strerror}); point --cache-dir or SVDICL_CACHE at a folder"
+        ) from None
     partial = target.with_name(target.name + ".partial")
     try:
         _remove(partial)

@@ -254,3 +254,16 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_later_load_reads(tmp_path, m
     assert not any(name.endswith(".partial") for name in cache_entries(cache))  # the stale temp folder is gone
     monkeypatch.setattr(models, "_dequantise", lambda *a: pytest.fail("the finished copy was not read"))
     assert load_model(str(gguf), cache_dir=cache).fingerprint == loaded.fingerprint
+
+
+def test_a_damaged_cache_copy_is_rebuilt_and_a_file_as_cache_is_named(tmp_path):
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    first = load_model(str(gguf), cache_dir=cache)
+    (copy,) = (cache / "models").glob("*-float32")
+    truncate(copy / "model.safetensors")  # a disk error or a stray edit since it was written
+    assert load_model(str(gguf), cache_dir=cache).fingerprint == first.fingerprint
+    models.check_safetensors(copy / "model.safetensors")  # written again, whole
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SvdiclError, match=r"cannot make the model cache folder .*file/models \(Not a directory\)"):
+        load_model(str(gguf), cache_dir=tmp_path / "file")
