@@ -326,6 +326,13 @@ def _from_pretrained(source, **options):
         if "offload_folder" in str(exc):
             raise SvdiclError("the device map sends weights to disk that must be re-saved; give --offload-folder DIR") from None
         raise
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" in str(exc):
+            raise SvdiclError(
+                f"the weights of {source} do not have the shapes its config.json gives; config and weights come from "
+                "different models: fetch or export the model again"
+            ) from None
+        raise
 
 
 def _is_factorized_export(source: str) -> bool:

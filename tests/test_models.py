@@ -143,6 +143,15 @@ def test_interrupted_export_is_refused_in_one_line(tiny_dir, tmp_path, cut, mess
         load_model(broken_copy(tiny_dir, tmp_path, interrupt))
 
 
+def test_weights_of_another_shape_than_the_config_are_named(tiny_dir, tmp_path):
+    def widen(folder):
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 128}))
+
+    with pytest.raises(SvdiclError, match=r"do not have the shapes its config\.json gives"):
+        load_model(broken_copy(tiny_dir, tmp_path, widen))
+
+
 def test_missing_shard_of_a_sharded_checkpoint_is_named(tiny_dir, tmp_path):
     def shard(folder):
         index = {"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}
