@@ -469,8 +469,8 @@ def _check_folder(folder: Path, trust_remote_code: bool) -> None:
         raise SvdiclError(f"{file} is not valid JSON ({exc}); restore it or export the model again") from None
     if not isinstance(config, dict):
         raise SvdiclError(f"{file} must hold a JSON object; restore it or export the model again")
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+    model_type = config.get("model_type")  # absent in some old configs: transformers then guesses from the path
+    if model_type is not None and model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
         custom = "; if the model ships its own code, pass --trust-remote-code" if "auto_map" in config else ""
         raise SvdiclError(
             f"{file} names model_type {model_type!r}, which transformers {transformers_version} does not know; "
