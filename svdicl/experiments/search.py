@@ -47,16 +47,19 @@ from svdicl.experiments.sweep import (
     Progress,
     Scoring,
     cell_limit,
+    data_digest,
     edit_cell,
     evaluate_lines,
     module_lines,
+    note_other_data,
     parse_rates,
+    run_key,
 )
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
 from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1
-from svdicl.store import Cell, CellKey, Store
+from svdicl.store import Cell, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve
 from svdicl.tasks import METRICS, get_task
 from svdicl.tasks.data import TaskSplits, load_splits
@@ -231,15 +234,16 @@ def search(
 
     def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
         """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
-        limit = cell_limit(limits[split], len(splits.split(split)))
         calls = {}
+        data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
-            base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
+            base = run_key(loaded, splits, split, shots, seed, limits[split], scoring, data)
 
             def prepare(seed: int = seed) -> EvalRun:
                 return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
 
             calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
+        note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
         evaluate_lines(
             loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
