@@ -7,13 +7,21 @@ per cell, in order, and yields those outputs to the driver as they finish.  The 
 writes the store, so a store filled by Ray workers holds what the local executor writes, and
 resume works the same way.
 
-    local   the work function in this process, line after line
-    ray     N actors, each loads the model once and scores many lines; the line of an actor
-            that dies goes to a fresh actor with only the cells not yet received
+    local   N single-threaded worker processes (default: the free cores, svdicl.threads), each
+            loads the model once and scores many lines; with one worker (or a model only in
+            memory) the lines run in this process, on the driver's model
+    ray     N actors, each loads the model once and scores many lines
+
+Either way the line of a worker that dies goes to a fresh worker with only the cells not yet
+received (`_Redo`), and a line that killed DEATHS workers stops the run.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import pickle
+import queue as queues
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -25,6 +33,7 @@ from svdicl.experiments.evaluate import EvalRun
 from svdicl.models import ALIASES, LoadedModel, load_model
 from svdicl.prune import PruneSpec
 from svdicl.store import CellKey
+from svdicl.threads import ThreadPlan, apply_torch_threads, thread_plan
 
 EXECUTORS = ("local", "ray")
 DEATHS = 3  # a line whose actor died this often is not resubmitted again (it is what kills them)
@@ -61,9 +70,12 @@ class LocalExecutor:
     """Lines one after another in this process, on the driver's model; the progress bar moves per batch."""
 
     loaded: LoadedModel
+    threads: int | None = None  # torch threads while scoring (None: leave torch's setting)
 
     def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
         """Run `work` on each line in this process, in order."""
+        if self.threads:
+            apply_torch_threads(self.threads)
         for line in lines:
             yield from work(self.loaded, line, progress)
 
@@ -125,7 +137,7 @@ def import_ray():
 
 
 class _Worker:
-    """A Ray actor: loads the model once, then scores the lines it is sent (a generator per line).
+    """A Ray actor or a local worker process: loads the model once, then scores the lines it is sent (a generator per line).
 
     A load failure is kept and raised by `score`, so the driver sees the error itself rather than
     an actor that died in its constructor (which would read as a lost worker and be retried)."""
@@ -139,7 +151,7 @@ class _Worker:
             self.loaded = load_model(**model)
             if self.loaded.fingerprint != fingerprint:
                 raise SvdiclError(
-                    f"a Ray worker loaded other weights from {model['source']!r} than the driver (fingerprint "
+                    f"a worker loaded other weights from {model['source']!r} than the driver (fingerprint "
                     f"{self.loaded.fingerprint[:12]} vs {fingerprint[:12]}); give a model every node reads the same"
                 )
         except Exception as exc:
@@ -159,6 +171,30 @@ class _Task:
     actor: Any
     line: Line
     received: int = 0
+
+
+class _Redo:
+    """The lines still to score: the caller's, after the unfinished rest of lines whose worker died.
+
+    Shared by both executors, so a lost Ray actor and a killed worker process are handled alike."""
+
+    def __init__(self, lines: Iterable[Line], hint: str) -> None:
+        self.lines, self.queue, self.deaths, self.hint = iter(lines), deque(), {}, hint
+
+    def next(self) -> Line | None:
+        """The next line to send to a free worker, or None when all are sent."""
+        return self.queue.popleft() if self.queue else next(self.lines, None)
+
+    def lost(self, task: _Task) -> None:
+        """`task`'s worker died: its cells not yet received go first to the next worker, unless they killed DEATHS."""
+        rest = task.line.rest(task.received)
+        if not rest.cells:
+            return
+        first = rest.cells[0][0]
+        self.deaths[first] = self.deaths.get(first, 0) + 1
+        if self.deaths[first] >= DEATHS:
+            raise SvdiclError(f"workers died {DEATHS} times scoring {first.task} {first.split} {first.edit}; {self.hint}")
+        self.queue.appendleft(rest)
 
 
 @dataclass
@@ -221,11 +257,11 @@ class RayExecutor:
             except ray.exceptions.RayActorError:  # lost since the last call: a fresh one takes its place
                 self.actors[index] = self._start()
                 self.restarts += 1
-        lines, queue, deaths = iter(lines), deque(), {}
+        todo = _Redo(lines, "check the workers' memory (a larger --gpus-per-worker or fewer --workers)")
         self.running = {}  # what an abandoned earlier call left is not this call's
 
         def submit(actor: Any) -> None:
-            line = queue.popleft() if queue else next(lines, None)
+            line = todo.next()
             if line is not None:
                 self.running[actor.score.remote(work, line)] = _Task(actor, line)
 
@@ -242,16 +278,7 @@ class RayExecutor:
                 continue
             except ray.exceptions.RayActorError:
                 del self.running[generator]
-                rest = task.line.rest(task.received)
-                if rest.cells:
-                    first = rest.cells[0][0]
-                    deaths[first] = deaths.get(first, 0) + 1
-                    if deaths[first] >= DEATHS:
-                        raise SvdiclError(
-                            f"Ray workers died {DEATHS} times scoring {first.task} {first.split} {first.edit}; "
-                            "check the workers' memory (a larger --gpus-per-worker or fewer --workers)"
-                        ) from None
-                    queue.appendleft(rest)
+                todo.lost(task)
                 self.restarts += 1
                 self.actors[self.actors.index(task.actor)] = replacement = self._start()
                 submit(replacement)
@@ -271,15 +298,130 @@ class RayExecutor:
             ray.shutdown()
 
 
+def _serve(model: Mapping[str, Any], fingerprint: str, threads: int, inbox: Any, outbox: Any, ident: int) -> None:
+    """A local worker process: load the model once, then score each (work, line) from `inbox` until None.
+
+    Every message to the driver is (ident, kind, payload): "out" per cell, "end" per line, "error"
+    with the exception (or its traceback as text where it does not pickle)."""
+    worker = _Worker(model, fingerprint, threads)
+    while (job := inbox.get()) is not None:
+        work, line = job
+        try:
+            for output in worker.score(work, line):
+                outbox.put((ident, "out", output))
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(traceback.format_exc())
+            outbox.put((ident, "error", exc))
+            continue
+        outbox.put((ident, "end", None))
+
+
+@dataclass
+class _Process:
+    ident: int
+    process: Any
+    inbox: Any
+
+
+@dataclass
+class ProcessExecutor:
+    """Lines spread over local worker processes (spawned, `plan.threads` torch threads each) that each hold the model.
+
+    The multi-core local executor: separate processes, not threads in one, so a busy machine slows
+    each worker alone instead of stalling every thread at torch's barriers.  `model` holds
+    `load_model`'s keyword arguments; each worker's fingerprint must equal `fingerprint`."""
+
+    model: Mapping[str, Any]
+    fingerprint: str
+    plan: ThreadPlan
+    workers: list[_Process] = field(init=False, default_factory=list)
+    running: dict[int, _Task] = field(init=False, default_factory=dict)  # worker ident -> its task
+    restarts: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self._context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
+        self._outbox = self._context.Queue()
+        self._idents = iter(range(1 << 62))
+        self.workers = [self._start() for _ in range(self.plan.workers)]
+
+    def _start(self) -> _Process:
+        ident, inbox = next(self._idents), self._context.Queue()
+        process = self._context.Process(
+            target=_serve, args=(dict(self.model), self.fingerprint, self.plan.threads, inbox, self._outbox, ident), daemon=True
+        )
+        process.start()
+        return _Process(ident, process, inbox)
+
+    def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on the lines across the worker processes, redoing a dead worker's unfinished cells."""
+        todo = _Redo(lines, "check the workers' memory (fewer --workers)")
+        self.running = {}
+
+        def submit(worker: _Process) -> None:
+            line = todo.next()
+            if line is not None:
+                worker.inbox.put((work, line))
+                self.running[worker.ident] = _Task(worker, line)
+
+        for worker in self.workers:
+            submit(worker)
+        while self.running:
+            try:
+                ident, kind, payload = self._outbox.get(timeout=0.5)
+            except queues.Empty:
+                self._replace_dead(todo, submit)
+                continue
+            task = self.running.get(ident)
+            if task is None:  # a message from a worker already given up as dead
+                continue
+            if kind == "error":
+                raise payload
+            if kind == "end":
+                del self.running[ident]
+                submit(task.actor)
+                continue
+            task.received += 1
+            yield payload
+
+    def _replace_dead(self, todo: _Redo, submit: Callable[[_Process], None]) -> None:
+        """Each worker that died: its unfinished cells go back to `todo`, a fresh worker takes its place."""
+        for index, worker in enumerate(self.workers):
+            if worker.process.is_alive():
+                continue
+            task = self.running.pop(worker.ident, None)
+            if task is not None:
+                todo.lost(task)
+            self.restarts += 1
+            self.workers[index] = replacement = self._start()
+            submit(replacement)
+
+    def close(self) -> None:
+        """Stop the worker processes (at once: what they were scoring is not wanted any more)."""
+        for worker in self.workers:
+            worker.process.kill()
+            worker.process.join()
+        self.workers, self.running = [], {}
+
+
 def open_executor(
     name: str,
     loaded: LoadedModel,
     model: Mapping[str, Any] | None = None,
     settings: RaySettings | None = None,
+    plan: ThreadPlan | None = None,
 ) -> Executor:
-    """The executor `name`: local on `loaded`, or Ray workers that load `model` (load_model's keyword arguments)."""
+    """The executor `name`: local, or Ray workers that load `model` (load_model's keyword arguments).
+
+    Local runs `plan` (default: `thread_plan()`, the free cores): worker processes that load `model`
+    when it has more than one worker and `model` is given, else this process on `loaded`."""
     if name == "local":
-        return LocalExecutor(loaded)
+        plan = plan or thread_plan()
+        if plan.workers > 1 and model is not None:
+            return ProcessExecutor(dict(model), loaded.fingerprint, plan)
+        return LocalExecutor(loaded, plan.threads if plan.workers == 1 else None)
     if name == "ray":
         model = dict(model or {"source": loaded.source, "dtype": loaded.dtype})
         return RayExecutor(model, loaded.fingerprint, settings or RaySettings())

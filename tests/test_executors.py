@@ -127,7 +127,7 @@ def test_a_worker_error_reaches_the_driver_as_itself(toy, workers):
 def test_a_worker_with_other_weights_refuses_to_score(toy):
     _, folder = toy
     worker = _Worker({"source": str(folder)}, "0" * 32, threads=1)  # the actor's class, in this process
-    with pytest.raises(SvdiclError, match="a Ray worker loaded other weights"):
+    with pytest.raises(SvdiclError, match="a worker loaded other weights"):
         worker.ready()
 
 
@@ -158,4 +158,7 @@ def test_a_missing_ray_and_ray_flags_without_ray_are_one_line_errors(toy, monkey
     argv = ["sweep", "--model", str(folder), "--tasks", str(task), "--data-dir", str(task.parent / "data")]
     argv += ["--output", str(tmp_path / "o")]
     assert "pip install" in one_line_error(capsys, *argv, "--executor", "ray")
-    assert "--workers is for the Ray executor; add --executor ray" in one_line_error(capsys, *argv, "--workers", "2")
+    assert "--address is for the Ray executor; add --executor ray" in one_line_error(capsys, *argv, "--address", "auto")
+    assert "--threads-per-worker is for the local executor" in one_line_error(
+        capsys, *argv, "--executor", "ray", "--threads-per-worker", "2"
+    )

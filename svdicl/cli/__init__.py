@@ -18,6 +18,7 @@ import warnings
 
 from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
 from svdicl.errors import SvdiclError, write_error
+from svdicl.threads import apply_torch_threads
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "compare", "sweep", "search", "theory")
 
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
         _quiet_libraries()
+        apply_torch_threads()  # the free cores, not every core: two threads on a busy two-core machine crawl
         return args.handler(args)
     except SvdiclError as exc:
         print(f"svdicl: error: {exc}", file=sys.stderr)

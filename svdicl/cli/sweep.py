@@ -84,7 +84,17 @@ def add_executor_args(p: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start one on this machine)")
     group.add_argument(
-        "--workers", type=int, metavar="N", help="Ray workers (default: one per GPU with --gpus-per-worker, else one per CPU)"
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes, each loads the model once (default local: the free cores, max(1, cores - load average); "
+        "ray: one per GPU with --gpus-per-worker, else one per CPU)",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="T",
+        help="torch threads of each local worker process (default: 1; one process per free core is faster on a busy machine)",
     )
     group.add_argument(
         "--gpus-per-worker",
@@ -99,12 +109,19 @@ def executor_from(args: argparse.Namespace, loaded):
     from svdicl.cli.common import log, model_options
     from svdicl.errors import SvdiclError
     from svdicl.executors import RaySettings, open_executor
+    from svdicl.threads import thread_plan
 
     if args.executor == "local":
-        given = [flag for flag in ("address", "workers", "gpus_per_worker") if getattr(args, flag) is not None]
+        given = [flag for flag in ("address", "gpus_per_worker") if getattr(args, flag) is not None]
         if given:
             raise SvdiclError(f"--{given[0].replace('_', '-')} is for the Ray executor; add --executor ray")
-        return open_executor("local", loaded)
+        on_cpu = (args.device or "cpu") == "cpu" and not args.device_map
+        plan = thread_plan(args.workers or (None if on_cpu else 1), args.threads_per_worker)  # one process owns a GPU
+        executor = open_executor("local", loaded, model_options(args), plan=plan)
+        log(args, f"local: {plan.describe()}")
+        return executor
+    if args.threads_per_worker is not None:
+        raise SvdiclError("--threads-per-worker is for the local executor; Ray workers share the CPUs they reserve")
     settings = RaySettings(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
     executor = open_executor("ray", loaded, model_options(args), settings)
     plan = executor.plan
