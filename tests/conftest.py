@@ -15,6 +15,16 @@ import transformers as tf
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """The tests' model cache: SVDICL_CACHE where set (a developer's warm cache), else a fresh folder, so the
+    tests never fill the user's own cache (the default) with their tiny models."""
+    if not os.environ.get("SVDICL_CACHE"):
+        os.environ["SVDICL_CACHE"] = str(tmp_path_factory.mktemp("svdicl-cache"))
+    return Path(os.environ["SVDICL_CACHE"])
+
+
 # Each family of svdicl's table, as a 3-layer model from its real config class.
 TINY_CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**_GQA),

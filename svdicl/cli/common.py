@@ -30,7 +30,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--max-memory", help="memory per device for --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB")
     group.add_argument("--offload-folder", help="folder for weights --device-map offloads to disk")
-    group.add_argument("--cache-dir", help="keep assembled GGUF files and fast float copies here (env SVDICL_CACHE)")
+    group.add_argument(
+        "--cache-dir",
+        help="keep assembled GGUF files, fast float copies, fingerprints and condition numbers here; off for none "
+        "(default: env SVDICL_CACHE, else $XDG_CACHE_HOME/svdicl or ~/.cache/svdicl)",
+    )
     group.add_argument("--trust-remote-code", action="store_true", help="allow model code from the Hub (off by default)")
 
 

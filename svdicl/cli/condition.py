@@ -41,6 +41,7 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Compute condition numbers per layer and matrix, write CSV/JSON and draw fig 3."""
     from svdicl.experiments.condition import condition_numbers, layer_conditions, top_layers, write_conditions
+    from svdicl.models import cache_dir_from
     from svdicl.report import plot_conditions, save_figure
 
     if args.top_k < 1:
@@ -49,7 +50,10 @@ def run(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise SvdiclError(f"--output {output} is a file; give a folder")
     loaded = load(args)
-    conditions = condition_numbers(loaded.model, args.layers, args.modules, progress=not args.quiet)
+    cache = cache_dir_from(args.cache_dir)  # numbers for these weights computed before, in any output folder
+    conditions = condition_numbers(
+        loaded.model, args.layers, args.modules, progress=not args.quiet, fingerprint=loaded.fingerprint, cache=cache
+    )
     files = write_conditions(conditions, output, model_name=loaded.source, fingerprint=loaded.fingerprint, top_k=args.top_k)
     figure = plot_conditions(conditions, title=f"{loaded.source} · condition numbers per layer")
     files += save_figure(figure, output / "figures" / "fig3-conditions", args.format)

@@ -55,7 +55,7 @@ from svdicl.experiments.sweep import (
     parse_rates,
     run_key,
 )
-from svdicl.models import LoadedModel
+from svdicl.models import LoadedModel, default_cache_dir
 from svdicl.prompts import sample_demonstrations
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
 from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1
@@ -129,7 +129,9 @@ def conditions_for(
     missing = [m for m in dict.fromkeys(modules) if not _covers(found, m, layers)]
     for module in missing:
         known = {(c.module, c.matrix) for c in found}
-        fresh = condition_numbers(loaded.model, "all", module, progress=progress)
+        fresh = condition_numbers(
+            loaded.model, "all", module, progress=progress, fingerprint=loaded.fingerprint, cache=default_cache_dir()
+        )
         found += [c for c in fresh if (c.module, c.matrix) not in known]
     found.sort(key=lambda c: (c.layer, c.group or "", c.matrix))
     if missing and folder is not None:
