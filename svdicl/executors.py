@@ -399,10 +399,17 @@ class ProcessExecutor:
             submit(replacement)
 
     def close(self) -> None:
-        """Stop the worker processes (at once: what they were scoring is not wanted any more)."""
+        """Stop the worker processes: idle ones are asked to exit, busy ones (an error, Ctrl-C) are killed."""
         for worker in self.workers:
-            worker.process.kill()
-            worker.process.join()
+            if worker.ident not in self.running:
+                worker.inbox.put(None)
+        for worker in self.workers:
+            worker.process.join(timeout=10 if worker.ident not in self.running else 0)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.inbox.close()
+        self._outbox.close()
         self.workers, self.running = [], {}
 
 

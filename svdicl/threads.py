@@ -59,17 +59,33 @@ class ThreadPlan:
 
 
 def thread_plan(
-    workers: int | None = None, threads_per_worker: int | None = None, *, total: int | None = None, load: float | None = None
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    *,
+    total: int | None = None,
+    load: float | None = None,
+    fits: int | None = None,
 ) -> ThreadPlan:
-    """Workers: as given, else the free cores divided by the threads per worker; threads per worker: as given, else 1."""
+    """Workers: as given, else the free cores divided by the threads per worker, at most `fits` (the copies of the
+    model memory holds, `workers_that_fit`); threads per worker: as given, else 1."""
     total = cores() if total is None else total
     load = load_average() if load is None else load
     for flag, value in (("--workers", workers), ("--threads-per-worker", threads_per_worker)):
         if value is not None and value < 1:
             raise SvdiclError(f"{flag} must be at least 1, got {value}")
     threads = threads_per_worker or 1
-    chosen = workers or max(1, free_cores(total, load) // threads)
+    chosen = workers or max(1, min(free_cores(total, load) // threads, fits or total))
     return ThreadPlan(workers=chosen, threads=threads, cores=total, load=load)
+
+
+def workers_that_fit(model_bytes: int, available: int | None = None) -> int:
+    """How many more copies of a model of `model_bytes` the available memory holds (each worker loads its own;
+    1.5x for what loading and scoring add), at least 1."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return max(1, int(available // max(1, int(1.5 * model_bytes))))
 
 
 def default_torch_threads() -> int:

@@ -25,6 +25,16 @@ def model_cache(tmp_path_factory):
     return Path(os.environ["SVDICL_CACHE"])
 
 
+@pytest.fixture(scope="session", autouse=True)
+def busy_machine():
+    """The CLI's local executor as on a fully loaded machine (one worker, in the test's process), whatever the
+    load is now, so tests that watch the scoring from inside the process see it on any machine; the worker
+    processes are tested with explicit plans (test_local_workers.py)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("svdicl.threads.load_average", lambda: float(os.cpu_count() or 1))
+        yield
+
+
 # Each family of svdicl's table, as a 3-layer model from its real config class.
 TINY_CONFIGS = {
     "llama": lambda: tf.LlamaConfig(**_GQA),

@@ -14,7 +14,7 @@ from svdicl.executors import LocalExecutor, ProcessExecutor, open_executor
 from svdicl.experiments.sweep import sweep
 from svdicl.models import load_model
 from svdicl.store import Store
-from svdicl.threads import default_torch_threads, free_cores, thread_plan
+from svdicl.threads import default_torch_threads, free_cores, thread_plan, workers_that_fit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,6 +106,9 @@ def test_the_thread_plan_follows_the_free_cores_unless_given():
     assert (thread_plan(threads_per_worker=4, total=16, load=0.0).workers) == 4  # 16 free cores / 4 threads
     assert (thread_plan(threads_per_worker=4, total=2, load=0.0).workers) == 1
     assert (thread_plan(3, 2, total=2, load=9.0).workers, thread_plan(3, 2, total=2, load=9.0).threads) == (3, 2)  # as given
+    assert thread_plan(total=16, load=0.0, fits=3).workers == 3  # memory for three copies of the model: three workers
+    assert thread_plan(5, total=16, load=0.0, fits=3).workers == 5  # as given
+    assert workers_that_fit(2 * 2**30, available=10 * 2**30) == 3 and workers_that_fit(8 * 2**30, available=2**30) == 1
     with pytest.raises(SvdiclError, match="--threads-per-worker must be at least 1"):
         thread_plan(1, 0)
 

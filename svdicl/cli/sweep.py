@@ -109,14 +109,16 @@ def executor_from(args: argparse.Namespace, loaded):
     from svdicl.cli.common import log, model_options
     from svdicl.errors import SvdiclError
     from svdicl.executors import RaySettings, open_executor
-    from svdicl.threads import thread_plan
+    from svdicl.threads import thread_plan, workers_that_fit
 
     if args.executor == "local":
         given = [flag for flag in ("address", "gpus_per_worker") if getattr(args, flag) is not None]
         if given:
             raise SvdiclError(f"--{given[0].replace('_', '-')} is for the Ray executor; add --executor ray")
         on_cpu = (args.device or "cpu") == "cpu" and not args.device_map
-        plan = thread_plan(args.workers or (None if on_cpu else 1), args.threads_per_worker)  # one process owns a GPU
+        size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
+        fits = workers_that_fit(size)  # each worker process holds its own copy
+        plan = thread_plan(args.workers or (None if on_cpu else 1), args.threads_per_worker, fits=fits)  # one process owns a GPU
         executor = open_executor("local", loaded, model_options(args), plan=plan)
         log(args, f"local: {plan.describe()}")
         return executor
