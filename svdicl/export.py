@@ -21,7 +21,6 @@ plain Linear or Conv1D, and a matrix whose factors would not be smaller (unless 
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from svdicl.errors import SvdiclError
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
+from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
 from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
 from svdicl.svd import factor_cache, svd_dtype
@@ -42,25 +42,13 @@ FACTORIZED_FILE = "model.factorized.safetensors"
 FORMATS = ("dense", "factorized")
 
 
-def prepare_output(path: str | Path, overwrite: bool = False) -> Path:
-    """An empty folder to write into; a non-empty one is refused unless `overwrite`."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise SvdiclError(f"output {folder} is a file; choose a folder path")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise SvdiclError(f"output folder {folder} is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer + svdicl_edit.json; plain transformers reloads it."""
     folder = prepare_output(path, overwrite)
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     _write_edit(folder, _edit_info(loaded, record, "dense"))
+    finish_output(folder)
     return folder
 
 
@@ -137,6 +125,7 @@ def save_pruned(
         "file_bytes": (folder / FACTORIZED_FILE).stat().st_size,
     }
     _write_edit(folder, info)
+    finish_output(folder)
     return info
 
 

@@ -133,3 +133,90 @@ def test_an_escaping_task_name_writes_nothing_outside_output(toy, tmp_path, caps
         err = capsys.readouterr().err.strip()
         assert "'../../ESCAPED' cannot name a file" in err and "\n" not in err
     assert not list(tmp_path.rglob("ESCAPED*"))
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    return save_model(toy_loaded(), tmp_path / "model")
+
+
+def run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(["-q", *argv])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_overwrite_never_deletes_before_the_inputs_are_valid(model, tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("x")
+    code, err = run(capsys, "prune", "--model", str(model), "--prune", "99:mlp:0.5", "--output", str(folder), "--overwrite")
+    assert code == 2 and "\n" not in err
+    assert (folder / "thesis.txt").read_text() == "x"
+
+
+def test_overwrite_refuses_a_folder_svdicl_did_not_write(model, tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("x")
+    code, err = run(capsys, "prune", "--model", str(model), "--prune", "0:mlp:0.5", "--output", str(folder), "--overwrite")
+    assert code == 2 and "has no .svdicl-manifest.json" in err and "\n" not in err
+    assert [p.name for p in folder.iterdir()] == ["thesis.txt"]
+
+
+def test_overwrite_removes_only_what_svdicl_wrote(model, tmp_path, capsys):
+    folder = tmp_path / "d"
+    assert run(capsys, "prune", "--model", str(model), "--prune", "0:mlp:0.5", "--output", str(folder))[0] == 0
+    written = sorted(p.name for p in folder.iterdir())
+    assert "model.safetensors" in written and ".svdicl-manifest.json" in written
+    (folder / "thesis.txt").write_text("x")  # the user's file, added later
+    (folder / "notes").mkdir()
+    (folder / "notes" / "n.md").write_text("y")
+    argv = ["prune", "--model", str(model), "--prune", "1:attn:0.5", "--format", "factorized", "--output", str(folder)]
+    assert "pass --overwrite" in run(capsys, *argv)[1]
+    assert run(capsys, *argv, "--overwrite")[0] == 0
+    assert (folder / "thesis.txt").read_text() == "x" and (folder / "notes" / "n.md").read_text() == "y"
+    assert not (folder / "model.safetensors").exists() and (folder / "model.factorized.safetensors").is_file()
+    assert json.loads((folder / "svdicl_edit.json").read_text())["edit"]["key"] == "1:attn:0.5"
+    manifest = json.loads((folder / ".svdicl-manifest.json").read_text())
+    assert manifest["complete"] and sorted(manifest["kept"]) == ["notes/n.md", "thesis.txt"]
+
+
+def test_overwrite_never_clears_the_current_folder(model, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "here"
+    assert run(capsys, "prune", "--model", str(model), "--prune", "0:mlp:0.5", "--output", str(folder))[0] == 0
+    monkeypatch.chdir(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    code, err = run(capsys, "prune", "--model", str(model), "--prune", "0:mlp:0.9", "--output", ".", "--overwrite")
+    assert code == 2 and "will not clear ." in err
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def test_search_export_and_linreg_overwrite_keep_foreign_files(toy, model, tmp_path, capsys):
+    folder = tmp_path / "d"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("x")
+    search = ["search", "--model", str(model), "--tasks", str(toy), "--layer", "0", "--rates", "0.5", "--limit", "4",
+              "--data-dir", str(toy.parent / "data"), "--output", str(tmp_path / "s"), "--no-report"]  # fmt: skip
+    code, err = run(capsys, *search, "--export", str(folder), "--overwrite")
+    assert code == 2 and "has no .svdicl-manifest.json" in err
+    linreg = ["theory", "linreg", "--dim", "2", "--points", "3", "--layers", "2", "--width", "8", "--heads", "1",
+              "--steps", "1", "--eval-prompts", "4", "--output", str(folder), "--overwrite"]  # fmt: skip
+    code, err = run(capsys, *linreg)
+    assert code == 2 and "has no .svdicl-manifest.json" in err
+    code, err = run(capsys, *linreg[:-3], "--prune-modules", "nope", "--output", str(tmp_path / "l"))
+    assert code == 2 and "nope" in err and not (tmp_path / "l").exists()
+    assert [p.name for p in folder.iterdir()] == ["thesis.txt"]
+
+
+def test_failed_runs_leave_no_empty_folders(toy, model, tmp_path, capsys):
+    data, where = str(toy.parent / "data"), {name: str(tmp_path / name) for name in ("a", "b", "c", "c2", "e")}
+    failing = [
+        ["sweep", "--model", str(model), "--tasks", str(toy), "--layers", "9", "--data-dir", data, "--output", where["a"]],
+        ["prune", "--model", str(model), "--prune", "99:mlp:0.5", "--output", where["b"]],
+        ["search", "--model", str(model), "--tasks", str(toy), "--layer", "9", "--data-dir", data, "--output", where["c"],
+         "--export", where["c2"]],
+        ["eval", "--model", str(model), "--task", f"{toy},nope", "--data-dir", data, "--output", where["e"]],
+    ]  # fmt: skip
+    for argv in failing:
+        assert run(capsys, *argv)[0] == 2, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "toy.yaml"]

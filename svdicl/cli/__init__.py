@@ -8,6 +8,7 @@ flags given on the command line win over the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -109,13 +110,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
         _quiet_libraries()
-        return args.handler(args)
+        return _run(args)
     except SvdiclError as exc:
         print(f"svdicl: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand; if it fails, the output folders it created are removed again when they hold nothing."""
+    from svdicl.outputs import remove_if_empty
+
+    fresh = [Path(p) for p in (getattr(args, "output", None), getattr(args, "export", None)) if p and not Path(p).exists()]
+    try:
+        return args.handler(args)
+    except BaseException:
+        for folder in fresh:
+            with contextlib.suppress(OSError):
+                remove_if_empty(folder)
+        raise
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:

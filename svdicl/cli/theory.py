@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -272,13 +271,15 @@ def _model_norms(args: argparse.Namespace, rates: list[float]):
 def run_linreg(args: argparse.Namespace) -> int:
     import torch
 
+    from svdicl.outputs import clear_output, finish_output, reopen_output
     from svdicl.report import save_figure, write_csv
     from svdicl.svd import check_rate
-    from svdicl.targets import parse_layers
+    from svdicl.targets import parse_layers, resolve
     from svdicl.theory.figures import linreg_figure, pruning_figure
     from svdicl.theory.linreg import (
         LinRegConfig,
         baseline_curves,
+        build,
         held_out,
         learned,
         load_checkpoint,
@@ -309,10 +310,14 @@ def run_linreg(args: argparse.Namespace) -> int:
     shots = config.points - 1 if args.shots is None else args.shots
     if not 0 <= shots < config.points:
         raise SvdiclError(f"--shots {shots} is outside 0..{config.points - 1} (prompts hold {config.points} points)")
+    for module in modules:  # every input is checked before --overwrite clears anything
+        resolve(build(config), ",".join(map(str, prune_layers)), module)
     output = Path(args.output)
-    if args.overwrite and output.is_dir():
-        shutil.rmtree(output)
-    output = _output(args.output)
+    if output.exists() and not output.is_dir():
+        raise SvdiclError(f"--output {output} is a file; give a folder")
+    if args.overwrite and output.is_dir() and any(output.iterdir()):
+        clear_output(output)  # only what svdicl wrote there (its manifest); never a folder it did not write
+    output = reopen_output(output)
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -370,6 +375,7 @@ def run_linreg(args: argparse.Namespace) -> int:
             "train longer (--steps, in a new --output) or try another --seed",
             file=sys.stderr,
         )
+    finish_output(output)
     log(args, f"done in {time.perf_counter() - started:.0f} s")
     for path in files:
         log(args, f"wrote {path}")
