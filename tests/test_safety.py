@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from test_sweep import grid, save_model, toy_loaded
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.sweep import sweep
-from svdicl.store import Store
+from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
+from svdicl.store import Result, Store
 from svdicl.tasks import get_task, parse_task
 from svdicl.tasks.data import load_splits
 
@@ -220,3 +221,22 @@ def test_failed_runs_leave_no_empty_folders(toy, model, tmp_path, capsys):
     for argv in failing:
         assert run(capsys, *argv)[0] == 2, argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "model", "toy.yaml"]
+
+
+@pytest.mark.parametrize("finishes", [True, False])
+def test_a_sweep_waits_for_a_cell_another_run_is_scoring(toy, tmp_path, finishes):
+    """The other run holds one cell's claim (a second Store on the folder: flock claims conflict within a process
+    too); the sweep scores the rest, waits, then reads that cell back -- or scores it when the other gives up."""
+    loaded, chosen, data = toy_loaded(), small_grid(toy), toy.parent / "data"
+    keys = [key for key, _ in plan_sweep(loaded, chosen, load_task_splits(chosen.tasks, data))[0].cells]
+    key = keys[1]
+    other = Store(tmp_path / "out")
+    assert other.claim(key)
+    theirs = Result({"accuracy": 0.125, "macro_f1": 0.0}, n=10, samples=[{"id": "theirs"}])
+    timer = threading.Timer(1.0, (lambda: other.put(key, theirs)) if finishes else other.release)
+    timer.start()
+    result = sweep(loaded, chosen, Store(tmp_path / "out"), data_dir=data, progress=False)
+    timer.join()
+    assert [c.id for c in result.cells] == [k.id for k in keys]
+    assert result.computed == (1 if finishes else 2)
+    assert (result.cells[1].value("accuracy") == 0.125) is finishes

@@ -230,7 +230,7 @@ def search(
     sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
-    before = len(store)
+    scored = 0  # cells scored by this search (not those read back, nor those another process stored)
 
     def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
         """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
@@ -244,7 +244,8 @@ def search(
 
             calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
         note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
-        evaluate_lines(
+        nonlocal scored
+        scored += evaluate_lines(
             loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
@@ -284,7 +285,7 @@ def search(
             "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
             "fallbacks": sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")}),
         },
-        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
+        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": scored},
     }
 
 

@@ -354,29 +354,56 @@ def evaluate_lines(
     model_name: str = "",
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> None:
+) -> int:
     """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line."""
+    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
+    waited for after the rest, and scored here only if that process died before storing it.
+    Returns the number of cells scored here."""
     scoring = scoring or Scoring()
+    deferred: list[Call] = []
+    scored = 0
 
     def lines() -> Iterator[Line]:
         for prepare, cells in calls:
-            todo = tuple((key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key))
+            cells = dict(cells)
+            todo, waiting = [], []
+            for key, specs in cells.items():
+                if store.has(key):
+                    continue
+                if store.claim(key):
+                    todo.append((key, tuple(specs)))
+                elif not store.has(key):
+                    waiting.append((key, specs))
+            if waiting:
+                deferred.append((prepare, waiting))
             if progress is not None:
-                progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+                progress.add(sum(store.get(key).n for key in cells if store.has(key)))
             if todo:
                 run = prepare()
                 if progress is not None:
                     progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, todo)
+                yield Line(run, tuple(todo))
 
     work = functools.partial(score_line, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
-    for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
-        store.put(key, result, seconds=seconds)
-        if progress is not None:
-            progress.add(result.n)
+    try:
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+            store.put(key, result, seconds=seconds)
+            scored += 1
+            if progress is not None:
+                progress.add(result.n)
+    finally:
+        store.release()  # claims of cells not stored (an error, an interrupt): free for the next run at once
+    for _, cells in deferred:
+        for key, _ in cells:
+            store.wait(key)
+    if deferred:
+        scored += evaluate_lines(
+            loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )  # fmt: skip
+    return scored
 
 
 @dataclass(frozen=True)
@@ -404,7 +431,6 @@ def sweep(
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
-    before = len(store)
     bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
 
     def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
@@ -419,11 +445,11 @@ def sweep(
                 yield prepare, call
 
     try:
-        evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
-    return SweepResult(cells=cells, computed=len(store) - before, wall_s=time.perf_counter() - started)
+    return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
 
 def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
