@@ -32,15 +32,13 @@ from svdicl.errors import SvdiclError
 from svdicl.executors import Executor
 from svdicl.experiments.condition import (
     AGGREGATE,
-    JSON_FILE,
     MatrixCondition,
     condition_numbers,
     layer_conditions,
-    read_conditions,
+    stored_conditions,
     top_layers,
     write_conditions,
 )
-from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run
 from svdicl.experiments.sweep import (
     PAPER_RATES,
@@ -124,7 +122,7 @@ def conditions_for(
     if family_of(loaded.model) is None:
         raise SvdiclError(f"search needs a model family svdicl knows (got {loaded.model_type!r}); fix the layer with --layer")
     folder = Path(directory) if directory is not None else None
-    found = _stored_conditions(loaded, folder) if folder is not None else []
+    found = stored_conditions(folder, loaded.fingerprint) if folder is not None else []
     layers = set(range(len(layer_stack(loaded.model)[1])))
     missing = [m for m in dict.fromkeys(modules) if not _covers(found, m, layers)]
     for module in missing:
@@ -135,17 +133,6 @@ def conditions_for(
     if missing and folder is not None:
         write_conditions(found, folder, model_name=loaded.source, fingerprint=loaded.fingerprint)
     return found
-
-
-def _stored_conditions(loaded: LoadedModel, folder: Path) -> list[MatrixCondition]:
-    """The rows of DIR/conditions.csv if conditions.json says they are of these weights, else none."""
-    if not (folder / JSON_FILE).is_file() or not (folder / CONDITIONS_CSV).is_file():
-        return []
-    try:
-        same = json.loads((folder / JSON_FILE).read_text())["model"]["fingerprint"] == loaded.fingerprint
-    except (ValueError, KeyError, TypeError):
-        return []
-    return read_conditions(folder / CONDITIONS_CSV) if same else []
 
 
 def _covers(conditions: Sequence[MatrixCondition], module: str, layers: set[int]) -> bool:
