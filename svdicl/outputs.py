@@ -15,13 +15,21 @@ never cleared: that is refused with one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one run per folder there
+    fcntl = None
+
 MANIFEST = ".svdicl-manifest.json"
+LOCK = ".svdicl-lock"  # flock-ed by the one run writing the folder (eval, theory linreg)
 
 
 def check_output(path: str | Path, overwrite: bool = False) -> Path:
@@ -29,15 +37,44 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise SvdiclError(f"output {folder} is a file; choose a folder path")
-    if not folder.is_dir() or not any(folder.iterdir()):
+    if is_empty(folder):
         return folder
     if not overwrite:
         raise SvdiclError(f"output folder {folder} is not empty; choose a new folder or pass --overwrite")
-    _may_clear(folder)
+    check_clearable(folder)
     return folder
 
 
-def _may_clear(folder: Path) -> None:
+def is_empty(folder: str | Path) -> bool:
+    """No files in the folder (or no folder) but svdicl's own bookkeeping: its manifest and lock."""
+    folder = Path(folder)
+    return not folder.is_dir() or not _files(folder)
+
+
+@contextlib.contextmanager
+def exclusive(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold `folder` for one run: a second run on it at the same time is refused with one line.  The lock is
+    an flock on DIR/.svdicl-lock, which the kernel drops when the process ends however it ends: never stale."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SvdiclError(f"output {folder} is a file; choose a folder path")
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise SvdiclError(
+                    f"another svdicl {command} is writing {folder} right now; wait for it to finish or choose another --output"
+                ) from None
+        yield folder
+    finally:
+        os.close(fd)
+
+
+def check_clearable(folder: Path) -> None:
+    """Refuse, with one line, to clear the current folder (or one holding it) or a folder svdicl did not write."""
     here = Path.cwd().resolve()
     if folder.resolve() == here or folder.resolve() in here.parents:
         raise SvdiclError(f"--overwrite will not clear {folder}: it is the current folder or holds it; give a subfolder")
@@ -88,7 +125,7 @@ def finish_output(folder: str | Path) -> None:
 def clear_output(folder: str | Path) -> None:
     """Remove what svdicl wrote in `folder` (its manifest says what), then the manifest and emptied subfolders."""
     folder = Path(folder)
-    _may_clear(folder)
+    check_clearable(folder)
     manifest = read_manifest(folder)
     if manifest is None:
         raise SvdiclError(f"{folder / MANIFEST} is damaged; empty {folder} yourself or choose a new folder")
@@ -123,12 +160,12 @@ def _inside(name: str) -> bool:
 
 
 def _files(folder: Path) -> list[str]:
-    """Every file below `folder` (symlinks not followed), relative, without the manifest."""
+    """Every file below `folder` (symlinks not followed), relative, without the manifest and the lock."""
     found = []
     for root, directories, names in os.walk(folder):
         directories[:] = [d for d in directories if not os.path.islink(os.path.join(root, d))]
         found += [Path(root, n).relative_to(folder).as_posix() for n in names]
-    return sorted(f for f in found if f != MANIFEST)
+    return sorted(f for f in found if f not in (MANIFEST, LOCK))
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
@@ -144,7 +181,7 @@ def remove_if_empty(folder: str | Path) -> None:
     if not folder.is_dir() or folder.is_symlink():
         return
     entries = list(folder.rglob("*"))
-    if any(p.is_symlink() or (p.is_file() and p.name != MANIFEST and p.stat().st_size > 0) for p in entries):
+    if any(p.is_symlink() or (p.is_file() and p.name not in (MANIFEST, LOCK) and p.stat().st_size > 0) for p in entries):
         return
     for path in sorted(entries, reverse=True):  # children before their folders
         path.rmdir() if path.is_dir() else path.unlink()

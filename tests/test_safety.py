@@ -240,3 +240,18 @@ def test_a_sweep_waits_for_a_cell_another_run_is_scoring(toy, tmp_path, finishes
     assert [c.id for c in result.cells] == [k.id for k in keys]
     assert result.computed == (1 if finishes else 2)
     assert (result.cells[1].value("accuracy") == 0.125) is finishes
+
+
+def test_a_second_eval_or_linreg_into_a_busy_folder_is_refused(toy, model, tmp_path, capsys):
+    from svdicl.outputs import exclusive
+
+    busy = tmp_path / "busy"
+    evaluate = ["eval", "--model", str(model), "--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4"]
+    linreg = ["theory", "linreg", "--dim", "2", "--points", "3", "--layers", "2", "--width", "8", "--heads", "1",
+              "--steps", "1", "--eval-prompts", "4"]  # fmt: skip
+    with exclusive(busy, "eval"):  # another run holds it (flock conflicts between two descriptors of one process too)
+        for argv in (evaluate, linreg):
+            code, err = run(capsys, *argv, "--output", str(busy))
+            assert code == 2 and "is writing" in err and "right now" in err and "\n" not in err
+        assert sorted(p.name for p in busy.iterdir()) == [".svdicl-lock"]
+    assert run(capsys, *evaluate, "--output", str(busy))[0] == 0  # free again once the holder is done

@@ -269,24 +269,11 @@ def _model_norms(args: argparse.Namespace, rates: list[float]):
 
 
 def run_linreg(args: argparse.Namespace) -> int:
-    import torch
-
-    from svdicl.outputs import clear_output, finish_output, reopen_output
-    from svdicl.report import save_figure, write_csv
+    """Check every flag, then take --output (one run at a time; --overwrite clears only svdicl's files) and run."""
+    from svdicl.outputs import check_clearable, clear_output, exclusive, is_empty, reopen_output
     from svdicl.svd import check_rate
     from svdicl.targets import parse_layers, resolve
-    from svdicl.theory.figures import linreg_figure, pruning_figure
-    from svdicl.theory.linreg import (
-        LinRegConfig,
-        baseline_curves,
-        build,
-        held_out,
-        learned,
-        load_checkpoint,
-        model_curve,
-        prune_sweep,
-        train,
-    )
+    from svdicl.theory.linreg import LinRegConfig, build
 
     config = LinRegConfig(
         dim=args.dim,
@@ -312,12 +299,23 @@ def run_linreg(args: argparse.Namespace) -> int:
         raise SvdiclError(f"--shots {shots} is outside 0..{config.points - 1} (prompts hold {config.points} points)")
     for module in modules:  # every input is checked before --overwrite clears anything
         resolve(build(config), ",".join(map(str, prune_layers)), module)
-    output = Path(args.output)
-    if output.exists() and not output.is_dir():
-        raise SvdiclError(f"--output {output} is a file; give a folder")
-    if args.overwrite and output.is_dir() and any(output.iterdir()):
-        clear_output(output)  # only what svdicl wrote there (its manifest); never a folder it did not write
-    output = reopen_output(output)
+    if args.overwrite and not is_empty(args.output):
+        check_clearable(Path(args.output))  # refused before the folder is touched at all
+    with exclusive(args.output, "theory linreg") as output:
+        if args.overwrite and not is_empty(output):
+            clear_output(output)  # only what svdicl wrote there (its manifest); never a folder it did not write
+        return _linreg(args, config, reopen_output(output), rates, prune_layers, modules, shots)
+
+
+def _linreg(args, config, output: Path, rates: list[float], prune_layers: list[int], modules: list[str], shots: int) -> int:
+    """The linreg run in `output`, which this process holds: train or resume, evaluate, prune, write, print."""
+    import torch
+
+    from svdicl.outputs import finish_output
+    from svdicl.report import save_figure, write_csv
+    from svdicl.theory.figures import linreg_figure, pruning_figure
+    from svdicl.theory.linreg import baseline_curves, held_out, learned, load_checkpoint, model_curve, prune_sweep, train
+
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
