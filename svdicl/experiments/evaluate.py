@@ -49,7 +49,7 @@ from svdicl.scoring import (
     forwarded_tokens,
     score,
 )
-from svdicl.stats import CONFIDENCE, RESAMPLES, Estimate, accuracy_ci, macro_f1_ci, spread
+from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, content_digest, load_splits
@@ -350,7 +350,7 @@ def _sweep_layers(
 
 
 def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, timing: dict) -> RunResult:
-    """Predictions, ties and metrics with bootstrap CIs from a run's scores."""
+    """Predictions, ties and metrics with their CIs (Wilson for accuracy, BCa bootstrap for macro-F1) from a run's scores."""
     chosen = [choose(s, length_normalize) for s in scores]
     predictions = tuple(p for p, _ in chosen)
     gold = run.gold
@@ -442,7 +442,7 @@ def evaluate(
             "edit": record.to_dict(),
             "batch_size": batch_size,
             "scoring": {**_paths_used(paths), "padding_side": padding_side, "length_normalize": length_normalize},
-            "statistics": {"bootstrap": "percentile", "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": 0},
+            "statistics": INTERVALS,
         }
         config = json.loads(json.dumps(config))
         folder, known = _open_output(output, config, overwrite) if output is not None else (None, {})
