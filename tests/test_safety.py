@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,13 @@ def test_a_second_eval_or_linreg_into_a_busy_folder_is_refused(toy, model, tmp_p
             assert code == 2 and "is writing" in err and "right now" in err and "\n" not in err
         assert sorted(p.name for p in busy.iterdir()) == [".svdicl-lock"]
     assert run(capsys, *evaluate, "--output", str(busy))[0] == 0  # free again once the holder is done
+
+
+def test_cells_of_a_store_older_than_the_data_digest_are_not_reused(toy, tmp_path):
+    loaded, chosen, data = toy_loaded(), small_grid(toy), toy.parent / "data"
+    keys = [key for key, _ in plan_sweep(loaded, chosen, load_task_splits(chosen.tasks, data))[0].cells]
+    store = Store(tmp_path / "out")
+    store.put(replace(keys[0], data=""), Result({"accuracy": 0.0}, n=1))  # as svdicl wrote it before keys held data
+    with pytest.warns(UserWarning, match="1 cell.* written before svdicl keyed cells on their data"):
+        result = sweep(loaded, chosen, store, data_dir=data, progress=False)
+    assert result.computed == 2 and result.cells[0].value("accuracy") != 0.0

@@ -214,9 +214,14 @@ def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
     others = store.other_data(keys)
     if others:
         tasks = ", ".join(sorted({c.key.task for c in others}))
+        why = (
+            "written before svdicl keyed cells on their data"
+            if all(not c.key.data for c in others)
+            else "scored on other data or under another definition of the task (another data digest)"
+        )
         warnings.warn(
-            f"{store.root} holds {len(others)} cell(s) of task {tasks} scored on other data or under another definition of "
-            "the task (another data digest); they are kept apart and not reused, so these cells are scored anew",
+            f"{store.root} holds {len(others)} cell(s) of task {tasks} {why}; they are kept apart and not reused, "
+            "so these cells are scored anew",
             stacklevel=2,
         )
     return len(others)
