@@ -266,3 +266,14 @@ def test_cells_of_a_store_older_than_the_data_digest_are_not_reused(toy, tmp_pat
     with pytest.warns(UserWarning, match="1 cell.* written before svdicl keyed cells on their data"):
         result = sweep(loaded, chosen, store, data_dir=data, progress=False)
     assert result.computed == 2 and result.cells[0].value("accuracy") != 0.0
+
+
+@pytest.mark.parametrize("name", ["results.json", "samples.jsonl"])
+def test_eval_overwrite_never_replaces_result_files_it_did_not_write(toy, model, tmp_path, capsys, name):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / name).write_text('{"accuracy": 0.99}\n')
+    argv = ["eval", "--model", str(model), "--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4"]
+    code, err = run(capsys, *argv, "--output", str(folder), "--overwrite")
+    assert code == 2 and "was not written by svdicl eval" in err and "\n" not in err
+    assert (folder / name).read_text() == '{"accuracy": 0.99}\n'
