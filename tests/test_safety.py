@@ -17,6 +17,7 @@ from test_sweep import grid, save_model, toy_loaded
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
+from svdicl.report import sweep_points
 from svdicl.store import Result, Store
 from svdicl.tasks import get_task, parse_task
 from svdicl.tasks.data import load_splits
@@ -49,6 +50,8 @@ def test_flipped_labels_in_another_data_dir_are_scored_anew(toy, tmp_path):
     assert again.computed == 2 and accuracies(again) == accuracies(fresh)
     assert accuracies(again) == [pytest.approx(1 - a) for a in accuracies(first)]  # every gold label flipped
     assert len(Store(tmp_path / "out")) == 4  # both kept, apart
+    shown = [(p.rate, p.value) for p in sweep_points(Store(tmp_path / "out").cells())]
+    assert shown == [(p.rate, p.value) for p in sweep_points(Store(tmp_path / "fresh").cells())]  # the report: current data
     assert sweep(loaded, small_grid(toy), store, data_dir=toy.parent / "data", progress=False).computed == 0
 
 
