@@ -32,7 +32,7 @@ from pathlib import Path
 
 from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
-from svdicl.models import LoadedModel
+from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
 from svdicl.prune import EditRecord, PruneSpec, pruned
 from svdicl.scoring import (
@@ -79,6 +79,7 @@ class EvalRun:
 
     @property
     def gold(self) -> tuple[int, ...]:
+        """The gold class index of every example, in order."""
         return tuple(e.label for e in self.examples)
 
 
@@ -109,6 +110,7 @@ def prepare_run(
     `shots` counts demonstrations per class (default: the paper's, `task.shots`).  Pass
     `splits` to reuse data already loaded for another seed.
     """
+    loaded = as_loaded(loaded, "prepare_run")
     task = get_task(task) if isinstance(task, str) else task
     splits = splits if splits is not None else load_splits(task, data_dir)
     shots = task.shots if shots is None else shots
@@ -129,6 +131,8 @@ def prepare_run(
 
 @dataclass(frozen=True)
 class RunResult:
+    """One run scored under one set of weights: per-example scores, predictions and metrics with CIs."""
+
     run: EvalRun
     scores: tuple[Scores, ...]
     predictions: tuple[int, ...]
@@ -140,6 +144,7 @@ class RunResult:
 
     @property
     def correct(self) -> tuple[bool, ...]:
+        """Whether each example's prediction equals its gold class."""
         return tuple(p == g for p, g in zip(self.predictions, self.run.gold, strict=True))
 
     def summary(self) -> dict:
@@ -159,6 +164,7 @@ class RunResult:
         }
 
     def samples(self) -> list[dict]:
+        """The run's samples.jsonl rows: prompt, per-candidate scores, prediction, correctness."""
         return [_sample(self.run, i, s, self.length_normalize) for i, s in enumerate(self.scores)]
 
 
@@ -199,6 +205,7 @@ def evaluate_run(
     `path` auto takes the shared-prefix path where the model has one and `cache_memory`
     (bytes; None: 4 GiB) holds it, else the plain path.
     """
+    loaded = as_loaded(loaded, "evaluate_run")
     chosen = _choose(loaded, run, _single(path), batch_size, cache_memory)
     return _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress)
 
@@ -414,6 +421,7 @@ def evaluate(
 
     from svdicl.provenance import versions
 
+    loaded = as_loaded(loaded, "evaluate")
     task = get_task(task) if isinstance(task, str) else task
     if not seeds or len(set(seeds)) != len(seeds):
         raise SvdiclError("give at least one --seed, each once")
