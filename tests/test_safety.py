@@ -154,8 +154,9 @@ def test_overwrite_never_deletes_before_the_inputs_are_valid(model, tmp_path, ca
     folder = tmp_path / "d"
     folder.mkdir()
     (folder / "thesis.txt").write_text("x")
-    code, err = run(capsys, "prune", "--model", str(model), "--prune", "99:mlp:0.5", "--output", str(folder), "--overwrite")
-    assert code == 2 and "\n" not in err
+    argv = ["prune", "--model", str(model), "--layers", "99", "--modules", "mlp", "--rate", "0.5", "--output", str(folder)]
+    code, err = run(capsys, *argv, "--overwrite")
+    assert code == 2 and "layer 99" in err and "\n" not in err
     assert (folder / "thesis.txt").read_text() == "x"
 
 
