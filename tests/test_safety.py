@@ -155,9 +155,15 @@ def test_overwrite_never_deletes_before_the_inputs_are_valid(model, tmp_path, ca
     folder.mkdir()
     (folder / "thesis.txt").write_text("x")
     argv = ["prune", "--model", str(model), "--layers", "99", "--modules", "mlp", "--rate", "0.5", "--output", str(folder)]
-    code, err = run(capsys, *argv, "--overwrite")
+    code, err = run(capsys, *argv, "--overwrite")  # the case: a folder svdicl did not write
+    assert code == 2 and "\n" not in err
+    assert [p.name for p in folder.iterdir()] == ["thesis.txt"]
+    export = tmp_path / "export"  # a folder svdicl did write: still untouched while an input is bad
+    assert run(capsys, "prune", "--model", str(model), "--prune", "0:mlp:0.5", "--output", str(export))[0] == 0
+    before = {p: p.read_bytes() for p in export.rglob("*")}
+    code, err = run(capsys, *argv[:-1], str(export), "--overwrite")
     assert code == 2 and "layer 99" in err and "\n" not in err
-    assert (folder / "thesis.txt").read_text() == "x"
+    assert {p: p.read_bytes() for p in export.rglob("*")} == before
 
 
 def test_overwrite_refuses_a_folder_svdicl_did_not_write(model, tmp_path, capsys):
