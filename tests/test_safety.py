@@ -287,3 +287,15 @@ def test_eval_overwrite_never_replaces_result_files_it_did_not_write(toy, model,
     code, err = run(capsys, *argv, "--output", str(folder), "--overwrite")
     assert code == 2 and "was not written by svdicl eval" in err and "\n" not in err
     assert (folder / name).read_text() == '{"accuracy": 0.99}\n'
+
+
+def test_the_cli_says_in_one_line_that_cells_of_other_data_are_kept_apart(toy, model, tmp_path, capsys):
+    flipped = tmp_path / "flipped"
+    write_toy_task(flipped)
+    flip_labels(flipped / "data" / "toy" / "test.jsonl")
+    argv = ["sweep", "--model", str(model), "--tasks", str(toy), "--layers", "0", "--modules", "mlp", "--rates", "0,0.5",
+            "--limit", "10", "--output", str(tmp_path / "out"), "--no-report"]  # fmt: skip
+    assert run(capsys, *argv, "--data-dir", str(toy.parent / "data"))[0] == 0
+    code, err = run(capsys, *argv, "--data-dir", str(flipped / "data"))
+    said = [line for line in err.splitlines() if "kept apart and not reused" in line]
+    assert code == 0 and len(said) == 1 and said[0].startswith("svdicl: warning: ") and "scored on other data" in said[0]

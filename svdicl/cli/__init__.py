@@ -105,20 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     argv = _join_negative_values(parser, argv)
-    warnings.showwarning = _warning_line
-    try:
-        _config_defaults(parser, argv)
-        args = parser.parse_args(argv)
-        if args.quiet:
-            os.environ["TQDM_DISABLE"] = "1"
-        _quiet_libraries()
-        return _run(args)
-    except SvdiclError as exc:
-        print(f"svdicl: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores the caller's warning display when main returns
+        warnings.showwarning = _warning_line
+        try:
+            _config_defaults(parser, argv)
+            args = parser.parse_args(argv)
+            if args.quiet:
+                os.environ["TQDM_DISABLE"] = "1"
+            _quiet_libraries()
+            return _run(args)
+        except SvdiclError as exc:
+            print(f"svdicl: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+            return 130
 
 
 def _run(args: argparse.Namespace) -> int:
