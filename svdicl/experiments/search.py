@@ -6,8 +6,10 @@
     3. every candidate rate (0 always included) scored on the validation split; rate* = the argmax
        of the task's metric averaged over seeds, ties to the smaller rate, so validation never
        gets worse than the unpruned model;
-    4. the unpruned and the rate*-pruned model on the test split: 95% bootstrap CIs and the exact
-       McNemar test on the same examples.
+    4. the unpruned and the rate*-pruned model on the test split: 95% CIs and an example-level
+       paired test (seeds averaged per example) on the same examples;
+    5. beside them, the arms of experiments/arms.py: calibration of the unpruned and the pruned
+       model (rate* re-chosen on validation under each calibration) and the null controls at rate*.
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
@@ -17,6 +19,7 @@ an interruption and shares cells with sweeps written to the same folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -28,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor
+from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
     JSON_FILE,
@@ -55,7 +60,7 @@ from svdicl.experiments.sweep import (
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
-from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1
+from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve
 from svdicl.tasks import METRICS, get_task
@@ -167,9 +172,11 @@ class SearchConfig:
     limit_validation: int | None = None
     limit_test: int | None = None
     metric: str | None = None
+    arms: tuple[str, ...] = GROUPS  # optional arm groups beside unpruned and pruned (experiments/arms.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", candidate_rates(self.rates))
+        object.__setattr__(self, "arms", parse_arms(self.arms))
         object.__setattr__(self, "module", module_spec(self.module))
         if self.top_k < 1:
             raise SvdiclError(f"--top-k must be at least 1, got {self.top_k}")
@@ -188,7 +195,8 @@ class SearchConfig:
         task = splits.task
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
-        return len(self.seeds) * (validation * len(self.rates) + 2 * test)
+        controls = 2 * ("controls" in self.arms)
+        return len(self.seeds) * (validation * len(self.rates) + (2 + controls) * test)
 
 
 def search(
@@ -213,6 +221,7 @@ def search(
     started = time.perf_counter()
     scoring = scoring or Scoring()
     task = get_task(config.task)
+    scoring = dataclasses.replace(scoring, calibration=applicable(task, calibration_methods(scoring.calibration, config.arms)))
     splits = splits if splits is not None else load_splits(task, data_dir)
     metric = config.metric or task.metric
     choice = None
@@ -237,7 +246,10 @@ def search(
             base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
 
             def prepare(seed: int = seed) -> EvalRun:
-                return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
+                return prepare_run(
+                    loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits,
+                    calibration=scoring.calibration,
+                )  # fmt: skip
 
             calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
         evaluate_lines(
@@ -249,9 +261,18 @@ def search(
     curves = {seed: [c.value(metric) for c in found] for seed, found in validation.items()}
     values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
     rate_star = choose_rate(config.rates, values)
+    calibrated = {m: _seed_means(validation, metric_key(m, metric)) for m in scoring.calibration}
+    stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
     if rate_star == 0 and progress is not None:
         progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
-    test = evaluate("test", sorted({0.0, rate_star}))
+    test_rates = sorted({0.0, rate_star, *stars.values()})
+    test = evaluate("test", test_rates)
+    at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
+    pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
+    arms = [Arm("unpruned", 0.0, at[0.0])]
+    arms += [Arm(arm_name(m), 0.0, at[0.0], calibration=m) for m in scoring.calibration]
+    arms += [Arm("pruned", rate_star, at[rate_star])]
+    arms += [Arm(arm_name(m, pruned=True), stars[m], at[stars[m]], calibration=m) for m in scoring.calibration]
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
         "format": SEARCH_FORMAT,
@@ -271,10 +292,16 @@ def search(
         "layer": layer,
         "layer_from": "given" if choice is None else "condition numbers",
         "rates": list(config.rates),
-        "validation": {"split": "validation", "n": sizes["validation"], "values": values},
+        "validation": {
+            "split": "validation",
+            "n": sizes["validation"],
+            "values": values,
+            "calibrated": {m: {"values": v, "rate_star": stars[m]} for m, v in calibrated.items()},
+        },
         "rate_star": rate_star,
-        "test": _test_summary(store, test, metric, task.num_classes),
-        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], test[seed], metric) for seed in config.seeds],
+        "test": _test_summary(store, pairs, metric, task.num_classes),
+        "arms": summarize(store, arms, metric, task.num_classes),
+        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], pairs[seed], metric) for seed in config.seeds],
         "scoring": {
             "options": scoring.key_options(),
             "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
@@ -282,6 +309,11 @@ def search(
         },
         "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
     }
+
+
+def _seed_means(cells: dict[int, list[Cell]], metric: str) -> list[float]:
+    """Per rate, `metric` averaged over the seeds' cells."""
+    return [statistics.fmean(found[i].value(metric) for found in cells.values()) for i in range(len(next(iter(cells.values()))))]
 
 
 def _per_layer(choice: LayerChoice) -> dict[str, float | None]:
@@ -313,14 +345,11 @@ def _correct(store: Store, cell: Cell, prefix: str = "") -> list[tuple[str, bool
 
 
 def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_classes: int) -> dict:
-    """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean."""
+    """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean;
+    their example-level paired comparison (each example's correctness averaged over seeds)."""
     seeds = list(test)
     baselines, pruneds = [test[s][0] for s in seeds], [test[s][-1] for s in seeds]
-    pairs = [[], []]
-    for seed in seeds:
-        pairs[0] += _correct(store, test[seed][0], f"{seed}:")
-        pairs[1] += _correct(store, test[seed][-1], f"{seed}:")
-    paired = compare(pairs[0], pairs[1])  # one seed: that seed's test; several: the pairs pooled over seeds
+    paired = paired_by_id([_correct(store, c) for c in baselines], [_correct(store, c) for c in pruneds])
     summary = {"split": "test", "n": baselines[0].n}
     for name, found in (("baseline", baselines), ("pruned", pruneds)):
         if len(found) == 1:
@@ -330,8 +359,8 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
         values = [c.value(metric) for c in found]
         summary[name] = {"value": statistics.fmean(values), "ci_low": interval.low, "ci_high": interval.high,
                          "std": statistics.stdev(values)}  # fmt: skip
-    summary["mcnemar_p"] = paired.p_value
-    summary["discordant"] = {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b}
+    summary["p_value"] = paired.p_value
+    summary["paired"] = paired.to_dict()
     return summary
 
 

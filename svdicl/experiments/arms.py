@@ -1,0 +1,146 @@
+"""Algorithm 1 side by side: pruning against the fixes that change no weight, on the same test examples.
+
+A pruning "gain" can be a shift of the model's label prior, which calibration gets for free,
+or the effect of any perturbation of that size, which a null control reproduces.  `svdicl
+search` therefore scores these arms on the same test examples and seeds:
+
+    unpruned                      the reference of every paired comparison
+    unpruned + <method>           each calibration of svdicl.calibration, on the unpruned model
+    pruned                        the ξ*-pruned model (Algorithm 1)
+    pruned + <method>             that calibration on the model pruned at ξ*_method, the rate
+                                  chosen on validation under the same calibration
+    random subspace, noise        the null controls at ξ* (svdicl.prune): the same rank from
+                                  random singular directions; a perturbation of the same norm
+
+Every arm gives its metric (mean over seeds, ± their SD), a CI over examples [Wilson where the
+test has at most 100 examples and the metric is accuracy, else the bootstrap], the paired
+difference in per-example correctness against the unpruned arm (seeds averaged per example,
+svdicl.stats.paired_comparison: its CI and sign-flip p), the p-values Holm-adjusted across the
+arms of one search, and the bias-aware metrics (svdicl.bias).
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from svdicl.calibration import METHODS
+from svdicl.errors import SvdiclError
+from svdicl.stats import holm, paired_by_id, wilson_interval
+from svdicl.store import Cell, Store
+
+GROUPS = ("calibration", "controls")  # optional arm groups; unpruned and pruned are always there
+WILSON_MAX_N = 100
+BIAS = ("balanced_accuracy", "top_answer_share", "auc")
+
+
+def parse_arms(value: str | Sequence[str] | None) -> tuple[str, ...]:
+    """`all` (the default), `none`, or a comma list of calibration, controls."""
+    if value is None:
+        return GROUPS
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = {str(item).strip().lower() for item in items if str(item).strip()}
+    if names <= {"none"}:
+        return ()
+    if "all" in names:
+        return GROUPS
+    unknown = sorted(names - set(GROUPS))
+    if unknown:
+        raise SvdiclError(f"unknown arm group {unknown[0]!r}; use all, none or a comma list of {', '.join(GROUPS)}")
+    return tuple(g for g in GROUPS if g in names)
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One way of answering the test examples: an edit's cells (one per seed), read raw or calibrated."""
+
+    name: str
+    rate: float
+    cells: tuple[Cell, ...]
+    calibration: str | None = None
+    control: str | None = None
+
+    def samples(self, store: Store) -> list[list[dict]]:
+        """Per seed, every example's id, gold, prediction and correctness under this arm."""
+        runs = []
+        for cell in self.cells:
+            rows = []
+            for s in store.samples(cell):
+                answer = s if self.calibration is None else s["calibrated"][self.calibration]
+                rows.append({"id": s["id"], "gold": s["gold"], "prediction": answer["prediction"], "correct": answer["correct"]})
+            runs.append(rows)
+        return runs
+
+    def metric(self, name: str) -> str:
+        return name if self.calibration is None else f"{self.calibration}:{name}"
+
+
+def arm_name(calibration: str | None = None, control: str | None = None, pruned: bool = False) -> str:
+    base = control or ("pruned" if pruned else "unpruned")
+    return base if calibration is None else f"{base} + {calibration}"
+
+
+def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) -> list[dict]:
+    """One entry per arm, the first (the unpruned model) the reference of every paired difference."""
+    from svdicl.experiments.search import seed_mean_ci
+
+    reference = [[(s["id"], float(s["correct"])) for s in run] for run in arms[0].samples(store)]
+    entries = []
+    for arm in arms:
+        runs = arm.samples(store)
+        values = [cell.value(arm.metric(metric)) for cell in arm.cells]
+        n = len(runs[0])
+        if metric == "accuracy" and n <= WILSON_MAX_N:
+            correct = statistics.fmean(sum(s["correct"] for s in run) for run in runs)
+            low, high = wilson_interval(correct, n)
+            method = "wilson"
+        elif len(runs) == 1:
+            stored = arm.cells[0].metrics[arm.metric(metric)]
+            low, high, method = stored.get("ci_low"), stored.get("ci_high"), stored.get("ci_method", "bootstrap")
+        else:
+            interval = seed_mean_ci(runs, metric, num_classes)
+            low, high, method = interval.low, interval.high, getattr(interval, "method", "bootstrap")
+        entry = {
+            "name": arm.name,
+            "rate": arm.rate,
+            "calibration": arm.calibration,
+            "control": arm.control,
+            "cells": [c.id for c in arm.cells],
+            "n": n,
+            "seeds": len(runs),
+            "value": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None,  # ± : spread over seeds
+            "ci_low": low,  # [ ] : CI over examples
+            "ci_high": high,
+            "ci_method": method,
+            **{name: _mean([c.metrics.get(arm.metric(name), {}).get("value") for c in arm.cells]) for name in BIAS},
+            "prediction_counts": [_counts(run, num_classes) for run in runs],
+            "paired": None,
+        }
+        if arm is not arms[0]:
+            mine = [[(s["id"], float(s["correct"])) for s in run] for run in runs]
+            entry["paired"] = paired_by_id(reference, mine).to_dict()
+        entries.append(entry)
+    compared = [e for e in entries if e["paired"] is not None]
+    for entry, adjusted in zip(compared, holm([e["paired"]["p_value"] for e in compared]) if compared else [], strict=True):
+        entry["paired"]["p_holm"] = adjusted
+    return entries
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    found = [v for v in values if v is not None]
+    return statistics.fmean(found) if len(found) == len(values) and found else None
+
+
+def _counts(run: Sequence[dict], num_classes: int) -> list[int]:
+    counts = [0] * num_classes
+    for s in run:
+        counts[s["prediction"]] += 1
+    return counts
+
+
+def calibration_methods(requested: Sequence[str], groups: Sequence[str]) -> tuple[str, ...]:
+    """The calibrations a search scores: those asked for with --calibration, else every method when the
+    calibration arms are on."""
+    return tuple(requested) or (METHODS if "calibration" in groups else ())
