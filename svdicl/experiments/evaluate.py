@@ -53,7 +53,7 @@ from svdicl.scoring import (
     forwarded_tokens,
     score,
 )
-from svdicl.stats import CONFIDENCE, RESAMPLES, Estimate, accuracy_ci, macro_f1_ci, spread
+from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, load_splits
@@ -445,8 +445,8 @@ def _sweep_layers(
 
 
 def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, timing: dict) -> RunResult:
-    """Predictions, ties and metrics with bootstrap CIs from a run's scores (the examples', then any
-    calibration queries'), and the same under each of the run's calibration methods."""
+    """Predictions, ties and metrics with their CIs (Wilson for accuracy, BCa bootstrap for macro-F1) from a run's
+    scores (the examples', then any calibration queries'), and the same under each of the run's calibration methods."""
     n = len(run.examples)
     scores, probe_scores = tuple(scores[:n]), tuple(scores[n:])
     chosen = [choose(s, length_normalize) for s in scores]
@@ -565,7 +565,7 @@ def evaluate(
                 "length_normalize": length_normalize,
                 "calibration": list(methods),
             },
-            "statistics": {"bootstrap": "percentile", "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": 0},
+            "statistics": INTERVALS,
         }
         config = json.loads(json.dumps(config))
         folder, known = _open_output(output, config, overwrite) if output is not None else (None, {})
