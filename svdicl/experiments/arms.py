@@ -100,7 +100,7 @@ def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) 
             low, high, method = stored.get("ci_low"), stored.get("ci_high"), stored.get("ci_method", "bootstrap")
         else:
             interval = seed_mean_ci(runs, metric, num_classes)
-            low, high, method = interval.low, interval.high, getattr(interval, "method", "bootstrap")
+            low, high, method = interval.low, interval.high, interval.method
         entry = {
             "name": arm.name,
             "rate": arm.rate,
