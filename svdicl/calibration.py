@@ -21,7 +21,6 @@ score arrays; `probe_queries` writes the content-free and domain queries.
 from __future__ import annotations
 
 import random
-import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -137,9 +136,3 @@ def _placeholders(template: str) -> list[str]:
 def metric_key(method: str, metric: str) -> str:
     """`contextual:accuracy`: a calibrated metric's name in results and store cells."""
     return f"{method}:{metric}"
-
-
-def split_key(name: str) -> tuple[str | None, str]:
-    """(method or None, metric) of a metric name written by `metric_key`."""
-    found = re.fullmatch(rf"({'|'.join(METHODS)}):(.+)", name)
-    return (found.group(1), found.group(2)) if found else (None, name)

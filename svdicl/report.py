@@ -745,7 +745,9 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         value = _fmt(arm["value"], 3) + (f" ± {_fmt(arm['std'], 3)}" if arm.get("std") is not None else "")
         value += f" [{_fmt(arm.get('ci_low'), 3)}, {_fmt(arm.get('ci_high'), 3)}]"
         paired = arm.get("paired")
-        if paired is None:
+        if arm.get("same_as"):
+            delta, p, p_holm = f"= {arm['same_as']}", "", ""
+        elif paired is None:
             delta, p, p_holm = "reference", "", ""
         else:
             delta = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
@@ -761,8 +763,10 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         f"({', '.join(methods)}). Δ: paired difference in per-example correctness against the unpruned model (each "
         "example's correctness averaged over seeds) with its 95% CI over examples; p: sign-flip permutation test on those "
         "differences, raw and Holm-adjusted across the arms of this table. ξ of a calibrated pruned arm: the rate chosen "
-        "on validation under that calibration; null controls at ξ*. top answer: share of examples given the most common "
-        "answer; AUC: ranking AUC of the label margin (binary tasks).\n"
+        "on validation under that calibration; null controls at the rate of the pruned arm they mirror. top answer: share "
+        "of examples given the most common answer; AUC: ranking AUC of the label margin (binary tasks); '= arm': the same "
+        "predictions as that arm, left out of "
+        "the Holm family.\n"
     )
     return markdown_table(headers, rows) + note
 

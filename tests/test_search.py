@@ -4,6 +4,7 @@ several seeds, replayable configs, export, and one-line errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 
@@ -31,7 +32,7 @@ from svdicl.experiments.search import (
     write_search,
 )
 from svdicl.prune import EditRecord, PruneSpec, pruned
-from svdicl.report import read_search
+from svdicl.report import build_report, read_search
 from svdicl.scoring import Scores
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
@@ -282,13 +283,27 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
         assert arm["value"] == pytest.approx(per_seed.mean()) and arm["std"] == pytest.approx(np.std(per_seed, ddof=1))
         assert (arm["ci_low"], arm["ci_high"]) == pytest.approx(wilson_interval(table.mean(axis=1).sum(), 24))  # n <= 100
         assert arm["ci_method"] == "wilson"
-        if arm["paired"] is not None:
+        if arm["paired"] is not None and arm["same_as"] is None:
             direct = paired_comparison(reference, table)
             assert (arm["paired"]["difference"], arm["paired"]["p_value"]) == pytest.approx((direct.difference, direct.p_value))
             raw.append(arm["paired"]["p_value"])
-    assert [a["paired"]["p_holm"] for a in result["arms"][1:]] == pytest.approx(holm(raw))
+    family = [a["paired"]["p_holm"] for a in result["arms"][1:] if a["same_as"] is None]
+    assert family == pytest.approx(holm(raw)) and len(family) == len(raw) >= 5
+    for method in METHODS:  # rate*_method = 0: the same predictions as the unpruned model's, outside the Holm family
+        arm = arms[f"pruned + {method}"]
+        assert arm["same_as"] == (f"unpruned + {method}" if arm["rate"] == 0 else None)
     assert arms["unpruned + batch"]["top_answer_share"] == pytest.approx(
         statistics.fmean(max(np.bincount(correct_predictions, minlength=2)) / 24 for correct_predictions in [
             [s["calibrated"]["batch"]["prediction"] for s in store.samples(cells[i])] for i in arms["unpruned + batch"]["cells"]
         ])
     )  # fmt: skip
+    write_search(result, out)
+    report = build_report(out, formats=["svg"])
+    with open(out / "tables" / "arms.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["arm"] for r in rows] == [a["name"] for a in result["arms"]]
+    assert [float(r["value"]) for r in rows] == pytest.approx([a["value"] for a in result["arms"]])
+    assert [float(r["p_holm"]) for r in rows[1:]] == pytest.approx([a["paired"]["p_holm"] for a in result["arms"][1:]])
+    page = report.page.read_text()
+    assert "| unpruned + contextual |" in page and "Holm-adjusted" in page and "figures/arms-" in page
+    assert any(p.name.startswith("arms-") and p.suffix == ".svg" for p in report.files)

@@ -9,14 +9,17 @@ search` therefore scores these arms on the same test examples and seeds:
     pruned                        the ξ*-pruned model (Algorithm 1)
     pruned + <method>             that calibration on the model pruned at ξ*_method, the rate
                                   chosen on validation under the same calibration
-    random subspace, noise        the null controls at ξ* (svdicl.prune): the same rank from
-                                  random singular directions; a perturbation of the same norm
+    random subspace [+ <method>]  the null controls (svdicl.prune) at the rate of every pruned arm
+    norm-matched noise [+ ...]    with a rate > 0, read the same way: the same rank from random
+                                  singular directions; a perturbation of the same norm
 
 Every arm gives its metric (mean over seeds, ± their SD), a CI over examples [Wilson where the
 test has at most 100 examples and the metric is accuracy, else the bootstrap], the paired
 difference in per-example correctness against the unpruned arm (seeds averaged per example,
 svdicl.stats.paired_comparison: its CI and sign-flip p), the p-values Holm-adjusted across the
-arms of one search, and the bias-aware metrics (svdicl.bias).
+arms of one search, and the bias-aware metrics (svdicl.bias).  An arm that reads the same cells
+the same way as an earlier one (`pruned` when ξ* = 0) says so (`same_as`) and is left out of
+the Holm family, so duplicates do not weaken the correction.
 """
 
 from __future__ import annotations
@@ -86,8 +89,13 @@ def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) 
     from svdicl.experiments.search import seed_mean_ci
 
     reference = [[(s["id"], float(s["correct"])) for s in run] for run in arms[0].samples(store)]
-    entries = []
+    entries: list[dict] = []
+    seen: dict[tuple, dict] = {}
     for arm in arms:
+        same = seen.get((tuple(c.id for c in arm.cells), arm.calibration))
+        if same is not None:
+            entries.append({**same, "name": arm.name, "rate": arm.rate, "control": arm.control, "same_as": same["name"]})
+            continue
         runs = arm.samples(store)
         values = [cell.value(arm.metric(metric)) for cell in arm.cells]
         n = len(runs[0])
@@ -117,14 +125,16 @@ def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) 
             **{name: _mean([c.metrics.get(arm.metric(name), {}).get("value") for c in arm.cells]) for name in BIAS},
             "prediction_counts": [_counts(run, num_classes) for run in runs],
             "paired": None,
+            "same_as": None,
         }
         if arm is not arms[0]:
             mine = [[(s["id"], float(s["correct"])) for s in run] for run in runs]
             entry["paired"] = paired_by_id(reference, mine).to_dict()
+        seen[(tuple(c.id for c in arm.cells), arm.calibration)] = entry
         entries.append(entry)
-    compared = [e for e in entries if e["paired"] is not None]
+    compared = [e for e in entries if e["paired"] is not None and e["same_as"] is None]
     for entry, adjusted in zip(compared, holm([e["paired"]["p_value"] for e in compared]) if compared else [], strict=True):
-        entry["paired"]["p_holm"] = adjusted
+        entry["paired"]["p_holm"] = adjusted  # duplicates share the dict, so they show the same adjusted p
     return entries
 
 

@@ -59,6 +59,7 @@ from svdicl.experiments.sweep import (
 )
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
+from svdicl.prune import CONTROLS, PruneSpec
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
 from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1, paired_by_id
 from svdicl.store import Cell, CellKey, Store
@@ -66,6 +67,7 @@ from svdicl.targets import family_of, layer_stack, parse_layers, resolve
 from svdicl.tasks import METRICS, get_task
 from svdicl.tasks.data import TaskSplits, load_splits
 
+CONTROL_NAMES = {"random-subspace": "random subspace", "matched-noise": "norm-matched noise"}
 TIE = 1e-12  # validation values this close to the best count as ties (seed means are floating-point sums)
 
 
@@ -238,8 +240,9 @@ def search(
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     before = len(store)
 
-    def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
-        """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
+    def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
+        """The cells of `rates` on `split` for every seed (with `control`, that null control's edit instead of the
+        truncation, seeded by the demonstration seed); the seeds' lines go to the executor together."""
         limit = cell_limit(limits[split], len(splits.split(split)))
         calls = {}
         for seed in config.seeds:
@@ -251,7 +254,7 @@ def search(
                     calibration=scoring.calibration,
                 )  # fmt: skip
 
-            calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
+            calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
         evaluate_lines(
             loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
@@ -273,6 +276,17 @@ def search(
     arms += [Arm(arm_name(m), 0.0, at[0.0], calibration=m) for m in scoring.calibration]
     arms += [Arm("pruned", rate_star, at[rate_star])]
     arms += [Arm(arm_name(m, pruned=True), stars[m], at[stars[m]], calibration=m) for m in scoring.calibration]
+    pruned_arms = [arm for arm in arms if arm.rate > 0]  # each gets both null controls at its rate, read the same way
+    control_rates = sorted({arm.rate for arm in pruned_arms}) if "controls" in config.arms else []
+    if "controls" in config.arms and not control_rates and progress is not None:
+        progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
+    for control in CONTROLS if control_rates else ():
+        cells = evaluate("test", control_rates, control)
+        for arm in pruned_arms:
+            found = tuple(cells[seed][control_rates.index(arm.rate)] for seed in config.seeds)
+            name = arm_name(arm.calibration, CONTROL_NAMES[control])
+            arms.append(Arm(name, arm.rate, found, calibration=arm.calibration, control=control))
+        test = {seed: [*test[seed], *cells[seed]] for seed in config.seeds}
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
         "format": SEARCH_FORMAT,
@@ -309,6 +323,16 @@ def search(
         },
         "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
     }
+
+
+def _edit_cell(
+    key: CellKey, layers: str, modules: str, rate: float, control: str | None
+) -> tuple[CellKey, tuple[PruneSpec, ...]]:
+    """`edit_cell`, or with `control` that null control's edit at `rate` seeded by the demonstration seed."""
+    if control is None:
+        return edit_cell(key, layers, modules, rate)
+    spec = PruneSpec(layers, modules, rate, control=control, seed=key.seed)
+    return dataclasses.replace(key, edit=str(spec)), (spec,)
 
 
 def _seed_means(cells: dict[int, list[Cell]], metric: str) -> list[float]:
