@@ -11,13 +11,16 @@ import random
 import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from test_sweep import toy_loaded
+from test_sweep import save_model, toy_loaded
 
 from svdicl import calibration as cal
 from svdicl.bias import balanced_accuracy, bias_metrics, margin_auc, prediction_counts, top_answer_share
+from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate, evaluate_run, prepare_run
+from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
 from svdicl.scoring import score
+from svdicl.store import Store
 from svdicl.tasks import get_task
 from svdicl.tasks.data import load_splits
 
@@ -160,3 +163,35 @@ def test_eval_with_calibration_scores_probes_on_the_same_path_and_writes_them(to
 def test_multiple_choice_tasks_have_no_calibration():
     assert cal.applicable(get_task("copa"), cal.METHODS) == ()
     assert cal.applicable(get_task("sst2"), ("batch",)) == ("batch",)
+
+
+def test_sweep_cells_carry_calibration_in_their_key_and_metrics(toy):
+    loaded, out = toy_loaded(), toy.parent / "out"
+    grid = SweepGrid(tasks=(str(toy),), layers=("0",), modules=("mlp",), rates=(0, 0.5), shots=(1,), limit=12)
+    plain = sweep(loaded, grid, Store(out), data_dir=toy.parent / "data", progress=False)
+    calibrated = sweep(
+        loaded, grid, Store(out), scoring=Scoring(calibration="batch"), data_dir=toy.parent / "data", progress=False
+    )
+    assert calibrated.computed == 2  # a different option: new cells, never the uncalibrated ones read back
+    for before, after in zip(plain.cells, calibrated.cells, strict=True):
+        assert dict(after.key.options)["calibration"] == "batch" and "calibration" not in dict(before.key.options)
+        assert after.metrics["accuracy"] == before.metrics["accuracy"]  # the raw predictions do not change
+        samples = Store(out).samples(after)
+        values = np.array([s["logprobs"] for s in samples])
+        _, _, expected = by_hand(values, values)
+        assert [s["calibrated"]["batch"]["prediction"] for s in samples] == expected
+        assert after.metrics["batch:accuracy"]["value"] == pytest.approx(
+            np.mean(np.array(expected) == [s["gold"] for s in samples])
+        )
+
+
+def test_cli_calibration_flag_and_its_error(toy, tmp_path, capsys):
+    model = save_model(toy_loaded(), tmp_path / "model")
+    argv = ["-q", "eval", "--model", str(model), "--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "8"]
+    assert main([*argv, "--calibration", "batch,contextual", "--output", str(tmp_path / "e")]) == 0
+    printed = capsys.readouterr().out
+    assert "contextual: accuracy" in printed and "batch: accuracy" in printed and "top-answer share" in printed
+    results = json.loads((tmp_path / "e" / "results.json").read_text())
+    assert results["config"]["scoring"]["calibration"] == ["contextual", "batch"]
+    assert main([*argv, "--calibration", "platt", "--output", str(tmp_path / "f")]) == 2
+    assert "unknown calibration 'platt'" in capsys.readouterr().err
