@@ -37,6 +37,7 @@ from typing import Any
 
 import matplotlib
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
@@ -784,10 +785,6 @@ def plot_arms(result: Mapping[str, Any]) -> Figure:
         if low is not None and high is not None:
             left.plot([low, high], [row, row], color=color, lw=1.5)
         left.plot([arm["value"]], [row], marker="o", color=color)
-        share = arm.get("top_answer_share")
-        if share is not None:
-            left.annotate(f"top {share:.2f}", (1.0, row), xycoords=("axes fraction", "data"), fontsize=6, ha="right",
-                          va="center", color="0.4")  # fmt: skip
         paired = arm.get("paired")
         if paired is not None:
             right.plot([paired["ci_low"], paired["ci_high"]], [row, row], color=color, lw=1.5)
@@ -797,10 +794,12 @@ def plot_arms(result: Mapping[str, Any]) -> Figure:
     right.axvline(0, color=BASELINE_COLOR, ls="--", lw=1.0)
     if arms:
         left.axvline(arms[0]["value"], color=BASELINE_COLOR, ls="--", lw=1.0)
-    left.set_yticks(y, [f"{a['name']} (ξ={a['rate']:g})" for a in arms])
+    left.set_yticks(y, [f"{a['name']} (ξ={a['rate']:g}, top answer {_fmt(a.get('top_answer_share'), 2)})" for a in arms])
     right.set_yticks(y, [""] * len(arms))
     left.set_xlabel(f"test {_metric_label(result.get('metric', ''))} [95% CI]")
-    right.set_xlabel("Δ correct vs unpruned [95% CI]; * Holm p < 0.05")
+    right.set_xlabel("Δ correct vs unpruned [95% CI]")
+    right.set_title("* Holm-adjusted p < 0.05", fontsize=8)
+    right.xaxis.set_major_locator(MaxNLocator(4))
     left.set_title(f"{_task_label(result['task'])} · L{result['layer']} {_module_label(result['module'])}")
     return fig
 
