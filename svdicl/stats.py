@@ -4,7 +4,7 @@ The paper reports single-seed point estimates; several of its gains are one or t
 examples.  These are the numbers that say whether a difference is real:
 
 - `wilson_interval` / `accuracy_ci`: Wilson score interval of an accuracy (a binomial proportion);
-  the percentile bootstrap covers only ~0.81 at n = 32, p = 0.9.
+  the percentile bootstrap covers only 0.84 at n = 32, p = 0.9 (exact), Wilson 0.96.
 - `bootstrap_ci`: BCa (or percentile) bootstrap over examples for other metrics (seeded; 2,000 resamples).
 - `paired_comparison`: two arms on the same examples and seeds. Seeds are averaged per example
   first, so the unit of inference is the example: an exact sign-flip permutation test, a t-interval
@@ -151,14 +151,22 @@ def bootstrap_ci(
 
 
 def _jackknife(gold: np.ndarray, predicted: np.ndarray, metric: Callable) -> np.ndarray:
-    """The metric with each example left out in turn (n values)."""
+    """The metric with each example left out in turn (n values).
+
+    A metric of a sample does not depend on the examples' order, so leaving out either of two
+    examples with the same (gold, predicted) pair gives the same value: one is computed per
+    distinct pair (at most classes² for labels), a block of rows at a time."""
     n = len(gold)
     if n < 2:
         return np.zeros(1)
-    leave_out = np.arange(1, n)[None, :] - (np.arange(1, n)[None, :] <= np.arange(n)[:, None])  # row i: all but i
+    _, first, inverse = np.unique(np.stack([gold, predicted], axis=1), axis=0, return_index=True, return_inverse=True)
     chunk = max(1, 4_000_000 // n)
-    rows = [leave_out[i : i + chunk] for i in range(0, n, chunk)]
-    return np.concatenate([metric(gold[index], predicted[index]) for index in rows])
+    values = []
+    for start in range(0, len(first), chunk):
+        rows = first[start : start + chunk, None]
+        index = np.arange(n - 1)[None, :] + (np.arange(n - 1)[None, :] >= rows)  # row for example i: every example but i
+        values.append(metric(gold[index], predicted[index]))
+    return np.concatenate(values)[inverse.reshape(-1)]
 
 
 def _bca_levels(values: np.ndarray, point: float, jackknife: np.ndarray, levels: np.ndarray) -> np.ndarray:

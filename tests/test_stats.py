@@ -167,3 +167,15 @@ def test_seed_mean_ci_is_the_single_seed_interval_for_one_seed_and_the_seed_mean
         assert estimate.low < estimate.value < estimate.high and estimate.method == BCA
     with pytest.raises(SvdiclError, match="no interval"):
         seed_mean_ci(gold, predicted, "auc", 3)
+
+
+def test_jackknife_of_bca_matches_leaving_each_example_out():
+    from svdicl.stats import _jackknife, _macro_f1
+
+    rng = np.random.default_rng(12)
+    gold, predicted = rng.integers(0, 3, 30), rng.integers(0, 3, 30)  # many repeated (gold, predicted) pairs
+    expected = [macro_f1(np.delete(gold, i), np.delete(predicted, i), 3) for i in range(30)]
+    assert _jackknife(gold, predicted, lambda g, p: _macro_f1(g, p, 3)) == pytest.approx(expected)
+    values, order = rng.normal(size=30), np.arange(30)
+    expected = [np.delete(values, i).mean() for i in range(30)]
+    assert _jackknife(order, order, lambda g, _: values[g].mean(axis=1)) == pytest.approx(expected)

@@ -71,7 +71,8 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="LAYERS:MODULES:RATE",
-        help="an edit as one string, e.g. 26:mlp:0.95; repeat for several",
+        help="an edit as one string, e.g. 26:mlp:0.95; repeat for several. A null control at the same rate: "
+        "26:mlp:0.95@random-subspace or @matched-noise, optionally :seed=N (docs/experiments.md)",
     )
     add_svd_args(group)
 
