@@ -17,8 +17,9 @@ from svdicl import calibration as cal
 from svdicl.bias import balanced_accuracy, bias_metrics, margin_auc, prediction_counts, top_answer_share
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate, evaluate_run, prepare_run
+from svdicl.experiments.evaluate import evaluate, evaluate_edits, evaluate_run, prepare_run
 from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
+from svdicl.prune import PruneSpec, pruned
 from svdicl.scoring import score
 from svdicl.store import Store
 from svdicl.tasks import get_task
@@ -195,3 +196,17 @@ def test_cli_calibration_flag_and_its_error(toy, tmp_path, capsys):
     assert results["config"]["scoring"]["calibration"] == ["contextual", "batch"]
     assert main([*argv, "--calibration", "platt", "--output", str(tmp_path / "f")]) == 2
     assert "unknown calibration 'platt'" in capsys.readouterr().err
+
+
+def test_calibration_queries_ride_the_layer_path_under_an_edit(toy):
+    loaded = toy_loaded()
+    run = prepare_run(loaded, str(toy), split="test", shots=1, seed=0, limit=10, data_dir=toy.parent / "data", calibration="all")
+    edit = [PruneSpec("1", "mlp", 0.5)]
+    ((_, layer),) = evaluate_edits(loaded, run, [edit], path="layer")
+    assert layer.timing["path"] == "layer"
+    with pruned(loaded.model, specs=edit):
+        reference = score(loaded.model, run.probe_requests)  # plain path, the same edit
+        direct = evaluate_run(loaded, run, path="plain")
+    for a, b in zip(layer.probe_scores, reference, strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)
+    assert [c.calibrated.predictions for c in layer.calibrated] == [c.calibrated.predictions for c in direct.calibrated]
