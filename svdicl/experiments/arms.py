@@ -28,9 +28,11 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from svdicl.calibration import METHODS
 from svdicl.errors import SvdiclError
-from svdicl.stats import holm, paired_by_id, wilson_interval
+from svdicl.stats import Estimate, bootstrap_ci, holm, macro_f1, paired_by_id, wilson_interval
 from svdicl.store import Cell, Store
 
 GROUPS = ("calibration", "controls")  # optional arm groups; unpruned and pruned are always there
@@ -86,8 +88,6 @@ def arm_name(calibration: str | None = None, control: str | None = None, pruned:
 
 def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) -> list[dict]:
     """One entry per arm, the first (the unpruned model) the reference of every paired difference."""
-    from svdicl.experiments.search import seed_mean_ci
-
     reference = [[(s["id"], float(s["correct"])) for s in run] for run in arms[0].samples(store)]
     entries: list[dict] = []
     seen: dict[tuple, dict] = {}
@@ -154,3 +154,26 @@ def calibration_methods(requested: Sequence[str], groups: Sequence[str]) -> tupl
     """The calibrations a search scores: those asked for with --calibration, else every method when the
     calibration arms are on."""
     return tuple(requested) or (METHODS if "calibration" in groups else ())
+
+
+def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
+    """95% percentile bootstrap of a metric averaged over seeds.
+
+    The seeds score the same examples, so one bootstrap draw of examples serves every seed: the
+    interval is the uncertainty from the finite test set of the seed-averaged value (the spread
+    over seeds is reported separately as their standard deviation).
+    """
+    ids = [s["id"] for s in samples[0]]
+    rows = [{s["id"]: s for s in seed} for seed in samples]
+    if any(set(row) != set(ids) for row in rows):
+        raise SvdiclError("the seeds' test cells hold different examples; use the same --limit for every seed")
+    gold = np.array([rows[0][i]["gold"] for i in ids])
+    predicted = np.array([[row[i]["prediction"] for i in ids] for row in rows])  # seeds x examples
+
+    def mean_over_seeds(index: np.ndarray, _: np.ndarray) -> np.ndarray:  # index: draws x examples
+        if metric == "accuracy":
+            return np.mean([(gold[index] == p[index]).mean(axis=1) for p in predicted], axis=0)
+        return np.array([np.mean([macro_f1(gold[draw], p[draw], num_classes) for p in predicted]) for draw in index])
+
+    order = np.arange(len(ids))
+    return bootstrap_ci(order, order, mean_over_seeds)

@@ -34,7 +34,7 @@ import yaml
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor
-from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, summarize
+from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
     JSON_FILE,
@@ -61,7 +61,7 @@ from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
 from svdicl.prune import CONTROLS, PruneSpec
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
-from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1, paired_by_id
+from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve
 from svdicl.tasks import METRICS, get_task
@@ -386,29 +386,6 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
     summary["p_value"] = paired.p_value
     summary["paired"] = paired.to_dict()
     return summary
-
-
-def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
-    """95% percentile bootstrap of a metric averaged over seeds.
-
-    The seeds score the same examples, so one bootstrap draw of examples serves every seed: the
-    interval is the uncertainty from the finite test set of the seed-averaged value (the spread
-    over seeds is reported separately as their standard deviation).
-    """
-    ids = [s["id"] for s in samples[0]]
-    rows = [{s["id"]: s for s in seed} for seed in samples]
-    if any(set(row) != set(ids) for row in rows):
-        raise SvdiclError("the seeds' test cells hold different examples; use the same --limit for every seed")
-    gold = np.array([rows[0][i]["gold"] for i in ids])
-    predicted = np.array([[row[i]["prediction"] for i in ids] for row in rows])  # seeds x examples
-
-    def mean_over_seeds(index: np.ndarray, _: np.ndarray) -> np.ndarray:  # index: draws x examples
-        if metric == "accuracy":
-            return np.mean([(gold[index] == p[index]).mean(axis=1) for p in predicted], axis=0)
-        return np.array([np.mean([macro_f1(gold[draw], p[draw], num_classes) for p in predicted]) for draw in index])
-
-    order = np.arange(len(ids))
-    return bootstrap_ci(order, order, mean_over_seeds)
 
 
 def result_stem(result: dict) -> str:
