@@ -307,3 +307,18 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
     page = report.page.read_text()
     assert "| unpruned + contextual |" in page and "Holm-adjusted" in page and "figures/arms-" in page
     assert any(p.name.startswith("arms-") and p.suffix == ".svg" for p in report.files)
+
+
+def test_search_config_selects_calibrations_and_arms(toy, tmp_path, capsys):
+    model, out = save_model(planted_loaded(), tmp_path / "planted"), tmp_path / "out"
+    config = tmp_path / "search.yaml"
+    values = {"model": str(model), "tasks": str(toy), "modules": "mlp", "layer": "1", "rates": "0.9", "limit": 12,
+              "data_dir": str(toy.parent / "data"), "output": str(out), "calibration": ["batch"],
+              "arms": "calibration"}  # fmt: skip
+    config.write_text(yaml.safe_dump(values))
+    assert main(["-q", "search", "--config", str(config), "--no-report"]) == 0
+    result = json.loads((out / "search" / "toy-mlp.json").read_text())
+    assert [a["name"] for a in result["arms"]] == ["unpruned", "unpruned + batch", "pruned", "pruned + batch"]
+    assert result["scoring"]["options"]["calibration"] == "batch"
+    capsys.readouterr()
+    assert "unknown arm group 'noise'" in one_line_error(capsys, "search", "--config", str(config), "--arms", "noise")
