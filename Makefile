@@ -24,8 +24,8 @@ demo: setup
 	$(BIN)/svdicl search --model smollm2-135m --task sst2 --module mlp --limit-validation 200 --limit-test 500 --output runs/demo
 
 lint: setup
-	$(BIN)/ruff check svdicl tests benchmarks
-	$(BIN)/ruff format --check svdicl tests benchmarks
+	$(BIN)/ruff check svdicl tests benchmarks docs/api.py
+	$(BIN)/ruff format --check svdicl tests benchmarks docs/api.py
 
 test: setup lint
 	$(BIN)/python -m pytest

@@ -85,6 +85,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 def supported(model: nn.Module) -> bool:
+    """Whether the model has the fast paths (shared-prefix and layer caches)."""
     return unsupported_reason(model) is None
 
 
@@ -139,10 +140,12 @@ class PrefixKV:
 
     @property
     def stop(self) -> int:
+        """The layer after the last one cached."""
         return self.start + len(self.keys)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cached keys and values hold."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
@@ -178,6 +181,7 @@ class SuffixBatch:
 
     @classmethod
     def of(cls, suffixes: Sequence[Suffix], pad_id: int = 0) -> SuffixBatch:
+        """Pad `suffixes` into one batch (right padding, with a mask of real tokens)."""
         if not suffixes:
             raise SvdiclError("a batch needs at least one suffix")
         width = max(len(s.ids) for s in suffixes)

@@ -108,6 +108,8 @@ class MatrixEdit:
 
 @dataclass(frozen=True)
 class EditRecord:
+    """What an edit did: the specs as given and every matrix truncated, with ranks and errors."""
+
     specs: tuple[PruneSpec, ...]
     matrices: tuple[MatrixEdit, ...]
 
@@ -117,6 +119,7 @@ class EditRecord:
         return ";".join(str(s) for s in self.specs if s.rate > 0) or "none"
 
     def to_dict(self) -> dict:
+        """The edit as results files record it: key, specs, matrices and parameter counts."""
         return {
             "key": self.key,
             "specs": [str(s) for s in self.specs],

@@ -38,6 +38,7 @@ INTERVALS = {"accuracy": WILSON, "macro_f1": BCA, "resamples": RESAMPLES, "confi
 
 
 def accuracy(gold: Sequence[int], predicted: Sequence[int]) -> float:
+    """Share of predictions equal to gold."""
     gold_a, pred_a = _arrays(gold, predicted)
     return float((gold_a == pred_a).mean())
 
@@ -80,6 +81,7 @@ class Estimate:
     method: str = BCA
 
     def to_dict(self) -> dict:
+        """The estimate as results files record it."""
         return {
             "value": self.value,
             "ci_low": self.low,
@@ -228,6 +230,7 @@ class McNemar:
     p_value: float
 
     def to_dict(self) -> dict:
+        """The discordant counts and the exact p-value as results files record them."""
         return {"only_a_correct": self.only_a, "only_b_correct": self.only_b, "p_value": self.p_value}
 
 
@@ -311,6 +314,7 @@ class PairedComparison:
     power: float = POWER
 
     def to_dict(self) -> dict:
+        """The paired comparison as results files record it."""
         return {
             "n": self.n,
             "seeds": self.seeds,

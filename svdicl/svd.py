@@ -60,6 +60,7 @@ class Factors:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the factorised matrix."""
         return (self.u.shape[0], self.vh.shape[1])
 
     def truncate(self, k: int) -> torch.Tensor:
@@ -150,10 +151,12 @@ class FactorStore:
         self.originals = originals
 
     def is_original(self, module_name: str, parameter: torch.Tensor, stamp: tuple) -> bool:
+        """Whether `parameter` is still the tensor whose factors are cached (same object, same stamp)."""
         seen = self.originals.get(module_name)
         return seen is not None and seen[0]() is parameter and seen[1] == stamp and parameter.device.type != "meta"
 
     def path(self, key: tuple[str, tuple], dtype: torch.dtype) -> Path:
+        """The safetensors file of a matrix's factors in the on-disk cache."""
         name, blocks = key
         rows = "-rows" + hashlib.blake2b(repr(blocks).encode(), digest_size=6).hexdigest() if blocks else ""
         return self.folder / f"{name}{rows}.{str(dtype).removeprefix('torch.')}.safetensors"

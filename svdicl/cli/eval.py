@@ -9,6 +9,7 @@ from svdicl.cli.common import add_model_args, add_prune_args, add_scoring_args, 
 
 
 def add(sub) -> None:
+    """Register `svdicl eval` on the subparsers `sub`."""
     from svdicl.tasks import TASKS
 
     p = sub.add_parser(
@@ -59,6 +60,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate each --task under the optional edit and print per-seed metrics with their CIs."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
     from svdicl.forward import parse_memory

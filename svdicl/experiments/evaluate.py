@@ -36,7 +36,7 @@ from svdicl import calibration as cal
 from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
-from svdicl.models import LoadedModel
+from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
 from svdicl.prune import EditRecord, PruneSpec, pruned
 from svdicl.scoring import (
@@ -85,6 +85,7 @@ class EvalRun:
 
     @property
     def gold(self) -> tuple[int, ...]:
+        """The gold class index of every example, in order."""
         return tuple(e.label for e in self.examples)
 
     @property
@@ -123,6 +124,7 @@ def prepare_run(
     svdicl.calibration (those that apply to the task): their queries become extra requests
     after the same demonstrations.
     """
+    loaded = as_loaded(loaded, "prepare_run")
     task = get_task(task) if isinstance(task, str) else task
     splits = splits if splits is not None else load_splits(task, data_dir)
     shots = task.shots if shots is None else shots
@@ -165,6 +167,8 @@ class CalibratedRun:
 
 @dataclass(frozen=True)
 class RunResult:
+    """One run scored under one set of weights: per-example scores, predictions and metrics with CIs."""
+
     run: EvalRun
     scores: tuple[Scores, ...]
     predictions: tuple[int, ...]
@@ -178,6 +182,7 @@ class RunResult:
 
     @property
     def correct(self) -> tuple[bool, ...]:
+        """Whether each example's prediction equals its gold class."""
         return tuple(p == g for p, g in zip(self.predictions, self.run.gold, strict=True))
 
     def bias(self) -> dict:
@@ -237,6 +242,7 @@ class RunResult:
         return found
 
     def samples(self) -> list[dict]:
+        """The run's samples.jsonl rows: prompt, per-candidate scores, prediction, correctness (and calibrated ones)."""
         return [
             _sample(self.run, i, s, self.length_normalize, {c.calibrated.method: c.calibrated for c in self.calibrated})
             for i, s in enumerate(self.scores)
@@ -292,6 +298,7 @@ def evaluate_run(
     `path` auto takes the shared-prefix path where the model has one and `cache_memory`
     (bytes; None: 4 GiB) holds it, else the plain path.
     """
+    loaded = as_loaded(loaded, "evaluate_run")
     chosen = _choose(loaded, run, _single(path), batch_size, cache_memory)
     return _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress)
 
@@ -528,6 +535,7 @@ def evaluate(
 
     from svdicl.provenance import versions
 
+    loaded = as_loaded(loaded, "evaluate")
     task = get_task(task) if isinstance(task, str) else task
     if not seeds or len(set(seeds)) != len(seeds):
         raise SvdiclError("give at least one --seed, each once")
