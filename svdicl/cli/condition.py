@@ -25,7 +25,13 @@ def add(sub) -> None:
         "--top-k", type=int, default=3, help="how many layers to rank per module group, as Algorithm 1 does (default: 3)"
     )
     out = p.add_argument_group("output")
-    out.add_argument("--output", required=True, help="folder for conditions.csv, conditions.json and figures/")
+    out.add_argument(
+        "--output",
+        "--output-path",
+        "--output_path",
+        required=True,
+        help="folder for conditions.csv, conditions.json and figures/",
+    )
     out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )
@@ -45,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args)
     conditions = condition_numbers(loaded.model, args.layers, args.modules, progress=not args.quiet)
     files = write_conditions(conditions, output, model_name=loaded.source, fingerprint=loaded.fingerprint, top_k=args.top_k)
-    files += save_figure(plot_conditions(conditions), output / "figures" / "fig3-conditions", args.format)
+    figure = plot_conditions(conditions, title=f"{loaded.source} · condition numbers per layer")
+    files += save_figure(figure, output / "figures" / "fig3-conditions", args.format)
 
     groups = [g for g in ("attn", "mlp") if any(c.group == g for c in conditions)]
     per_group = {g: layer_conditions(conditions, g) for g in groups}
