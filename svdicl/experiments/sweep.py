@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
@@ -41,7 +42,7 @@ from svdicl.tasks.data import TaskSplits, content_digest, load_splits
 PAPER_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 SPLITS = ("validation", "test")
 TOGETHER = "+"  # `0+1` in --layers, `q+k` in --modules: one line pruned together
-SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens")
+SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,18 @@ class Scoring:
     allow_tied: bool = False
     path: str = "auto"
     cache_memory: int | None = None
+    calibration: tuple[str, ...] = ()  # methods of svdicl.calibration, each cell scored under every one
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SvdiclError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_path(self.path)
+        object.__setattr__(self, "calibration", parse_calibration(self.calibration))
 
     def key_options(self) -> dict[str, object]:
-        """The options that change answers, and so enter every cell key."""
-        return {"length_normalize": self.length_normalize, "svd": self.svd}
+        """The options that change answers, and so enter every cell key (calibration only when asked for)."""
+        calibration = {"calibration": ",".join(self.calibration)} if self.calibration else {}
+        return {"length_normalize": self.length_normalize, "svd": self.svd, **calibration}
 
     def edit_options(self) -> dict[str, object]:
         """Keyword arguments of evaluate_edits."""
@@ -292,14 +296,14 @@ def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | N
 
 def compact_samples(result: RunResult) -> list[dict]:
     """Per-example records for the store, without the prompt text (the demonstrations are in the cell's info)."""
-    return [{name: sample[name] for name in SAMPLE_FIELDS} for sample in result.samples()]
+    return [{name: sample[name] for name in SAMPLE_FIELDS if name in sample} for sample in result.samples()]
 
 
 def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring: Scoring) -> Result:
     """What the store keeps of one scored cell: metrics with CIs, compact samples, and how it was made."""
     run = result.run
     return Result(
-        metrics={"accuracy": result.accuracy.to_dict(), "macro_f1": result.macro_f1.to_dict()},
+        metrics=result.metrics(),
         n=len(result.predictions),
         samples=compact_samples(result),
         ties=sum(result.ties),
@@ -308,6 +312,8 @@ def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring:
             "shots_total": run.shots * run.task.num_classes,
             "demonstrations": [e.id for e in run.demonstrations],
             "data": run.data,
+            "prediction_counts": result.bias()[None]["prediction_counts"],
+            "calibration": result.calibration_summary(),
             "matrices": [
                 {"name": m.name, "kept_rank": m.kept_rank, "rank": m.rank, "relative_error": m.relative_error}
                 for m in record.matrices
@@ -459,7 +465,7 @@ def sweep(
             prepare = functools.cache(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
-                    splits=splits[group.task.name],
+                    splits=splits[group.task.name], calibration=scoring.calibration,
                 )
             )  # fmt: skip
             for call in group.calls:
