@@ -24,6 +24,7 @@ MODULES = [
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
     ("svdicl.stats", ["Estimate", "accuracy_ci", "macro_f1_ci", "compare"]),
+    ("svdicl.experiments.compare", ["compare_evals", "compare_tasks", "read_eval", "Comparison"]),
     ("svdicl.store", ["Store", "CellKey", "Cell"]),
     ("svdicl.report", ["build_report"]),
 ]

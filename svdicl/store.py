@@ -266,11 +266,15 @@ class Store:
     twice (the first result wins).
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.root = Path(path)
+        self.readonly = readonly  # only read (a finished store in a read-only folder): no lock file, no repair, no put
         if self.root.exists() and not self.root.is_dir():
             raise SvdiclError(f"result store {self.root} is a file; give a folder (it will hold {CELLS_FILE})")
-        self.root.mkdir(parents=True, exist_ok=True)
+        if readonly and not (self.root / CELLS_FILE).is_file():
+            raise SvdiclError(f"{self.root} holds no {CELLS_FILE}; give the --output folder of a sweep or search")
+        if not readonly:
+            self.root.mkdir(parents=True, exist_ok=True)
         self.file = self.root / CELLS_FILE
         self._cells: dict[str, Cell] = {}
         self._offset = 0  # bytes of cells.jsonl already read
@@ -332,14 +336,25 @@ class Store:
         path = self.root / cell.samples
         if not path.is_file():
             raise SvdiclError(f"samples file {path} of cell {cell.id} is missing; restore it or rerun in a new output folder")
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        records = []
+        for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+            try:
+                if line.strip():
+                    records.append(json.loads(line))  # bad UTF-8 raises UnicodeDecodeError, a ValueError
+            except ValueError:
+                raise SvdiclError(
+                    f"samples file {path} line {number} is damaged; delete cell {cell.id}'s line in {self.file} "
+                    "to recompute it, or rerun in a new output folder"
+                ) from None
+        return records
 
     def put(self, key: CellKey, result: Result, seconds: float = 0.0) -> Cell:
         """Persist a finished cell (samples first, then its line); returns the stored cell.
 
         If another process stored the same key meanwhile, its cell is kept and returned.
         """
+        if self.readonly:
+            raise SvdiclError(f"store {self.root} was opened read-only; open it without readonly to add cells")
         with self._locked() as fd:
             self._refresh(fd)
             if key.id in self._cells:
@@ -398,10 +413,11 @@ class Store:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[int]:
-        fd = os.open(self.file, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        flags = os.O_RDONLY if self.readonly else os.O_RDWR | os.O_CREAT | os.O_APPEND
+        fd = os.open(self.file, flags, 0o644)
         try:
             if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_SH if self.readonly else fcntl.LOCK_EX)
             yield fd
         finally:
             os.close(fd)  # also releases the lock
@@ -447,7 +463,11 @@ class Store:
         )
 
     def _cut(self, fd: int, position: int, size: int, line_number: int) -> None:
-        """Remove a torn last line (an interrupted write) so the next append starts clean."""
+        """Remove a torn last line (an interrupted write) so the next append starts clean; read-only: skip it."""
+        if self.readonly:
+            warnings.warn(f"{self.file}: line {line_number} was cut short by an interrupted write; skipped it", stacklevel=4)
+            self._offset, self._line = position, line_number - 1
+            return
         warnings.warn(
             f"{self.file}: line {line_number} was cut short by an interrupted write; removed it "
             f"({size - position} bytes), its cell will be recomputed",

@@ -19,7 +19,7 @@ import warnings
 from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
 from svdicl.errors import SvdiclError, write_error
 
-COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
+COMMANDS = ("inspect", "prune", "condition", "report", "eval", "compare", "sweep", "search", "theory")
 
 
 def build_parser() -> Parser:
