@@ -165,9 +165,10 @@ def sweep_points(
         if cell.metrics.get(name, {}).get("value") is None:
             continue
         key = cell.key
-        groups.setdefault((key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name), []).append(cell)
+        group = (key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name, key.data)  # never mix data
+        groups.setdefault(group, []).append(cell)
     points = []
-    for (model, task, split, shots, limit, options, _, name), group in groups.items():
+    for (model, task, split, shots, limit, options, _, name, _), group in groups.items():
         values = [c.metrics[name]["value"] for c in group]
         mean = statistics.fmean(values)
         if len(values) > 1:

@@ -56,7 +56,7 @@ from svdicl.scoring import (
 from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
-from svdicl.tasks.data import Example, TaskSplits, load_splits
+from svdicl.tasks.data import Example, TaskSplits, content_digest, load_splits
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -528,7 +528,8 @@ def evaluate(
     predictions and metrics beside the uncalibrated ones.
 
     Returns the content of results.json.  An unfinished output folder of the same
-    configuration is resumed (finished examples are read back from samples.jsonl).  The
+    configuration (model, task definition, data digest, ...) is resumed (finished examples
+    are read back from samples.jsonl); one of another configuration is refused.  The
     scoring path is chosen per seed before any forward pass and recorded in the config.
     """
     from tqdm.auto import tqdm
@@ -559,6 +560,7 @@ def evaluate(
             },
             "task": task.to_dict(),
             "data": splits.origin,
+            "data_digest": content_digest(task, prepared[0].examples, splits.demonstrations),  # what is scored, by content
             "split": split,
             "shots_per_class": shots,
             "shots_total": shots * task.num_classes,

@@ -52,10 +52,13 @@ from svdicl.experiments.sweep import (
     Progress,
     Scoring,
     cell_limit,
+    data_digest,
     edit_cell,
     evaluate_lines,
     module_lines,
+    note_other_data,
     parse_rates,
+    run_key,
 )
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
@@ -243,10 +246,10 @@ def search(
     def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
         """The cells of `rates` on `split` for every seed (with `control`, that null control's edit instead of the
         truncation, seeded by the demonstration seed); the seeds' lines go to the executor together."""
-        limit = cell_limit(limits[split], len(splits.split(split)))
         calls = {}
+        data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
-            base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
+            base = run_key(loaded, splits, split, shots, seed, limits[split], scoring, data)
 
             def prepare(seed: int = seed) -> EvalRun:
                 return prepare_run(
@@ -255,6 +258,7 @@ def search(
                 )  # fmt: skip
 
             calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
+        note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
         evaluate_lines(
             loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
