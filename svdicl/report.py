@@ -846,7 +846,8 @@ def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
 ARMS_COLUMNS = (
     "model_name", "task", "module", "layer", "arm", "rate", "calibration", "control", "metric", "n", "seeds", "value",
     "std_over_seeds", "ci_low", "ci_high", "ci_method", "difference", "difference_ci_low", "difference_ci_high", "p",
-    "p_holm", "mde", "top_answer_share", "balanced_accuracy", "auc",
+    "p_holm", "mde", "top_answer_share", "balanced_accuracy", "auc", "difference_vs_calibrated",
+    "difference_vs_calibrated_ci_low", "difference_vs_calibrated_ci_high", "p_vs_calibrated", "p_holm_vs_calibrated",
 )  # fmt: skip
 
 
@@ -856,12 +857,14 @@ def arms_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     for r in results:
         for arm in r.get("arms", []):
             paired = arm.get("paired") or {}
+            versus = arm.get("paired_calibrated") or {}
             rows.append([
                 _search_column(r)[0], r["task"], r["module"], r["layer"], arm["name"], arm["rate"], arm.get("calibration"),
                 arm.get("control"), r.get("metric"), arm["n"], arm["seeds"], arm["value"], arm.get("std"), arm.get("ci_low"),
                 arm.get("ci_high"), arm.get("ci_method"), paired.get("difference"), paired.get("ci_low"),
                 paired.get("ci_high"), paired.get("p_value"), paired.get("p_holm"), paired.get("mde"),
-                arm.get("top_answer_share"), arm.get("balanced_accuracy"), arm.get("auc"),
+                arm.get("top_answer_share"), arm.get("balanced_accuracy"), arm.get("auc"), versus.get("difference"),
+                versus.get("ci_low"), versus.get("ci_high"), versus.get("p_value"), versus.get("p_holm"),
             ])  # fmt: skip
     return rows
 
@@ -883,9 +886,16 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         else:
             delta = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
             p, p_holm = _fmt_p(paired["p_value"]), _fmt_p(paired.get("p_holm"))
-        rows.append([arm["name"], f"{arm['rate']:g}", value, delta, p, p_holm, _fmt(arm.get("top_answer_share"), 2),
-                     _fmt(arm.get("balanced_accuracy"), 3), _fmt(arm.get("auc"), 3)])  # fmt: skip
-    headers = ["arm", "ξ", f"test {metric}", "Δ correct vs unpruned", "p", "p (Holm)", "top answer", "balanced acc.", "AUC"]
+        versus = arm.get("paired_calibrated")
+        against_calibrated = "" if arm.get("same_as") or not versus else (
+            f"{versus['difference']:+.3f} [{versus['ci_low']:+.3f}, {versus['ci_high']:+.3f}], p {_fmt_p(versus['p_value'])} "
+            f"(Holm {_fmt_p(versus.get('p_holm'))})"
+        )  # fmt: skip
+        rows.append([arm["name"], f"{arm['rate']:g}", value, delta, p, p_holm, against_calibrated,
+                     _fmt(arm.get("top_answer_share"), 2), _fmt(arm.get("balanced_accuracy"), 3),
+                     _fmt(arm.get("auc"), 3)])  # fmt: skip
+    headers = ["arm", "ξ", f"test {metric}", "Δ correct vs unpruned", "p", "p (Holm)", "Δ vs unpruned + same calibration",
+               "top answer", "balanced acc.", "AUC"]  # fmt: skip
     methods = sorted({a.get("ci_method") for a in arms if a.get("ci_method")})
     spread = f"± SD over the {seeds} demonstration seeds; " if seeds > 1 else ""
     note = (
@@ -893,7 +903,9 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         f"{arms[0]['n'] if arms else '–'} test examples, {seeds} seed(s). {spread}[ ] 95% CI over test examples "
         f"({', '.join(methods)}). Δ: paired difference in per-example correctness against the unpruned model (each "
         "example's correctness averaged over seeds) with its 95% CI over examples; p: sign-flip permutation test on those "
-        "differences, raw and Holm-adjusted across the arms of this table. ξ of a calibrated pruned arm: the rate chosen "
+        "differences, raw and Holm-adjusted across all comparisons of this table. Δ vs unpruned + same calibration: a "
+        "calibrated pruned or control arm against the unpruned model under the same calibration (does pruning add to "
+        "the calibration?). ξ of a calibrated pruned arm: the rate chosen "
         "on validation under that calibration; null controls at the rate of the pruned arm they mirror. top answer: share "
         "of examples given the most common answer; AUC: ranking AUC of the label margin (binary tasks); '= arm': the same "
         "predictions as that arm, left out of "

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 from svdicl.prune import PruneSpec
 
 try:
@@ -434,8 +434,14 @@ class Store:
             )
             record = {**cell.to_record(), "recomputed": True} if existing is not None else cell.to_record()
             line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
-            _write_all(fd, line)
-            os.fsync(fd)
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            except OSError as exc:  # a full disk mid-line: cut what was written, drop the samples no line points at
+                os.ftruncate(fd, self._offset)
+                if relative is not None:
+                    (self.root / relative).unlink(missing_ok=True)
+                raise write_error(exc, self.file) or exc from None
             self._offset += len(line)
             self._line += 1
             self._cells[key.id] = cell
@@ -456,14 +462,21 @@ class Store:
 
     def _write_samples(self, key: CellKey, samples: Sequence[Mapping[str, Any]]) -> str:
         path = self.samples_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "w", encoding="utf-8") as handle:
-            for record in samples:
-                handle.write(json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "w", encoding="utf-8") as handle:
+                for record in samples:
+                    handle.write(json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException as exc:  # a full disk, a bad record, an interrupt: no half-written samples file is left
+            partial.unlink(missing_ok=True)
+            problem = write_error(exc, path) if isinstance(exc, OSError) else None
+            if problem is not None:
+                raise problem from None
+            raise
         _fsync_dir(path.parent)
         return path.relative_to(self.root).as_posix()
 

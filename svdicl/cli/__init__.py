@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "compare", "sweep", "search", "theory")
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    args = None
     with warnings.catch_warnings():  # restores the caller's warning display when main returns
         warnings.showwarning = _warning_line
         try:
@@ -99,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         except SvdiclError as exc:
             print(f"svdicl: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
+            problem = write_error(exc, _output_folder(args), writing=False)
+            if problem is None:
+                raise
+            print(f"svdicl: error: {problem}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
             print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
@@ -117,6 +124,12 @@ def _run(args: argparse.Namespace) -> int:
             with contextlib.suppress(OSError):
                 remove_if_empty(folder)
         raise
+
+
+def _output_folder(args: argparse.Namespace | None) -> str | None:
+    """The folder the command writes to, to name in an error that does not name its file."""
+    directories = getattr(args, "directories", None) or []
+    return getattr(args, "output", None) or (directories[0] if len(directories) == 1 else None)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, read_text
 
 KINDS = ("classification", "multiple_choice")
 SPLITS = ("demonstrations", "validation", "test")
@@ -128,7 +128,7 @@ def get_task(name_or_path: str | Path) -> TaskConfig:
     if text.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise SvdiclError(f"task file {text} does not exist; give a task name ({', '.join(TASKS)}) or a YAML file")
-        return parse_task(path.read_text(), origin=str(path), default_name=path.stem)
+        return parse_task(read_text(path), origin=str(path), default_name=path.stem)
     if text not in TASKS:
         raise SvdiclError(f"unknown task {text!r}; choose one of {', '.join(TASKS)} or give a task YAML file")
     path = _HERE / f"{text}.yaml"
