@@ -33,6 +33,7 @@ from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
+from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
 from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
 from svdicl.svd import factor_cache, svd_dtype
@@ -43,19 +44,6 @@ FACTORIZED_FILE = "model.factorized.safetensors"
 FORMATS = ("dense", "factorized")
 
 
-def prepare_output(path: str | Path, overwrite: bool = False) -> Path:
-    """An empty folder to write into; a non-empty one is refused unless `overwrite`."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise SvdiclError(f"output {folder} is a file; choose a folder path")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise SvdiclError(f"output folder {folder} is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
 def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer + svdicl_edit.json; plain transformers reloads it."""
     folder = prepare_output(path, overwrite)
@@ -63,6 +51,7 @@ def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwr
         loaded.model.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
         _write_edit(folder, _edit_info(loaded, record, "dense"))
+    finish_output(folder)
     return folder
 
 
@@ -160,6 +149,7 @@ def save_pruned(
             "file_bytes": (folder / FACTORIZED_FILE).stat().st_size,
         }
         _write_edit(folder, info)
+    finish_output(folder)
     return info
 
 

@@ -259,6 +259,18 @@ def test_sweep_on_a_full_disk(capsys, tiny_dir, toy, tmp_path, monkeypatch):
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file() and p.name != CELLS_FILE]
 
 
+def test_a_full_disk_where_the_error_names_no_file_names_the_output_folder(capsys, tiny_dir, toy, tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a flush at close raises it: no file name
+
+    monkeypatch.setattr("svdicl.report.write_csv", full)
+    output = tmp_path / "out"
+    message = one_line_error(capsys, *[a for a in sweep_args(tiny_dir, toy, output) if a != "--no-report"])
+    assert (
+        message == f"svdicl: error: cannot write {output}: no space left on the device; free disk space or write somewhere else"
+    )
+
+
 @pytest.mark.parametrize("fmt", ["dense", "factorized"])
 def test_export_on_a_full_disk_leaves_no_half_written_model(capsys, tiny_dir, tmp_path, monkeypatch, fmt):
     from safetensors import SafetensorError
@@ -275,7 +287,7 @@ def test_export_on_a_full_disk_leaves_no_half_written_model(capsys, tiny_dir, tm
     assert (
         message == f"svdicl: error: cannot write {output}: no space left on the device; free disk space or write somewhere else"
     )
-    assert list(output.iterdir()) == []  # nothing a later --model could half-load
+    assert not output.exists()  # the folder it made is removed again: nothing a later --model could half-load
 
 
 def test_export_into_a_read_only_folder(capsys, tiny_dir, tmp_path, monkeypatch):

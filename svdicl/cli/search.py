@@ -52,6 +52,13 @@ def add(sub) -> None:
         "--limit-validation", type=positive_int, metavar="N", help="examples of the validation split (overrides --limit)"
     )
     what.add_argument("--limit-test", type=positive_int, metavar="N", help="examples of the test split (overrides --limit)")
+    what.add_argument(
+        "--arms",
+        default="all",
+        help="arms scored beside unpruned and pruned on the same test examples: calibration (each --calibration method, "
+        "default all, on the unpruned and the pruned model), controls (random-subspace and norm-matched-noise edits at "
+        "rate*), all or none (default: all)",
+    )
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)
     add_executor_args(p)
@@ -63,7 +70,9 @@ def add(sub) -> None:
     out.add_argument(
         "--export-format", choices=["dense", "factorized"], default="dense", help="see svdicl prune (default: dense)"
     )
-    out.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --export folder")
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace what svdicl wrote in a non-empty --export folder (only that)"
+    )
     out.add_argument("--no-report", action="store_true", help="skip drawing the report (svdicl report DIR draws it later)")
     out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
@@ -76,9 +85,10 @@ def run(args: argparse.Namespace) -> int:
     from svdicl.errors import SvdiclError
     from svdicl.experiments.search import SearchConfig, conditions_for, search, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
-    from svdicl.export import prepare_output, save_pruned
+    from svdicl.export import save_pruned
+    from svdicl.outputs import check_output as check_export
     from svdicl.prune import PruneSpec
-    from svdicl.report import algorithm1_markdown
+    from svdicl.report import algorithm1_markdown, arms_markdown
     from svdicl.store import Store
     from svdicl.tasks import get_task
 
@@ -101,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 shots=shots_for(args, get_task(task)),
                 seeds=seeds,
                 metric=args.metric,
+                arms=args.arms,
                 **limits,
             )
             for task in parse_list(args.tasks)
@@ -112,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         for config in configs:
             where = Path(args.export) / f"{Path(config.task).stem}-{config.module.replace(',', '+')}"
-            exports[config] = prepare_output(args.export if len(configs) == 1 else where, args.overwrite)
+            exports[config] = check_export(args.export if len(configs) == 1 else where, args.overwrite)  # cleared when written
     loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
     store = Store(folder)
     splits = load_task_splits([c.task for c in configs], args.data_dir)
@@ -136,6 +147,9 @@ def run(args: argparse.Namespace) -> int:
         executor.close()
     for result, _ in results:
         _print(result)
+        if result.get("arms"):
+            print()
+            print(arms_markdown(result))
     print()
     print(algorithm1_markdown([result for result, _ in results]))
     for config, (result, written) in zip(configs, results, strict=True):
@@ -143,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         if config in exports:
             spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
             save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
-                        allow_tied=args.allow_tied, overwrite=True)  # fmt: skip
+                        allow_tied=args.allow_tied, overwrite=args.overwrite)  # fmt: skip
             print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
     if not args.no_report:
         from svdicl.report import build_report
@@ -185,18 +199,18 @@ def _print(result: dict) -> None:
     )
     print(f"  validation {result['metric']} (n={result['validation']['n']}, {len(result['seeds'])} seed(s)): {curve}")
     print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
-    discordant = test["discordant"]
+    paired = test["paired"]
     print(
         f"  test {result['metric']} (n={test['n']}): {_estimate(test['baseline'])} -> {_estimate(test['pruned'])}"
-        f"  McNemar p = {test['mcnemar_p']:.3g} ({discordant['only_baseline_correct']} examples only the unpruned model got "
-        f"right, {discordant['only_pruned_correct']} only the pruned one)"
+        f"  paired Δ correct {paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
+        f"  p = {test['p_value']:.3g} ({paired['method']})"
     )
     fallbacks = "; ".join(result["scoring"]["fallbacks"])
     print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
 def _estimate(entry: dict) -> str:
-    spread = f" ± {entry['std']:.4f}" if entry.get("std") is not None else ""
+    spread = f" ± {entry['std']:.4f} (SD over seeds)" if entry.get("std") is not None else ""
     return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 
 

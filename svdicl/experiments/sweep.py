@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
@@ -41,7 +42,7 @@ from svdicl.tasks.data import TaskSplits, content_digest, load_splits
 PAPER_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 SPLITS = ("validation", "test")
 TOGETHER = "+"  # `0+1` in --layers, `q+k` in --modules: one line pruned together
-SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens")
+SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -55,15 +56,18 @@ class Scoring:
     allow_tied: bool = False
     path: str = "auto"
     cache_memory: int | None = None
+    calibration: tuple[str, ...] = ()  # methods of svdicl.calibration, each cell scored under every one
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SvdiclError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_path(self.path)
+        object.__setattr__(self, "calibration", parse_calibration(self.calibration))
 
     def key_options(self) -> dict[str, object]:
-        """The options that change answers, and so enter every cell key."""
-        return {"length_normalize": self.length_normalize, "svd": self.svd}
+        """The options that change answers, and so enter every cell key (calibration only when asked for)."""
+        calibration = {"calibration": ",".join(self.calibration)} if self.calibration else {}
+        return {"length_normalize": self.length_normalize, "svd": self.svd, **calibration}
 
     def edit_options(self) -> dict[str, object]:
         """Keyword arguments of evaluate_edits."""
@@ -218,9 +222,14 @@ def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
     others = store.other_data(keys)
     if others:
         tasks = ", ".join(sorted({c.key.task for c in others}))
+        why = (
+            "written before svdicl keyed cells on their data"
+            if all(not c.key.data for c in others)
+            else "scored on other data or under another definition of the task (another data digest)"
+        )
         warnings.warn(
-            f"{store.root} holds {len(others)} cell(s) of task {tasks} scored on other data or under another definition of "
-            "the task (another data digest); they are kept apart and not reused, so these cells are scored anew",
+            f"{store.root} holds {len(others)} cell(s) of task {tasks} {why}; they are kept apart and not reused, "
+            "so these cells are scored anew",
             stacklevel=2,
         )
     return len(others)
@@ -287,14 +296,14 @@ def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | N
 
 def compact_samples(result: RunResult) -> list[dict]:
     """Per-example records for the store, without the prompt text (the demonstrations are in the cell's info)."""
-    return [{name: sample[name] for name in SAMPLE_FIELDS} for sample in result.samples()]
+    return [{name: sample[name] for name in SAMPLE_FIELDS if name in sample} for sample in result.samples()]
 
 
 def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring: Scoring) -> Result:
     """What the store keeps of one scored cell: metrics with CIs, compact samples, and how it was made."""
     run = result.run
     return Result(
-        metrics={"accuracy": result.accuracy.to_dict(), "macro_f1": result.macro_f1.to_dict()},
+        metrics=result.metrics(),
         n=len(result.predictions),
         samples=compact_samples(result),
         ties=sum(result.ties),
@@ -303,6 +312,8 @@ def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring:
             "shots_total": run.shots * run.task.num_classes,
             "demonstrations": [e.id for e in run.demonstrations],
             "data": run.data,
+            "prediction_counts": result.bias()[None]["prediction_counts"],
+            "calibration": result.calibration_summary(),
             "matrices": [
                 {"name": m.name, "kept_rank": m.kept_rank, "rank": m.rank, "relative_error": m.relative_error}
                 for m in record.matrices
@@ -368,29 +379,56 @@ def evaluate_lines(
     model_name: str = "",
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> None:
+) -> int:
     """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line."""
+    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
+    waited for after the rest, and scored here only if that process died before storing it.
+    Returns the number of cells scored here."""
     scoring = scoring or Scoring()
+    deferred: list[Call] = []
+    scored = 0
 
     def lines() -> Iterator[Line]:
         for prepare, cells in calls:
-            todo = tuple((key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key))
+            cells = dict(cells)
+            todo, waiting = [], []
+            for key, specs in cells.items():
+                if store.has(key):
+                    continue
+                if store.claim(key):
+                    todo.append((key, tuple(specs)))
+                elif not store.has(key):
+                    waiting.append((key, specs))
+            if waiting:
+                deferred.append((prepare, waiting))
             if progress is not None:
-                progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+                progress.add(sum(store.get(key).n for key in cells if store.has(key)))
             if todo:
                 run = prepare()
                 if progress is not None:
                     progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, todo)
+                yield Line(run, tuple(todo))
 
     work = functools.partial(score_line, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
-    for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
-        store.put(key, result, seconds=seconds)
-        if progress is not None:
-            progress.add(result.n)
+    try:
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+            store.put(key, result, seconds=seconds)
+            scored += 1
+            if progress is not None:
+                progress.add(result.n)
+    finally:
+        store.release()  # claims of cells not stored (an error, an interrupt): free for the next run at once
+    for _, cells in deferred:
+        for key, _ in cells:
+            store.wait(key)
+    if deferred:
+        scored += evaluate_lines(
+            loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )  # fmt: skip
+    return scored
 
 
 @dataclass(frozen=True)
@@ -420,7 +458,6 @@ def sweep(
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
-    before = len(store)
     bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
 
     def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
@@ -428,18 +465,18 @@ def sweep(
             prepare = functools.cache(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
-                    splits=splits[group.task.name],
+                    splits=splits[group.task.name], calibration=scoring.calibration,
                 )
             )  # fmt: skip
             for call in group.calls:
                 yield prepare, call
 
     try:
-        evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
-    return SweepResult(cells=cells, computed=len(store) - before, wall_s=time.perf_counter() - started)
+    return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
 
 def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
