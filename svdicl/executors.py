@@ -298,30 +298,29 @@ class RayExecutor:
             ray.shutdown()
 
 
-def _serve(model: Mapping[str, Any], fingerprint: str, threads: int, inbox: Any, outbox: Any, ident: int) -> None:
-    """A local worker process: load the model once, then score each (work, line) from `inbox` until None.
+def _serve(model: Mapping[str, Any], fingerprint: str, threads: int, inbox: Any, outbox: Any) -> None:
+    """A local worker process: load the model once, then score each (job, work, line) from `inbox` until None.
 
-    Every message to the driver is (ident, kind, payload): "out" per cell, "end" per line, "error"
+    Every message to the driver is (job, kind, payload): "out" per cell, "end" per line, "error"
     with the exception (or its traceback as text where it does not pickle)."""
     worker = _Worker(model, fingerprint, threads)
-    while (job := inbox.get()) is not None:
-        work, line = job
+    while (message := inbox.get()) is not None:
+        job, work, line = message
         try:
             for output in worker.score(work, line):
-                outbox.put((ident, "out", output))
+                outbox.put((job, "out", output))
         except Exception as exc:
             try:
                 pickle.dumps(exc)
             except Exception:
                 exc = RuntimeError(traceback.format_exc())
-            outbox.put((ident, "error", exc))
+            outbox.put((job, "error", exc))
             continue
-        outbox.put((ident, "end", None))
+        outbox.put((job, "end", None))
 
 
-@dataclass
+@dataclass(eq=False)
 class _Process:
-    ident: int
     process: Any
     inbox: Any
 
@@ -332,55 +331,60 @@ class ProcessExecutor:
 
     The multi-core local executor: separate processes, not threads in one, so a busy machine slows
     each worker alone instead of stalling every thread at torch's barriers.  `model` holds
-    `load_model`'s keyword arguments; each worker's fingerprint must equal `fingerprint`."""
+    `load_model`'s keyword arguments; each worker's fingerprint must equal `fingerprint`.  Each line
+    sent is a numbered job, so what a dead worker or an abandoned earlier call still sends is ignored."""
 
     model: Mapping[str, Any]
     fingerprint: str
     plan: ThreadPlan
     workers: list[_Process] = field(init=False, default_factory=list)
-    running: dict[int, _Task] = field(init=False, default_factory=dict)  # worker ident -> its task
+    running: dict[int, _Task] = field(init=False, default_factory=dict)  # job number -> its task
     restarts: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
         self._outbox = self._context.Queue()
-        self._idents = iter(range(1 << 62))
+        self._jobs = iter(range(1 << 62))
         self.workers = [self._start() for _ in range(self.plan.workers)]
 
     def _start(self) -> _Process:
-        ident, inbox = next(self._idents), self._context.Queue()
+        inbox = self._context.Queue()
         process = self._context.Process(
-            target=_serve, args=(dict(self.model), self.fingerprint, self.plan.threads, inbox, self._outbox, ident), daemon=True
+            target=_serve, args=(dict(self.model), self.fingerprint, self.plan.threads, inbox, self._outbox), daemon=True
         )
         process.start()
-        return _Process(ident, process, inbox)
+        return _Process(process, inbox)
+
+    def _busy(self) -> set[int]:
+        return {id(task.actor) for task in self.running.values()}
 
     def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
         """Run `work` on the lines across the worker processes, redoing a dead worker's unfinished cells."""
         todo = _Redo(lines, "check the workers' memory (fewer --workers)")
-        self.running = {}
+        self.running = {}  # what an abandoned earlier call left is not this call's (its jobs' messages are ignored)
 
         def submit(worker: _Process) -> None:
             line = todo.next()
             if line is not None:
-                worker.inbox.put((work, line))
-                self.running[worker.ident] = _Task(worker, line)
+                job = next(self._jobs)
+                worker.inbox.put((job, work, line))
+                self.running[job] = _Task(worker, line)
 
         for worker in self.workers:
             submit(worker)
         while self.running:
             try:
-                ident, kind, payload = self._outbox.get(timeout=0.5)
+                job, kind, payload = self._outbox.get(timeout=0.5)
             except queues.Empty:
                 self._replace_dead(todo, submit)
                 continue
-            task = self.running.get(ident)
-            if task is None:  # a message from a worker already given up as dead
+            task = self.running.get(job)
+            if task is None:  # from a worker given up as dead, or from an abandoned call
                 continue
             if kind == "error":
                 raise payload
             if kind == "end":
-                del self.running[ident]
+                del self.running[job]
                 submit(task.actor)
                 continue
             task.received += 1
@@ -391,20 +395,22 @@ class ProcessExecutor:
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
-            task = self.running.pop(worker.ident, None)
-            if task is not None:
-                todo.lost(task)
+            for job, task in list(self.running.items()):
+                if task.actor is worker:
+                    del self.running[job]
+                    todo.lost(task)
             self.restarts += 1
             self.workers[index] = replacement = self._start()
             submit(replacement)
 
     def close(self) -> None:
         """Stop the worker processes: idle ones are asked to exit, busy ones (an error, Ctrl-C) are killed."""
+        busy = self._busy()
         for worker in self.workers:
-            if worker.ident not in self.running:
+            if id(worker) not in busy:
                 worker.inbox.put(None)
         for worker in self.workers:
-            worker.process.join(timeout=10 if worker.ident not in self.running else 0)
+            worker.process.join(timeout=0 if id(worker) in busy else 10)
             if worker.process.is_alive():
                 worker.process.kill()
                 worker.process.join()

@@ -80,6 +80,27 @@ def test_a_killed_worker_process_loses_no_finished_cell_and_its_cells_are_redone
     assert_same_contents(sequential(toy, tmp_path, **changes), contents(Store(tmp_path / "killed")))
 
 
+class Stop(Exception):
+    pass
+
+
+class StoppingStore(Store):
+    """Stops the sweep (as Ctrl-C would) at its first put, while the workers are still scoring."""
+
+    def put(self, key, result, seconds=0.0):
+        raise Stop
+
+
+def test_a_sweep_resumed_on_the_same_workers_ignores_what_the_stopped_call_still_sends(toy, processes, tmp_path):
+    task, folder = toy
+    with pytest.raises(Stop):
+        sweep(load_model(str(folder)), grid(task), StoppingStore(tmp_path / "resumed"), data_dir=task.parent / "data",
+              progress=False, executor=processes)  # fmt: skip
+    store = Store(tmp_path / "resumed")
+    sweep(load_model(str(folder)), grid(task), store, data_dir=task.parent / "data", progress=False, executor=processes)
+    assert_same_contents(sequential(toy, tmp_path), contents(store))
+
+
 def test_a_worker_error_reaches_the_driver_as_itself(toy, tmp_path):
     _, folder = toy
     executor = open_executor("local", load_model(str(folder)), {"source": str(tmp_path / "nowhere")}, plan=thread_plan(2, 1))
