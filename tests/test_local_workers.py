@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 from conftest import write_toy_task
-from test_sweep import assert_same_contents, contents, grid, save_model, toy_loaded
+from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
 
 from svdicl.errors import SvdiclError
 from svdicl.executors import LocalExecutor, ProcessExecutor, open_executor
@@ -151,3 +151,13 @@ def test_torch_threads_default_to_the_free_cores_unless_omp_says(monkeypatch):
     assert default_torch_threads() == 2
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert default_torch_threads() == 3
+
+
+def test_the_worker_flags_come_from_the_command_line_or_a_config(toy, capsys, tmp_path):
+    task, folder = toy
+    base = ["sweep", "--model", str(folder), "--tasks", str(task), "--data-dir", str(task.parent / "data")]
+    base += ["--output", str(tmp_path / "o")]
+    assert "--threads-per-worker must be at least 1, got 0" in one_line_error(capsys, *base, "--threads-per-worker", "0")
+    config = tmp_path / "sweep.yaml"
+    config.write_text("workers: 0\nthreads_per_worker: 1\n")
+    assert "--workers must be at least 1, got 0" in one_line_error(capsys, *base, "--config", str(config))

@@ -118,7 +118,8 @@ def executor_from(args: argparse.Namespace, loaded):
         on_cpu = (args.device or "cpu") == "cpu" and not args.device_map
         size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
         fits = workers_that_fit(size)  # each worker process holds its own copy
-        plan = thread_plan(args.workers or (None if on_cpu else 1), args.threads_per_worker, fits=fits)  # one process owns a GPU
+        workers = args.workers if args.workers is not None or on_cpu else 1  # one process owns a GPU
+        plan = thread_plan(workers, args.threads_per_worker, fits=fits)
         executor = open_executor("local", loaded, model_options(args), plan=plan)
         log(args, f"local: {plan.describe()}")
         return executor
