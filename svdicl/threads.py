@@ -82,7 +82,7 @@ def workers_that_fit(model_bytes: int, available: int | None = None) -> int:
     """How many more copies of a model of `model_bytes` the available memory holds (each worker loads its own;
     1.5x for what loading and scoring add), at least 1."""
     if available is None:
-        import psutil
+        import psutil  # installed with accelerate, a dependency
 
         available = psutil.virtual_memory().available
     return max(1, int(available // max(1, int(1.5 * model_bytes))))
