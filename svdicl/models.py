@@ -348,4 +348,4 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 # Config keys that say where or how a model was saved, not what it computes.
-_PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype"}
+_PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype", "svdicl"}

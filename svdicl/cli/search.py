@@ -69,7 +69,7 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, conditions_for, search, write_search
+    from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_ints, parse_list
     from svdicl.export import prepare_output, save_pruned
     from svdicl.prune import PruneSpec
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         if config in exports:
             spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
             save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
-                        allow_tied=args.allow_tied, overwrite=True)  # fmt: skip
+                        allow_tied=args.allow_tied, overwrite=True, notes=card_notes(result))  # fmt: skip
             print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
     if not args.no_report:
         from svdicl.report import build_report

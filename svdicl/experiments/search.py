@@ -363,6 +363,31 @@ def result_stem(result: dict) -> str:
     return f"{result['task']}-{result['module'].replace(',', '+')}"
 
 
+def card_notes(result: dict) -> str:
+    """The model card's account of a search's export: how Algorithm 1 chose the edit and what it measured."""
+    test, metric = result["test"], result["metric"]
+    layer = (
+        f"layer {result['layer']}, the largest condition number among the top {result['top_k']} ({result['top_layers']})"
+        if result["top_layers"]
+        else f"layer {result['layer']} (given)"
+    )
+    curve = ", ".join(f"{r:g}: {v:.4f}" for r, v in zip(result["rates"], result["validation"]["values"], strict=True))
+    return (
+        f"Algorithm 1 (svdicl search) on task `{result['task']}`, module `{result['module']}`, "
+        f"{result['shots_total']} demonstrations, seeds {[s['seed'] for s in result['seeds']]}, model "
+        f"`{result['model']['name']}`:\n\n"
+        f"- {layer};\n"
+        f"- validation {metric} per clipping rate (n = {result['validation']['n']}): {curve};\n"
+        f"- rate* = {result['rate_star']:g} (the validation argmax, ties to the smaller rate);\n"
+        f"- test {metric} (n = {test['n']}): unpruned {_card_estimate(test['baseline'])}, this model "
+        f"{_card_estimate(test['pruned'])}, exact McNemar p = {test['mcnemar_p']:.3g}.\n"
+    )
+
+
+def _card_estimate(entry: dict) -> str:
+    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+
+
 def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | None = None) -> list[Path]:
     """DIR/search/<task>-<module>.json plus replayable configs: `.yaml` for `svdicl eval --config` (the
     test evaluation of the chosen model) and, when rate* > 0, `.prune.yaml` for `svdicl prune --config`.
