@@ -62,6 +62,11 @@ def add(sub) -> None:
     out.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --export folder")
     out.add_argument("--no-report", action="store_true", help="skip drawing the report (svdicl report DIR draws it later)")
     out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
+    out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )
     p.set_defaults(handler=run)
@@ -102,6 +107,13 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     scoring = scoring_from(args)
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_search
+
+        loaded = load(args, on_cpu=args.executor != "local")
+        splits = load_task_splits([c.task for c in configs], args.data_dir)
+        print(dry_run_search(loaded, configs, scoring, splits, output=folder).text())
+        return 0
     exports = {}
     if args.export:
         for config in configs:

@@ -26,7 +26,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -102,12 +102,16 @@ def prepare_run(
     limit: int | None = None,
     data_dir: str | Path | None = None,
     splits: TaskSplits | None = None,
+    progress: bool = False,
 ) -> EvalRun:
     """Draw the demonstrations for `seed`, render every prompt and tokenize it into Requests.
 
     `shots` counts demonstrations per class (default: the paper's, `task.shots`).  Pass
-    `splits` to reuse data already loaded for another seed.
+    `splits` to reuse data already loaded for another seed.  Only the `limit` examples are
+    tokenized; `progress` shows a bar on stderr while they are (a whole split takes a while).
     """
+    from tqdm.auto import tqdm
+
     task = get_task(task) if isinstance(task, str) else task
     splits = splits if splits is not None else load_splits(task, data_dir)
     shots = task.shots if shots is None else shots
@@ -115,15 +119,23 @@ def prepare_run(
     demonstrations = sample_demonstrations(task, splits.demonstrations, shots, seed)
     block = demonstrations_text(task, demonstrations)
     prompts = tuple(build_prompt(task, block, e) for e in examples)
-    requests = build_requests(
-        loaded.tokenizer,
-        block,
-        [p.query for p in prompts],
-        [p.candidates for p in prompts],
-        ids=[e.id for e in examples],
-        max_length=context_length(loaded.model, loaded.tokenizer),
-    )
+    desc = f"tokenizing {task.name} {split} seed {seed}"
+    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, disable=not progress, leave=False) as bar:
+        requests = build_requests(
+            loaded.tokenizer,
+            block,
+            [p.query for p in prompts],
+            [p.candidates for p in prompts],
+            ids=[e.id for e in examples],
+            max_length=context_length(loaded.model, loaded.tokenizer),
+            progress=bar,
+        )
     return EvalRun(task, split, shots, seed, limit, examples, demonstrations, prompts, tuple(requests), splits.origin)
+
+
+def scored_seeds(shots: int, seeds: Sequence[int]) -> tuple[int, ...]:
+    """The seeds whose runs are scored: with no demonstrations every seed has the same prompts, so the first stands for all."""
+    return tuple(seeds[:1]) if shots == 0 else tuple(seeds)
 
 
 @dataclass(frozen=True)
@@ -159,6 +171,13 @@ class RunResult:
 
     def samples(self) -> list[dict]:
         return [_sample(self.run, i, s, self.length_normalize) for i, s in enumerate(self.scores)]
+
+    def reused_for(self, seed: int) -> RunResult:
+        """This zero-shot result as the run of `seed`, which has the same prompts: nothing rescored, the reuse recorded."""
+        if self.run.demonstrations:
+            raise SvdiclError("only a run without demonstrations is the same for every seed")
+        timing = {**self.timing, "wall_s": 0.0, "examples_scored": 0, "examples_reused": len(self.scores)}
+        return replace(self, run=replace(self.run, seed=seed), timing={**timing, "reused_from_seed": self.run.seed})
 
 
 def _sample(run: EvalRun, index: int, scores: Scores, length_normalize: bool) -> dict:
@@ -405,8 +424,11 @@ def evaluate(
     """Evaluate `task` for every seed under the edit `specs`; with `output`, write and resume there.
 
     Returns the content of results.json.  An unfinished output folder of the same
-    configuration is resumed (finished examples are read back from samples.jsonl).  The
-    scoring path is chosen per seed before any forward pass and recorded in the config.
+    configuration is resumed (finished examples are read back from samples.jsonl); a finished
+    one is returned without tokenizing anything.  The scoring path is chosen per seed before
+    any forward pass and recorded in the config.  With 0 shots the seeds share their prompts:
+    the first seed's run is scored once and reused for the others (`reused_from_seed` in
+    their timing).
     """
     from tqdm.auto import tqdm
 
@@ -420,8 +442,6 @@ def evaluate(
     _single(path)
     with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
         shots = task.shots if shots is None else shots
-        prepared = [prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits) for seed in seeds]
-        paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
         config = {
             "model": {
                 "source": loaded.source,
@@ -439,9 +459,18 @@ def evaluate(
             "limit_rule": LIMIT_RULE,
             "edit": record.to_dict(),
             "batch_size": batch_size,
-            "scoring": {**_paths_used(paths), "padding_side": padding_side, "length_normalize": length_normalize},
+            "scoring": {"padding_side": padding_side, "length_normalize": length_normalize},
             "statistics": {"bootstrap": "percentile", "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": 0},
         }
+        finished = _finished(output, config) if output is not None and not overwrite else None
+        if finished is not None:
+            return finished  # the same evaluation, done: nothing to tokenize or score
+        prepared = [
+            prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits, progress=not quiet)
+            for seed in scored_seeds(shots, seeds)
+        ]
+        paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
+        config["scoring"] = {**_paths_used(paths), **config["scoring"]}
         config = json.loads(json.dumps(config))
         folder, known = _open_output(output, config, overwrite) if output is not None else (None, {})
         if folder is not None and (folder / RESULTS_FILE).is_file():
@@ -454,6 +483,7 @@ def evaluate(
                 runs.append(
                     _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known.get(run.seed), write, bar)
                 )
+        runs += [runs[0].reused_for(seed) for seed in seeds[len(runs) :]]  # zero-shot: the other seeds' prompts are the same
     results = {
         "format": "svdicl-eval/1",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -477,6 +507,18 @@ def _paths_used(paths: Sequence[ExecutionPath]) -> dict:
     names = list(dict.fromkeys(p.name for p in paths))
     reasons = list(dict.fromkeys(p.fallback for p in paths if p.fallback))
     return {"path": names[0] if len(names) == 1 else names, "fallback": "; ".join(reasons) or None}
+
+
+def _finished(output: str | Path, config: dict) -> dict | None:
+    """results.json in `output` if it holds `config`'s evaluation, whichever scoring path it took (that moves
+    scores by float rounding at most, and knowing it needs every prompt tokenized)."""
+    results = Path(output) / RESULTS_FILE
+    if not results.is_file():
+        return None
+    stored = _read_json(results)
+    previous = dict(stored.get("config", {}))
+    previous["scoring"] = {k: v for k, v in previous.get("scoring", {}).items() if k not in ("path", "fallback")}
+    return stored if previous == json.loads(json.dumps(config)) else None
 
 
 def _open_output(output: str | Path, config: dict, overwrite: bool) -> tuple[Path, dict[int, dict[str, Scores]]]:

@@ -41,7 +41,7 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
-from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run
+from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.sweep import (
     PAPER_RATES,
     Progress,
@@ -51,6 +51,7 @@ from svdicl.experiments.sweep import (
     evaluate_lines,
     module_lines,
     parse_rates,
+    reuse_cells,
 )
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
@@ -188,7 +189,8 @@ class SearchConfig:
         task = splits.task
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
-        return len(self.seeds) * (validation * len(self.rates) + 2 * test)
+        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds)  # 0 shots: scored once
+        return len(seeds) * (validation * len(self.rates) + 2 * test)
 
 
 def search(
@@ -228,6 +230,7 @@ def search(
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     before = len(store)
+    bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
 
     def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
         """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
@@ -237,12 +240,15 @@ def search(
             base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
 
             def prepare(seed: int = seed) -> EvalRun:
-                return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
+                return prepare_run(
+                    loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits, progress=bar
+                )
 
             calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
-        evaluate_lines(
-            loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
-        )
+        scored = [calls[seed] for seed in scored_seeds(shots, config.seeds)]  # 0 shots: the first seed stands for all
+        evaluate_lines(loaded, scored, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor)
+        for _, cells in calls.values():
+            reuse_cells(store, [key for key, _ in cells], config.seeds[0])
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
     validation = evaluate("validation", config.rates)
@@ -250,7 +256,7 @@ def search(
     values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
     rate_star = choose_rate(config.rates, values)
     if rate_star == 0 and progress is not None:
-        progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
+        progress.add(len(scored_seeds(shots, config.seeds)) * sizes["test"])  # the pruned test cell is the unpruned one
     test = evaluate("test", sorted({0.0, rate_star}))
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
