@@ -167,3 +167,20 @@ def test_search_dry_run_lists_validation_and_test_cells(toy, tmp_path, capsys):
     assert main([*argv, "--dry-run"]) == 0
     status = {(r[1], r[3], r[4]): r[-1] for r in dry_rows(capsys.readouterr().out)}
     assert {k for k, s in status.items() if s != "stored"} == {("test", 0, "2:mlp:rate*"), ("test", 1, "2:mlp:rate*")}
+
+
+def test_zero_shot_search_scores_once_for_all_seeds(toy):
+    from svdicl.experiments.search import SearchConfig, search
+
+    counts, results = [], []
+    for seeds in ((0,), (0, 1)):
+        loaded = toy_loaded()
+        calls = LayerCalls(loaded.model)
+        config = SearchConfig(task=str(toy), layer=-1, rates=(0.5, 0.9), shots=0, seeds=seeds, limit_validation=5, limit_test=6)
+        store = Store(toy.parent / f"search-{len(seeds)}")
+        results.append((search(loaded, config, store, data_dir=toy.parent / "data"), store))
+        counts.append(calls.count)
+    assert counts[0] == counts[1] > 0
+    (one, _), (two, store) = results
+    assert two["validation"]["values"] == one["validation"]["values"] and two["rate_star"] == one["rate_star"]
+    assert {c.info.get("reused_from") is not None for c in store.cells(seed=1)} == {True} and store.cells(seed=1)
