@@ -245,10 +245,11 @@ def search(
                 )
 
             calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
-        scored = [calls[seed] for seed in scored_seeds(shots, config.seeds)]  # 0 shots: the first seed stands for all
-        evaluate_lines(loaded, scored, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor)
-        for _, cells in calls.values():
-            reuse_cells(store, [key for key, _ in cells], config.seeds[0])
+        scored = scored_seeds(shots, config.seeds)  # 0 shots: the first seed stands for all
+        todo = [calls[seed] for seed in scored]
+        evaluate_lines(loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor)
+        for seed in config.seeds[len(scored) :]:
+            reuse_cells(store, [key for key, _ in calls[seed][1]], scored[0])
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
     validation = evaluate("validation", config.rates)
