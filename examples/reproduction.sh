@@ -90,7 +90,7 @@ for model in $STUDY_MODELS; do
   fi
   # (ii) Algorithm 1 (appendix C.5 table), (iii) fig 1 and (iv) fig 2, the order in which a run stopped early
   # has the most to show. Fig 1 and fig 2 share one store per model: fig 2's 5-per-class SST-2 cells are fig 1's.
-  # At SCALE=study the Qwen models (3x and 10x SmolLM2's time per token, ../shared/MODELS.md) skip the sweeps.
+  # At SCALE=study the Qwen models (3x and 10x SmolLM2's time per token, docs/REPRODUCTION.md) skip the sweeps.
   fig1_tasks=$FIG1_TASKS
   if [[ $SCALE == study && $model == qwen* ]]; then fig1_tasks=""; fi
   run "search $model" svdicl search --config examples/algorithm1.yaml --model "$model" --tasks "$ALL_TASKS" \

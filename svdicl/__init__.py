@@ -2,12 +2,17 @@
 
 Pipeline: models (load) -> targets/prune (truncate) -> tasks/prompts (ICL prompts)
 -> scoring (label log-likelihoods) -> experiments (sweeps, Algorithm 1) -> report.
+
+The names below are the public API (docs/api.md): `evaluate` and `search` run what `svdicl eval`
+and `svdicl search` run and return typed results; `wrap` takes a model and tokenizer already in
+memory; `load_model`, `pruned`/`prune` and `save_pruned`/`load_pruned` are the pruning core.
 """
 
+from svdicl.api import Evaluation, SearchResult, SeedEvaluation, evaluate, search
 from svdicl.errors import SvdiclError
 from svdicl.export import load_pruned, save_pruned
 from svdicl.lowrank import LowRankLinear
-from svdicl.models import ALIASES, LoadedModel, load_model
+from svdicl.models import ALIASES, LoadedModel, load_model, wrap
 from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, prune, pruned
 from svdicl.svd import Factors, kept_rank, svd_factors
 from svdicl.targets import Target, resolve
@@ -15,13 +20,17 @@ from svdicl.targets import Target, resolve
 __all__ = [
     "ALIASES",
     "EditRecord",
+    "Evaluation",
     "Factors",
     "LoadedModel",
     "LowRankLinear",
     "MatrixEdit",
     "PruneSpec",
+    "SearchResult",
+    "SeedEvaluation",
     "SvdiclError",
     "Target",
+    "evaluate",
     "kept_rank",
     "load_model",
     "load_pruned",
@@ -29,6 +38,8 @@ __all__ = [
     "pruned",
     "resolve",
     "save_pruned",
+    "search",
     "svd_factors",
+    "wrap",
 ]
 __version__ = "0.1.0"

@@ -46,11 +46,14 @@ Work = Callable[[LoadedModel, Line, Any], Iterator[Any]]  # (loaded, line, progr
 
 
 class Executor(Protocol):
+    """What scores lines of cells: the local process, or Ray worker actors that each hold a model."""
+
     def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
         """Every output of `work` over `lines`, each as soon as it is there (lines are pulled lazily)."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the workers (nothing for the local executor)."""
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,12 @@ class LocalExecutor:
     loaded: LoadedModel
 
     def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on each line in this process, in order."""
         for line in lines:
             yield from work(self.loaded, line, progress)
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the model belongs to the caller."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,7 @@ def ray_plan(settings: RaySettings, cpus: float, gpus: float, node_cpus: float, 
 
 
 def import_ray():
+    """The ray module, or a one-line error saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -206,6 +211,7 @@ class RayExecutor:
         return self._actor_class.remote(self.model, self.fingerprint, self.plan.threads)
 
     def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on the lines across the worker actors, resubmitting a dead worker's unfinished lines."""
         ray = import_ray()
         for index, actor in enumerate(self.actors):  # the workers load at once; a model they cannot load stops here
             try:
@@ -256,6 +262,7 @@ class RayExecutor:
             yield output
 
     def close(self) -> None:
+        """Kill the worker actors and shut Ray down if this executor started it."""
         ray = import_ray()
         for actor in self.actors:
             ray.kill(actor)

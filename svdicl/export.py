@@ -35,7 +35,7 @@ from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
 from svdicl.provenance import versions
-from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
+from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
 from svdicl.svd import factor_cache, svd_dtype
 from svdicl.targets import Target, resolve
 
@@ -106,6 +106,8 @@ def save_pruned(
     """
     if format not in FORMATS:
         raise SvdiclError(f"export format {format!r} is not known; use {' or '.join(FORMATS)}")
+    if any(spec.control != TRUNCATE for spec in specs):
+        raise SvdiclError("null controls (@random-subspace, @matched-noise) are baselines to evaluate, not models to export")
     model = loaded.model
     if format == "dense":
         with pruned(model, specs=specs, svd=svd, allow_tied=allow_tied) as record:

@@ -21,6 +21,7 @@ forward of prefix + suffix does.  Families outside `SUPPORTED` are reported by
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,8 +41,9 @@ class _Arch:
 
     base: str  # module holding the embeddings, rotary embedding and final norm
     norm: str  # final norm, inside `base`
-    cache_arg: str  # keyword a decoder layer takes the cache by
+    cache_arg: str  # keyword a decoder layer took the cache by before transformers renamed it `cache`
     rotary: str  # "shared": base.rotary_emb(h, pos); "per_type": one per layer type; "inside": the attention does it
+    #   (unless this transformers gives the base model a shared `rotary_emb`, as it does GPT-J since 5.2x)
     layer_types: str  # "full": all causal; "window": config.sliding_window (if set) everywhere; "config": config.layer_types
 
 
@@ -83,6 +85,7 @@ def unsupported_reason(model: nn.Module) -> str | None:
 
 
 def supported(model: nn.Module) -> bool:
+    """Whether the model has the fast paths (shared-prefix and layer caches)."""
     return unsupported_reason(model) is None
 
 
@@ -91,6 +94,20 @@ def _arch(model: nn.Module) -> _Arch:
     if reason is not None:
         raise SvdiclError(reason)
     return _ARCHES[family_of(model).name]
+
+
+def _cache_keyword(function, legacy: str) -> str:
+    """`cache`, where this transformers takes it; else the old name (`past_key_values`, removed in 5.40)."""
+    return "cache" if "cache" in inspect.signature(function).parameters else legacy
+
+
+_MASK_CACHE = _cache_keyword(create_causal_mask, "past_key_values")
+
+
+def _rotary(base: nn.Module, arch: _Arch) -> str:
+    if arch.rotary == "inside" and hasattr(base, "rotary_emb"):
+        return "shared"
+    return arch.rotary
 
 
 def _layer_types(config, arch: _Arch) -> list[str]:
@@ -123,10 +140,12 @@ class PrefixKV:
 
     @property
     def stop(self) -> int:
+        """The layer after the last one cached."""
         return self.start + len(self.keys)
 
     @property
     def nbytes(self) -> int:
+        """Bytes the cached keys and values hold."""
         return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
 
 
@@ -162,6 +181,7 @@ class SuffixBatch:
 
     @classmethod
     def of(cls, suffixes: Sequence[Suffix], pad_id: int = 0) -> SuffixBatch:
+        """Pad `suffixes` into one batch (right padding, with a mask of real tokens)."""
         if not suffixes:
             raise SvdiclError("a batch needs at least one suffix")
         width = max(len(s.ids) for s in suffixes)
@@ -198,17 +218,19 @@ def _run(model: nn.Module, arch: _Arch, hidden: torch.Tensor, span: range, cache
     types = _layer_types(config, arch)
     positions = torch.arange(offset, offset + hidden.shape[1], device=hidden.device).unsqueeze(0)
     wanted = sorted({types[i] for i in span})
-    inputs = dict(inputs_embeds=hidden, attention_mask=attention_mask, past_key_values=cache, position_ids=positions)
+    inputs = {"inputs_embeds": hidden, "attention_mask": attention_mask, _MASK_CACHE: cache, "position_ids": positions}
     masks = {kind: _MASKS[kind](config=config, **inputs) for kind in wanted}
-    if arch.rotary == "shared" and wanted:
+    rotary_kind = _rotary(base, arch)
+    if rotary_kind == "shared" and wanted:
         rotary = dict.fromkeys(wanted, base.rotary_emb(hidden, positions))
-    elif arch.rotary == "per_type":
+    elif rotary_kind == "per_type":
         rotary = {kind: base.rotary_emb(hidden, positions, kind) for kind in wanted}
     else:
         rotary = {}
     for i in span:
         extra = {"position_embeddings": rotary[types[i]]} if rotary else {}
-        out = layers[i](hidden, attention_mask=masks[types[i]], position_ids=positions, **{arch.cache_arg: cache}, **extra)
+        extra[_cache_keyword(type(layers[i]).forward, arch.cache_arg)] = cache
+        out = layers[i](hidden, attention_mask=masks[types[i]], position_ids=positions, **extra)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
 

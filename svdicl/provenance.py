@@ -9,6 +9,7 @@ _PACKAGES = ("svdicl", "torch", "transformers", "tokenizers", "datasets", "gguf"
 
 
 def versions() -> dict[str, str | None]:
+    """Python's and the relevant packages' versions (None if not installed), for results files."""
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:

@@ -3,11 +3,17 @@
 The edit swaps each parameter's tensor for a truncated copy and swaps the original back on
 exit, so restoring is bit-identical and a sweep never compounds edits.  Rate 0 touches
 nothing.  Both entry points return an `EditRecord`: what changed, matrix by matrix.
+
+Beside the truncation W_k (keep the k largest singular components) two seeded null controls
+answer "would any perturbation of this size do the same?" (docs/experiments.md, "Null controls"):
+`random-subspace` keeps k components drawn uniformly at random (same rank k), and
+`matched-noise` writes W + E, E Gaussian with ||E||_F = ||W - W_k||_F exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
@@ -16,34 +22,75 @@ from torch import nn
 
 from svdicl.errors import SvdiclError
 from svdicl.offload import Slot, slot
-from svdicl.svd import check_rate, factor_cache, kept_rank, svd_dtype
+from svdicl.svd import Factors, check_rate, factor_cache, kept_rank, matched_noise, random_components, svd_dtype
 from svdicl.targets import Target, check_overlap, resolve
+
+TRUNCATE = "truncate"
+RANDOM_SUBSPACE = "random-subspace"
+MATCHED_NOISE = "matched-noise"
+CONTROLS = (RANDOM_SUBSPACE, MATCHED_NOISE)
 
 
 @dataclass(frozen=True)
 class PruneSpec:
-    """Layers, modules and one clipping rate, as the user wrote them (`26:mlp:0.95`)."""
+    """Layers, modules, one clipping rate and the edit, as the user wrote them.
+
+    `26:mlp:0.95` truncates (the paper's edit); `26:mlp:0.95@random-subspace:seed=3` and
+    `26:mlp:0.95@matched-noise` (seed 0) are its null controls at the same rate."""
 
     layers: str
     modules: str
     rate: float
+    control: str = TRUNCATE
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.control not in (TRUNCATE, *CONTROLS):
+            raise SvdiclError(f"unknown edit {self.control!r}; use {TRUNCATE} or a null control: {', '.join(CONTROLS)}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise SvdiclError(f"control seed {self.seed!r} must be a non-negative integer, e.g. seed=0")
+        if self.control == TRUNCATE and self.seed != 0:
+            raise SvdiclError("a seed applies only to a null control; write e.g. 26:mlp:0.9@random-subspace:seed=3")
 
     @classmethod
     def parse(cls, text: str) -> PruneSpec:
-        """Read `LAYERS:MODULES:RATE`, e.g. `last2:attn:0.9` or `0-1:re:mlp\\..*:0.5`."""
-        layers, sep, rest = text.partition(":")
+        """Read `LAYERS:MODULES:RATE[@CONTROL[:seed=N]]`, e.g. `last2:attn:0.9` or `0-1:re:mlp\\..*:0.5@matched-noise`."""
+        head, at, suffix = text.rpartition("@")
+        control, seed = (TRUNCATE, 0) if not at else _control(suffix, text)
+        spec = head if at else text
+        layers, sep, rest = spec.partition(":")
         modules, sep2, rate = rest.rpartition(":")
         if not (sep and sep2 and layers and modules and rate):
             raise SvdiclError(f"cannot read prune spec {text!r}; write LAYERS:MODULES:RATE, e.g. 26:mlp:0.95")
-        return cls(layers=layers, modules=modules, rate=check_rate(rate))
+        return cls(layers=layers, modules=modules, rate=check_rate(rate), control=control, seed=seed)
 
     def __str__(self) -> str:
-        return f"{self.layers}:{self.modules}:{self.rate:g}"
+        edit = f"{self.layers}:{self.modules}:{self.rate:g}"
+        return edit if self.control == TRUNCATE else f"{edit}@{self.control}:seed={self.seed}"
+
+
+def _control(suffix: str, text: str) -> tuple[str, int]:
+    """`random-subspace` or `matched-noise:seed=3` -> (control, seed)."""
+    control, colon, seed = suffix.partition(":")
+    if control not in CONTROLS:
+        choices = " or ".join(f"@{c}" for c in CONTROLS)
+        raise SvdiclError(f"unknown null control {control!r} in {text!r}; use {choices}, e.g. 26:mlp:0.9@{CONTROLS[0]}")
+    if not colon:
+        return control, 0
+    name, _, value = seed.partition("=")
+    if name != "seed" or not value.isdigit():
+        raise SvdiclError(f"cannot read the control seed in {text!r}; write @{control}:seed=N with N >= 0")
+    return control, int(value)
 
 
 @dataclass(frozen=True)
 class MatrixEdit:
-    """One truncated matrix: shape is the logical (out, in) shape."""
+    """One edited matrix: shape is the logical (out, in) shape; kept_rank the rank of what was written.
+
+    residual_norm = ||W - W'||_F (from the singular values: exact up to the SVD's precision) and
+    relative_error = residual_norm / ||W||_F. For `matched-noise` the written matrix has full rank
+    and its residual equals the truncation's at this rate; `seed` is None for a truncation.
+    """
 
     name: str
     layer: int | None
@@ -54,10 +101,15 @@ class MatrixEdit:
     relative_error: float
     dense_params: int
     factorized_params: int
+    control: str = TRUNCATE
+    seed: int | None = None
+    residual_norm: float = 0.0
 
 
 @dataclass(frozen=True)
 class EditRecord:
+    """What an edit did: the specs as given and every matrix truncated, with ranks and errors."""
+
     specs: tuple[PruneSpec, ...]
     matrices: tuple[MatrixEdit, ...]
 
@@ -67,6 +119,7 @@ class EditRecord:
         return ";".join(str(s) for s in self.specs if s.rate > 0) or "none"
 
     def to_dict(self) -> dict:
+        """The edit as results files record it: key, specs, matrices and parameter counts."""
         return {
             "key": self.key,
             "specs": [str(s) for s in self.specs],
@@ -76,12 +129,15 @@ class EditRecord:
         }
 
 
-def _specs(layers, modules, rate, specs: Sequence[PruneSpec]) -> tuple[PruneSpec, ...]:
+def _specs(layers, modules, rate, specs: Sequence[PruneSpec], control: str = TRUNCATE, seed: int = 0) -> tuple[PruneSpec, ...]:
     single = (layers, modules, rate)
     if any(v is not None for v in single):
         if any(v is None for v in single):
             raise SvdiclError("give layers, modules and rate together (or a list of PruneSpec)")
-        specs = [PruneSpec(str(layers) if not isinstance(layers, str) else layers, _join(modules), check_rate(rate)), *specs]
+        layers = str(layers) if not isinstance(layers, str) else layers
+        specs = [PruneSpec(layers, _join(modules), check_rate(rate), control, seed), *specs]
+    elif (control, seed) != (TRUNCATE, 0):
+        raise SvdiclError("control and seed go with layers, modules and rate; in a PruneSpec list give them per spec")
     return tuple(specs)
 
 
@@ -104,31 +160,52 @@ def _apply(model: nn.Module, specs: tuple[PruneSpec, ...], dtype: torch.dtype, a
     map (see svdicl.offload); every other weight gets its truncated copy as `param.data`.
     """
     cache = factor_cache(model)
-    resolved: list[tuple[Target, float]] = []
+    resolved: list[tuple[Target, PruneSpec]] = []
     for spec in specs:
-        resolved += [(t, spec.rate) for t in resolve(model, spec.layers, spec.modules, allow_tied=allow_tied)]
+        resolved += [(t, spec) for t in resolve(model, spec.layers, spec.modules, allow_tied=allow_tied)]
     check_overlap([t for t, _ in resolved])
     edits: list[MatrixEdit] = []
     replaced: dict[int, tuple[Slot, torch.Tensor]] = {}  # one entry per parameter, tied or fused
     with torch.no_grad():
-        for target, rate in resolved:
+        for target, spec in resolved:
             where = slot(model, f"{target.module_name}.weight", writing=True)
             weight = where.read()
             matrix = logical_matrix(weight, target)
             shape = (matrix.shape[0], matrix.shape[1])
-            k = kept_rank(shape, rate)
+            k = kept_rank(shape, spec.rate)
             full = min(shape)
-            if rate == 0 or k >= full:
-                edits.append(_record(target, shape, rate, full, full, 0.0))
+            if spec.rate == 0 or k >= full:
+                edits.append(_record(target, shape, spec, full, full))
                 continue
             factors = cache.factors((target.module_name, target.blocks), weight, matrix, dtype, where.stamp())
             if id(where.parameter) not in replaced:
                 replaced[id(where.parameter)] = (where, weight.detach().clone())
             new = replaced[id(where.parameter)][1]
-            _write(new.T if target.transposed else new, target, factors.truncate(k).to(new.dtype))
-            edits.append(_record(target, shape, rate, full, k, factors.relative_error(k)))
+            values, rank, residual = _edited(matrix, factors, k, spec, target.name)
+            _write(new.T if target.transposed else new, target, values.to(new.dtype))
+            edits.append(_record(target, shape, spec, full, rank, residual, factors.norm()))
         undos = [where.write(new) for where, new in replaced.values()]
     return EditRecord(specs=specs, matrices=tuple(edits)), undos
+
+
+def _edited(matrix: torch.Tensor, factors: Factors, k: int, spec: PruneSpec, name: str) -> tuple[torch.Tensor, int, float]:
+    """The matrix to write, its rank and ||W - W'||_F, for the spec's edit at rank k."""
+    if spec.control == TRUNCATE:
+        return factors.truncate(k), k, factors.residual_norm(k)
+    generator = torch.Generator().manual_seed(control_seed(spec.seed, name))
+    if spec.control == RANDOM_SUBSPACE:
+        kept = random_components(len(factors.s), k, generator).to(factors.s.device)
+        return factors.subspace(kept), k, factors.residual_norm(kept)
+    residual = factors.residual_norm(k)
+    noise = matched_noise(factors.shape, residual, generator, factors.s.dtype).to(matrix.device)
+    return matrix.to(factors.s.dtype) + noise, min(factors.shape), residual
+
+
+def control_seed(seed: int, name: str) -> int:
+    """The generator seed of one matrix: the user's seed mixed with the matrix name, so every matrix
+    of an edit draws its own components or noise, and the same (seed, matrix) always draws the same."""
+    digest = hashlib.blake2b(f"{seed}:{name}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # torch seeds are below 2**63
 
 
 def _write(matrix: torch.Tensor, target: Target, values: torch.Tensor) -> None:
@@ -141,18 +218,24 @@ def _write(matrix: torch.Tensor, target: Target, values: torch.Tensor) -> None:
         offset += b - a
 
 
-def _record(target: Target, shape: tuple[int, int], rate: float, full: int, k: int, error: float) -> MatrixEdit:
+def _record(
+    target: Target, shape: tuple[int, int], spec: PruneSpec, full: int, k: int, residual: float = 0.0, norm: float = 0.0
+) -> MatrixEdit:
+    """What was written to one matrix; residual = ||W - W'||_F, norm = ||W||_F."""
     m, n = shape
     return MatrixEdit(
         name=target.name,
         layer=target.layer,
         shape=shape,
-        rate=rate,
+        rate=spec.rate,
         rank=full,
         kept_rank=k,
-        relative_error=error,
+        relative_error=residual / norm if norm > 0 else 0.0,
         dense_params=m * n,
         factorized_params=k * (m + n),
+        control=spec.control,
+        seed=None if spec.control == TRUNCATE else spec.seed,
+        residual_norm=residual,
     )
 
 
@@ -166,12 +249,15 @@ def pruned(
     specs: Sequence[PruneSpec] = (),
     svd: str | torch.dtype = "float32",
     allow_tied: bool = False,
+    control: str = TRUNCATE,
+    seed: int = 0,
 ) -> Iterator[EditRecord]:
-    """Truncate in place for the `with` block, then restore the exact original tensors.
+    """Truncate (or apply a null `control`) in place for the `with` block, then restore the exact original tensors.
 
     `with svdicl.pruned(model, layers=26, modules="mlp", rate=0.95) as edit: ...`
+    `with svdicl.pruned(model, layers=26, modules="mlp", rate=0.95, control="random-subspace", seed=1): ...`
     """
-    record, undos = _apply(model, _specs(layers, modules, rate, specs), svd_dtype(svd), allow_tied)
+    record, undos = _apply(model, _specs(layers, modules, rate, specs, control, seed), svd_dtype(svd), allow_tied)
     try:
         yield record
     finally:
@@ -188,9 +274,11 @@ def prune(
     specs: Sequence[PruneSpec] = (),
     svd: str | torch.dtype = "float32",
     allow_tied: bool = False,
+    control: str = TRUNCATE,
+    seed: int = 0,
 ) -> EditRecord:
-    """Truncate in place for good (for export); the factor cache forgets the replaced matrices."""
-    record, _ = _apply(model, _specs(layers, modules, rate, specs), svd_dtype(svd), allow_tied)
+    """Truncate (or apply a null `control`) in place for good; the factor cache forgets the replaced matrices."""
+    record, _ = _apply(model, _specs(layers, modules, rate, specs, control, seed), svd_dtype(svd), allow_tied)
     cache = factor_cache(model)
     for spec in record.specs:
         for target in resolve(model, spec.layers, spec.modules, allow_tied=True):

@@ -427,6 +427,7 @@ class ExecutionPath:
     passes: tuple[range, ...] = ()  # layer: groups of batches, each cached and swept on its own
 
     def to_dict(self) -> dict:
+        """The path taken and why a faster one was not, as results record it."""
         extra = {"start_layer": self.start, "passes": len(self.passes)} if self.name == "layer" else {}
         return {"path": self.name, "fallback": self.fallback, **extra}
 

@@ -88,10 +88,12 @@ class CellKey:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
+        """The key's fields as a JSON object."""
         return {f.name: dict(self.options) if f.name == "options" else getattr(self, f.name) for f in fields(self)}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CellKey:
+        """A key from its JSON object (unknown fields ignored)."""
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -154,18 +156,22 @@ class Cell:
 
     @property
     def id(self) -> str:
+        """The cell key's id."""
         return self.key.id
 
     @property
     def layers(self) -> str | None:
+        """The edited layers as written in the key (None for the unedited model)."""
         return _parse_edit(self.key.edit)[0]
 
     @property
     def modules(self) -> str | None:
+        """The edited modules as written in the key (None for the unedited model)."""
         return _parse_edit(self.key.edit)[1]
 
     @property
     def rate(self) -> float | None:
+        """The clipping rate of the edit (None for the unedited model)."""
         return _parse_edit(self.key.edit)[2]
 
     def value(self, metric: str) -> float | None:
@@ -195,6 +201,7 @@ class Cell:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> Cell:
+        """A cell from one cells.jsonl record; ValueError naming what is wrong with it."""
         if not isinstance(record, Mapping):
             raise ValueError("not a JSON object")
         if record.get("format", 0) > FORMAT:
@@ -270,9 +277,11 @@ class Store:
         return key.id in self._cells
 
     def has(self, key: CellKey) -> bool:
+        """Whether a cell of `key` is stored."""
         return key.id in self._cells
 
     def get(self, key: CellKey) -> Cell | None:
+        """The stored cell of `key`, or None."""
         return self._cells.get(key.id)
 
     def missing(self, keys: Iterable[CellKey]) -> list[CellKey]:

@@ -60,6 +60,7 @@ class Factors:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The (out, in) shape of the factorised matrix."""
         return (self.u.shape[0], self.vh.shape[1])
 
     def truncate(self, k: int) -> torch.Tensor:
@@ -75,6 +76,34 @@ class Factors:
         energy = self.s.double().square()
         total = energy.sum().item()
         return math.sqrt(energy[k:].sum().item() / total) if total > 0 else 0.0
+
+    def norm(self) -> float:
+        """||W||_F = sqrt(sum of s²), in float64."""
+        return math.sqrt(self.s.double().square().sum().item())
+
+    def residual_norm(self, kept: torch.Tensor | int) -> float:
+        """||W - W'||_F when W' keeps the components `kept` (indices, or the first k): sqrt(sum of the dropped s²)."""
+        dropped = torch.ones(len(self.s), dtype=torch.bool, device=self.s.device)
+        dropped[kept if isinstance(kept, torch.Tensor) else slice(0, kept)] = False
+        return math.sqrt(self.s.double()[dropped].square().sum().item())
+
+    def subspace(self, kept: torch.Tensor) -> torch.Tensor:
+        """U_I S_I Vh_I for the component indices I: a rank-|I| matrix that need not be the best one."""
+        return (self.u[:, kept] * self.s[kept]) @ self.vh[kept]
+
+
+def random_components(rank: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k of the indices 0..rank-1 drawn uniformly without replacement (sorted), for a random-subspace control."""
+    return torch.randperm(rank, generator=generator)[:k].sort().values
+
+
+def matched_noise(shape: tuple[int, int], norm: float, generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A Gaussian matrix scaled to Frobenius norm `norm` exactly (scaled in float64, then cast to `dtype`).
+
+    Drawn on the CPU, so a seed gives the same noise on every device."""
+    noise = torch.randn(shape, generator=generator, dtype=torch.float64)
+    size = torch.linalg.norm(noise).item()
+    return (noise * (norm / size) if size > 0 else noise).to(dtype)
 
 
 def svd_factors(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Factors:
@@ -122,10 +151,12 @@ class FactorStore:
         self.originals = originals
 
     def is_original(self, module_name: str, parameter: torch.Tensor, stamp: tuple) -> bool:
+        """Whether `parameter` is still the tensor whose factors are cached (same object, same stamp)."""
         seen = self.originals.get(module_name)
         return seen is not None and seen[0]() is parameter and seen[1] == stamp and parameter.device.type != "meta"
 
     def path(self, key: tuple[str, tuple], dtype: torch.dtype) -> Path:
+        """The safetensors file of a matrix's factors in the on-disk cache."""
         name, blocks = key
         rows = "-rows" + hashlib.blake2b(repr(blocks).encode(), digest_size=6).hexdigest() if blocks else ""
         return self.folder / f"{name}{rows}.{str(dtype).removeprefix('torch.')}.safetensors"

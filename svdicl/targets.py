@@ -40,6 +40,8 @@ class Fused:
 
 @dataclass(frozen=True)
 class Family:
+    """One architecture family's table: where the decoder layers are and each matrix's module path."""
+
     name: str
     layers: str  # dotted path of the ModuleList of decoder layers
     matrices: dict[str, str | Fused]  # canonical name -> module path inside a layer
@@ -181,6 +183,7 @@ class Target:
 
     @property
     def name(self) -> str:
+        """The module name, with the block of a fused matrix in brackets."""
         return f"{self.module_name}[{self.canonical}]" if self.blocks else self.module_name
 
 

@@ -1,4 +1,4 @@
-"""Statistics against simple references: per-class loops, scipy's binomial test, normal-theory CIs."""
+"""Statistics against simple references: per-class loops, scipy's binomial test and bootstrap, normal-theory CIs."""
 
 from __future__ import annotations
 
@@ -10,9 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
+from scipy.stats import bootstrap as scipy_bootstrap
 
 from svdicl.errors import SvdiclError
-from svdicl.stats import accuracy, accuracy_ci, compare, macro_f1, macro_f1_ci, mcnemar, spread
+from svdicl.stats import (
+    BCA,
+    PERCENTILE,
+    accuracy,
+    accuracy_ci,
+    bootstrap_ci,
+    compare,
+    macro_f1,
+    macro_f1_ci,
+    mcnemar,
+    seed_mean_ci,
+    spread,
+    wilson_interval,
+)
 
 
 def reference_macro_f1(gold, predicted, k):
@@ -42,27 +56,47 @@ def test_accuracy_and_macro_f1_match_reference(case):
     assert macro_f1(gold, predicted, k) == pytest.approx(reference_macro_f1(gold, predicted, k))
 
 
-def test_bootstrap_ci_matches_normal_theory_for_large_n():
+def test_accuracy_ci_is_the_wilson_interval_and_matches_normal_theory_for_large_n():
     rng = np.random.default_rng(1)
     gold = rng.integers(0, 2, 2000)
     predicted = np.where(rng.random(2000) < 0.7, gold, 1 - gold)
     estimate = accuracy_ci(gold, predicted)
     p = estimate.value
     half = 1.96 * math.sqrt(p * (1 - p) / len(gold))
-    assert estimate.low == pytest.approx(p - half, abs=0.006)
-    assert estimate.high == pytest.approx(p + half, abs=0.006)
-    assert accuracy_ci(gold, predicted) == estimate  # seeded: the same interval every time
+    assert estimate.low == pytest.approx(p - half, abs=0.001)
+    assert estimate.high == pytest.approx(p + half, abs=0.001)
+    assert (estimate.method, estimate.resamples) == ("wilson", None)
+    assert (estimate.low, estimate.high) == wilson_interval(int((gold == predicted).sum()), 2000)
 
 
-def test_bootstrap_ci_covers_the_true_accuracy_about_95_percent_of_the_time():
+def test_accuracy_ci_covers_the_true_accuracy_about_95_percent_of_the_time():
     rng = np.random.default_rng(7)
     hits = 0
-    trials = 200
+    trials = 400
     for _ in range(trials):
         correct = rng.random(150) < 0.8
-        estimate = accuracy_ci(np.ones(150, int), correct.astype(int), resamples=500)
+        estimate = accuracy_ci(np.ones(150, int), correct.astype(int))
         hits += estimate.low <= 0.8 <= estimate.high
-    assert 0.88 <= hits / trials <= 0.99
+    assert 0.92 <= hits / trials <= 0.98
+
+
+@pytest.mark.parametrize("n", [25, 200])
+def test_bca_bootstrap_matches_scipy(n):
+    values = np.random.default_rng(n).exponential(1.0, n)  # skewed, where BCa and percentile differ
+    order = np.arange(n)
+    ours = bootstrap_ci(order, order, lambda g, _: values[g].mean(axis=1), resamples=40_000, seed=3)
+    reference = scipy_bootstrap((values,), np.mean, n_resamples=40_000, method="BCa", rng=np.random.default_rng(3))
+    scale = values.std() / math.sqrt(n)
+    assert ours.method == BCA and ours.value == pytest.approx(values.mean())
+    assert ours.low == pytest.approx(reference.confidence_interval.low, abs=0.05 * scale)
+    assert ours.high == pytest.approx(reference.confidence_interval.high, abs=0.05 * scale)
+    percentile = bootstrap_ci(order, order, lambda g, _: values[g].mean(axis=1), resamples=40_000, seed=3, method=PERCENTILE)
+    assert ours.high - percentile.high > 0.05 * scale  # right skew: BCa moves the interval up
+
+
+def test_bootstrap_of_a_constant_metric_is_a_point():
+    estimate = bootstrap_ci([0, 1, 1, 0], [0, 1, 1, 0], lambda g, p: (g == p).mean(axis=1))  # every draw: 1.0
+    assert (estimate.value, estimate.low, estimate.high) == (1.0, 1.0, 1.0)
 
 
 def test_macro_f1_ci_brackets_its_value_and_narrows_with_more_examples():
@@ -119,3 +153,29 @@ def test_bad_input_is_one_line_error():
         accuracy([0, 1], [0])
     with pytest.raises(SvdiclError, match="no examples"):
         accuracy([], [])
+
+
+def test_seed_mean_ci_is_the_single_seed_interval_for_one_seed_and_the_seed_mean_for_several():
+    rng = np.random.default_rng(8)
+    gold = rng.integers(0, 3, 60)
+    predicted = np.where(rng.random((3, 60)) < 0.7, gold, rng.integers(0, 3, (3, 60)))
+    assert seed_mean_ci(gold, predicted[:1], "accuracy", 3) == accuracy_ci(gold, predicted[0])
+    assert seed_mean_ci(gold, predicted[:1], "macro_f1", 3) == macro_f1_ci(gold, predicted[0], 3)
+    for metric, one in (("accuracy", accuracy), ("macro_f1", lambda g, p: macro_f1(g, p, 3))):
+        estimate = seed_mean_ci(gold, predicted, metric, 3)
+        assert estimate.value == pytest.approx(np.mean([one(gold, p) for p in predicted]))
+        assert estimate.low < estimate.value < estimate.high and estimate.method == BCA
+    with pytest.raises(SvdiclError, match="no interval"):
+        seed_mean_ci(gold, predicted, "auc", 3)
+
+
+def test_jackknife_of_bca_matches_leaving_each_example_out():
+    from svdicl.stats import _jackknife, _macro_f1
+
+    rng = np.random.default_rng(12)
+    gold, predicted = rng.integers(0, 3, 30), rng.integers(0, 3, 30)  # many repeated (gold, predicted) pairs
+    expected = [macro_f1(np.delete(gold, i), np.delete(predicted, i), 3) for i in range(30)]
+    assert _jackknife(gold, predicted, lambda g, p: _macro_f1(g, p, 3)) == pytest.approx(expected)
+    values, order = rng.normal(size=30), np.arange(30)
+    expected = [np.delete(values, i).mean() for i in range(30)]
+    assert _jackknife(order, order, lambda g, _: values[g].mean(axis=1)) == pytest.approx(expected)

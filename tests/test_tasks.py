@@ -14,7 +14,7 @@ from svdicl.prompts import build_prompt, demonstration_text
 from svdicl.tasks import TASKS, get_task, parse_task
 from svdicl.tasks.data import load_splits
 
-# PAPER.md section 3, verbatim.
+# docs/paper.md section 3, verbatim.
 PAPER_TEMPLATES = {
     "sst2": "text: <text> sentiment: <label>",
     "agnews": "text: <text> classification: <label>",

@@ -22,6 +22,7 @@ COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search"
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `svdicl` argument parser: global flags and one subparser per command module."""
     parser = argparse.ArgumentParser(
         prog="svdicl",
         description="SVD-based weight pruning for better in-context learning (Yao et al., NeurIPS 2024).",
@@ -98,6 +99,7 @@ def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> l
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     argv = _join_negative_values(parser, argv)

@@ -9,6 +9,7 @@ from svdicl.errors import SvdiclError
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags every command shares: --model, --dtype, --device, device maps and offloading."""
     from svdicl.models import ALIASES, DEFAULT_MODEL, DTYPES
 
     group = parser.add_argument_group("model")
@@ -62,6 +63,7 @@ def log(args: argparse.Namespace, message: str) -> None:
 
 
 def add_prune_args(parser: argparse.ArgumentParser) -> None:
+    """The edit flags: --layers/--modules/--rate for one spec, or --prune L:M:R repeated."""
     group = parser.add_argument_group("pruning")
     group.add_argument("--layers", help="layers: 26, -1, 0-3, first2, last2, all, or a comma list")
     group.add_argument("--modules", help="attn, mlp, all, q,k,v,o,gate,up,down,fc_in,fc_out, qkv, or re:<regex>")
@@ -71,12 +73,14 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="LAYERS:MODULES:RATE",
-        help="an edit as one string, e.g. 26:mlp:0.95; repeat for several",
+        help="an edit as one string, e.g. 26:mlp:0.95; repeat for several. A null control at the same rate: "
+        "26:mlp:0.95@random-subspace or @matched-noise, optionally :seed=N (docs/experiments.md)",
     )
     add_svd_args(group)
 
 
 def add_svd_args(group: argparse._ArgumentGroup) -> None:
+    """The SVD flags: its dtype and whether a tied weight may be pruned."""
     group.add_argument(
         "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
     )

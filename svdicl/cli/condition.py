@@ -10,6 +10,7 @@ from svdicl.errors import SvdiclError
 
 
 def add(sub) -> None:
+    """Register `svdicl condition` (fig 3) on the subparsers `sub`."""
     p = sub.add_parser(
         "condition",
         help="condition numbers sigma_max/sigma_min per layer and matrix: CSV, JSON and the fig 3 figure",
@@ -32,6 +33,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Compute condition numbers per layer and matrix, write CSV/JSON and draw fig 3."""
     from svdicl.experiments.condition import condition_numbers, layer_conditions, top_layers, write_conditions
     from svdicl.report import plot_conditions, save_figure
 

@@ -9,13 +9,15 @@ from svdicl.cli.common import add_model_args, add_prune_args, add_scoring_args, 
 
 
 def add(sub) -> None:
+    """Register `svdicl eval` on the subparsers `sub`."""
     from svdicl.tasks import TASKS
 
     p = sub.add_parser(
         "eval",
         help="evaluate in-context learning on the paper's tasks (accuracy, macro-F1, 95%% CIs)",
         description="Evaluate in-context learning: label-word log-likelihoods after k demonstrations per class, "
-        "metrics with 95% bootstrap CIs, results.json + samples.jsonl. Resumes an interrupted --output.",
+        "metrics with 95% CIs over examples (Wilson for accuracy, BCa bootstrap for macro-F1), results.json + samples.jsonl. "
+        "Resumes an interrupted --output.",
     )
     add_model_args(p)
     task = p.add_argument_group("task")
@@ -63,6 +65,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Evaluate each --task under the optional edit and print per-seed metrics with their CIs."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
     from svdicl.forward import parse_memory
@@ -134,7 +137,7 @@ def _print(name: str, results: dict, folder: Path) -> None:
         acc, f1 = results["summary"]["accuracy"], results["summary"]["macro_f1"]
         print(
             f"  over {acc['n']} seeds: accuracy {acc['mean']:.4f} ± {acc['std']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
-            f"  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}"
+            f"  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}\n  [ ]: 95% CI over examples; ±: standard deviation over seeds"
         )
 
 

@@ -9,6 +9,7 @@ from svdicl.cli.common import add_model_args, load
 
 
 def add(sub) -> None:
+    """Register `svdicl inspect` on the subparsers `sub`."""
     p = sub.add_parser("inspect", help="show architecture, layers, prunable matrices and parameter counts")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -16,6 +17,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the model's family, layers, prunable matrices and parameter counts (text or --json)."""
     from svdicl.targets import describe
 
     loaded = load(args)

@@ -8,6 +8,7 @@ from svdicl.cli.common import add_model_args, add_prune_args, load, log, prune_s
 
 
 def add(sub) -> None:
+    """Register `svdicl prune` on the subparsers `sub`."""
     p = sub.add_parser(
         "prune",
         help="truncate chosen matrices and save the pruned model (dense for any tool, or factorized and smaller)",
@@ -33,6 +34,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Truncate the chosen matrices and save the model, dense or factorized."""
     from svdicl.export import prepare_output, save_pruned
 
     specs = prune_specs(args, required=True)

@@ -8,6 +8,7 @@ from svdicl.cli.common import log
 
 
 def add(sub) -> None:
+    """Register `svdicl report` on the subparsers `sub`."""
     p = sub.add_parser(
         "report",
         help="figures (fig 1-3) and tables (appendix C.5 layout) from the output folder of sweep, condition or search",
@@ -30,6 +31,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Draw the figures and tables of one or several output folders and print the report page."""
     from svdicl.report import build_report
 
     report = build_report(args.directories, output=args.output, metric=args.metric, formats=args.format, bands=not args.no_bands)

@@ -10,6 +10,7 @@ from svdicl.cli.sweep import add_executor_args, add_sweep_scoring_args, check_ou
 
 
 def add(sub) -> None:
+    """Register `svdicl search` (Algorithm 1) on the subparsers `sub`."""
     from svdicl.tasks import TASKS
 
     p = sub.add_parser(
@@ -73,6 +74,7 @@ def add(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_ints, parse_list

@@ -10,6 +10,7 @@ from svdicl.cli.common import add_model_args, add_scoring_args, add_svd_args, lo
 
 
 def add(sub) -> None:
+    """Register `svdicl sweep` (fig 1-2 grids) on the subparsers `sub`."""
     from svdicl.tasks import TASKS
 
     p = sub.add_parser(
@@ -110,6 +111,7 @@ def executor_from(args: argparse.Namespace, loaded):
 
 
 def scoring_from(args: argparse.Namespace):
+    """The Scoring that the shared scoring flags describe."""
     from svdicl.experiments.sweep import Scoring
     from svdicl.forward import parse_memory
 
@@ -124,6 +126,7 @@ def scoring_from(args: argparse.Namespace):
 
 
 def check_output(output: str | None) -> Path:
+    """The --output folder of a result store; a one-line error if missing or a file."""
     from svdicl.errors import SvdiclError
 
     if not output:
@@ -143,6 +146,7 @@ def paths_used(cells) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Score every cell of the grid into the store in --output (resuming), then draw the report."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.sweep import PAPER_RATES, SweepGrid, parse_ints, parse_list, sweep
     from svdicl.store import Store

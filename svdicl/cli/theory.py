@@ -17,6 +17,7 @@ RATES_HELP = "clipping rates (default: the paper's 0 0.1 0.5 0.75 0.9 0.95 0.99 
 
 
 def add(sub) -> None:
+    """Register `svdicl theory` and its checks (lemma1, norms, linreg) on the subparsers `sub`."""
     p = sub.add_parser(
         "theory",
         help="check the paper's theory numerically: Lemma 1 / Theorem 1, Examples 1-4, in-context linear regression",
@@ -142,6 +143,7 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def run_lemma1(args: argparse.Namespace) -> int:
+    """Check Lemma 1 / Theorem 1 on random draws and write the JSON, CSV and figure."""
     from svdicl.report import save_figure, write_csv
     from svdicl.theory.figures import lemma1_figure
     from svdicl.theory.lemma1 import PERTURBED, draw_one, summarize
@@ -196,6 +198,7 @@ def _verdict(ok: bool, text: str = "holds") -> str:
 
 
 def run_norms(args: argparse.Namespace) -> int:
+    """Check Examples 1-4 (truncation lowers the implicit-gradient norm bound) and write the results."""
     from svdicl.report import save_figure, write_csv
     from svdicl.svd import check_rate
     from svdicl.theory.figures import norms_figure
@@ -270,6 +273,7 @@ def _model_norms(args: argparse.Namespace, rates: list[float]):
 
 
 def run_linreg(args: argparse.Namespace) -> int:
+    """Train (or resume) the in-context linear regression model, compare it with baselines, prune it."""
     import torch
 
     from svdicl.report import save_figure, write_csv

@@ -64,13 +64,16 @@ class MatrixCondition:
 
     @property
     def condition_number(self) -> float:
+        """sigma_max / sigma_min (infinite for an exactly singular matrix)."""
         return self.sigma_max / self.sigma_min if self.sigma_min > 0 else math.inf
 
     @property
     def near_singular(self) -> bool:
+        """sigma_min is within `tol` (size x dtype epsilon) of zero relative to sigma_max."""
         return self.sigma_min <= self.tol * self.sigma_max
 
     def to_row(self) -> dict[str, object]:
+        """The conditions.csv row (exact floats as repr text)."""
         return {
             "layer": "" if self.layer is None else self.layer,
             "group": self.group or "",
@@ -85,6 +88,7 @@ class MatrixCondition:
         }
 
     def to_json(self) -> dict[str, object]:
+        """The conditions.json entry."""
         return {
             "layer": self.layer,
             "group": self.group,
@@ -100,6 +104,7 @@ class MatrixCondition:
 
     @classmethod
     def from_row(cls, row: dict[str, str]) -> MatrixCondition:
+        """Read back a conditions.csv row written by `to_row`."""
         rows, cols = row["shape"].split("x")
         return cls(
             layer=int(row["layer"]) if row["layer"] != "" else None,

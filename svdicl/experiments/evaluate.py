@@ -32,7 +32,7 @@ from pathlib import Path
 
 from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
-from svdicl.models import LoadedModel
+from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
 from svdicl.prune import EditRecord, PruneSpec, pruned
 from svdicl.scoring import (
@@ -49,7 +49,7 @@ from svdicl.scoring import (
     forwarded_tokens,
     score,
 )
-from svdicl.stats import CONFIDENCE, RESAMPLES, Estimate, accuracy_ci, macro_f1_ci, spread
+from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, load_splits
@@ -78,6 +78,7 @@ class EvalRun:
 
     @property
     def gold(self) -> tuple[int, ...]:
+        """The gold class index of every example, in order."""
         return tuple(e.label for e in self.examples)
 
 
@@ -112,6 +113,7 @@ def prepare_run(
     """
     from tqdm.auto import tqdm
 
+    loaded = as_loaded(loaded, "prepare_run")
     task = get_task(task) if isinstance(task, str) else task
     splits = splits if splits is not None else load_splits(task, data_dir)
     shots = task.shots if shots is None else shots
@@ -140,6 +142,8 @@ def scored_seeds(shots: int, seeds: Sequence[int]) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class RunResult:
+    """One run scored under one set of weights: per-example scores, predictions and metrics with CIs."""
+
     run: EvalRun
     scores: tuple[Scores, ...]
     predictions: tuple[int, ...]
@@ -151,6 +155,7 @@ class RunResult:
 
     @property
     def correct(self) -> tuple[bool, ...]:
+        """Whether each example's prediction equals its gold class."""
         return tuple(p == g for p, g in zip(self.predictions, self.run.gold, strict=True))
 
     def summary(self) -> dict:
@@ -170,6 +175,7 @@ class RunResult:
         }
 
     def samples(self) -> list[dict]:
+        """The run's samples.jsonl rows: prompt, per-candidate scores, prediction, correctness."""
         return [_sample(self.run, i, s, self.length_normalize) for i, s in enumerate(self.scores)]
 
     def reused_for(self, seed: int) -> RunResult:
@@ -217,6 +223,7 @@ def evaluate_run(
     `path` auto takes the shared-prefix path where the model has one and `cache_memory`
     (bytes; None: 4 GiB) holds it, else the plain path.
     """
+    loaded = as_loaded(loaded, "evaluate_run")
     chosen = _choose(loaded, run, _single(path), batch_size, cache_memory)
     return _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress)
 
@@ -369,7 +376,7 @@ def _sweep_layers(
 
 
 def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, timing: dict) -> RunResult:
-    """Predictions, ties and metrics with bootstrap CIs from a run's scores."""
+    """Predictions, ties and metrics with their CIs (Wilson for accuracy, BCa bootstrap for macro-F1) from a run's scores."""
     chosen = [choose(s, length_normalize) for s in scores]
     predictions = tuple(p for p, _ in chosen)
     gold = run.gold
@@ -434,6 +441,7 @@ def evaluate(
 
     from svdicl.provenance import versions
 
+    loaded = as_loaded(loaded, "evaluate")
     task = get_task(task) if isinstance(task, str) else task
     if not seeds or len(set(seeds)) != len(seeds):
         raise SvdiclError("give at least one --seed, each once")
@@ -460,7 +468,7 @@ def evaluate(
             "edit": record.to_dict(),
             "batch_size": batch_size,
             "scoring": {"padding_side": padding_side, "length_normalize": length_normalize},
-            "statistics": {"bootstrap": "percentile", "resamples": RESAMPLES, "confidence": CONFIDENCE, "seed": 0},
+            "statistics": INTERVALS,
         }
         finished = _finished(output, config) if output is not None and not overwrite else None
         if finished is not None:

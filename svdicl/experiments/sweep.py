@@ -61,6 +61,7 @@ class Scoring:
         check_path(self.path)
 
     def key_options(self) -> dict[str, object]:
+        """The options that change answers, and so enter every cell key."""
         return {"length_normalize": self.length_normalize, "svd": self.svd}
 
     def edit_options(self) -> dict[str, object]:
@@ -175,6 +176,7 @@ class RunCells:
 
     @property
     def cells(self) -> list[tuple[CellKey, tuple[PruneSpec, ...]]]:
+        """Every (key, edit) cell of the run, across its calls."""
         return [cell for call in self.calls for cell in call]
 
 
@@ -284,14 +286,17 @@ class Progress:
         self.done = done
 
     def add(self, examples: int) -> None:
+        """Count `examples` more as done."""
         self.done += examples
         self.bar.n = self.done
         self.bar.refresh()
 
     def describe(self, text: str) -> None:
+        """Show `text` (the cell being scored) beside the bar."""
         self.bar.set_postfix_str(text, refresh=False)
 
     def close(self) -> None:
+        """Close the bar."""
         self.bar.close()
 
 
@@ -366,6 +371,8 @@ def reuse_cells(store: Store, keys: Iterable[CellKey], seed: int) -> None:
 
 @dataclass(frozen=True)
 class SweepResult:
+    """What `sweep` returns: the grid's cells in plan order and how many this call scored."""
+
     cells: tuple[Cell, ...]  # every cell of the grid, in plan order
     computed: int  # cells scored by this call (the rest were in the store)
     wall_s: float

@@ -1,7 +1,7 @@
 """ICL tasks as declarative configs: one YAML file per task, read into a frozen `TaskConfig`.
 
 A task says which columns of its data files feed the template, the template itself (the
-paper's, PAPER.md section 3), the label words, the answer delimiter, the split protocol and
+paper's, docs/paper.md section 3), the label words, the answer delimiter, the split protocol and
 the paper's default number of shots per class.  Adding a task is writing one such YAML file
 and passing its path wherever a task name is accepted (`get_task("my_task.yaml")`).
 """
@@ -50,6 +50,8 @@ class HubSource:
 
 @dataclass(frozen=True)
 class TaskConfig:
+    """One task as its YAML declares it: template, label words, shots, split protocol, metric."""
+
     name: str
     kind: str
     template: str  # the query: rendered from `fields`, ends right before the answer
@@ -68,6 +70,7 @@ class TaskConfig:
 
     @property
     def num_classes(self) -> int:
+        """Number of classes (label words or choices)."""
         return len(self.labels)
 
     def field_formats(self, hub: bool = False) -> dict[str, str]:
@@ -84,6 +87,7 @@ class TaskConfig:
         return (*sorted(names | set(self.choices)), "label")
 
     def class_of(self, label: int) -> int:
+        """The class index of a data label, through `label_map` when there is one."""
         return self.label_map.get(label, label) if self.label_map else label
 
     def data_labels(self) -> tuple[int, ...]:

@@ -42,12 +42,14 @@ class TaskSplits:
     origin: str  # the folder or Hub id the rows came from
 
     def split(self, name: str) -> tuple[Example, ...]:
+        """The examples of split `name` (demonstrations, validation or test)."""
         if name not in SPLITS:
             raise SvdiclError(f"unknown split {name!r}; choose one of {', '.join(SPLITS)}")
         return getattr(self, name)
 
 
 def default_data_dir() -> Path | None:
+    """SVDICL_DATA if set: the folder of <task>/<split>.jsonl files."""
     value = os.environ.get("SVDICL_DATA")
     return Path(value).expanduser() if value else None
 

@@ -41,6 +41,7 @@ class LinearAttention:
 
     @property
     def dim(self) -> int:
+        """The token dimension."""
         return self.w_v.shape[1]
 
 

@@ -136,6 +136,8 @@ def stream_seed(seed: int, stream: str, index: int = 0) -> int:
 
 @dataclass(frozen=True)
 class Prompts:
+    """A batch of regression prompts: inputs xs, the task vectors ws, targets ys = xs @ ws (+ noise)."""
+
     xs: torch.Tensor  # (N, k, d)
     ws: torch.Tensor  # (N, d)
     ys: torch.Tensor  # (N, k)
@@ -187,6 +189,7 @@ def _atomic_json(value: dict, path: Path) -> None:
 
 
 def checkpoint_path(output: Path, step: int) -> Path:
+    """The checkpoint file of training step `step`."""
     return output / CHECKPOINTS / f"model-{step:07d}.safetensors"
 
 
@@ -318,6 +321,7 @@ def predict(model: InContextRegressor, prompts: Prompts, batch_size: int = 1000)
 
 
 def model_curve(name: str, model: InContextRegressor, prompts: Prompts) -> Curve:
+    """The model's squared error per shot, normalised by the dimension."""
     return Curve.of(name, (predict(model, prompts) - prompts.ys).square() / prompts.xs.shape[-1])
 
 
@@ -338,6 +342,7 @@ def baseline_predictions(prompts: Prompts, ridge: float) -> dict[str, torch.Tens
 
 
 def baseline_curves(prompts: Prompts, ridge: float) -> list[Curve]:
+    """Least squares, ridge and averaging baselines' squared error per shot, normalised by the dimension."""
     dim = prompts.xs.shape[-1]
     predictions = baseline_predictions(prompts, ridge)
     return [Curve.of(name, (pred - prompts.ys.double()).square() / dim) for name, pred in predictions.items()]
