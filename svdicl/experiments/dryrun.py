@@ -42,11 +42,14 @@ class PlannedCell:
 
 @dataclass(frozen=True)
 class DryRun:
+    """What a command would do: its cells in the order it runs them, and how the figures were obtained."""
+
     cells: tuple[PlannedCell, ...]
     notes: tuple[str, ...] = ()
 
     @property
     def to_score(self) -> list[PlannedCell]:
+        """The cells that would be scored (not in the output already, not reused)."""
         return [c for c in self.cells if c.status == "score"]
 
     def text(self) -> str:
@@ -106,6 +109,7 @@ class Timer:
         self.measured: dict[tuple[str, int], tuple[float, float]] = {}
 
     def seconds(self, size: RunSize) -> float:
+        """Estimated seconds to score one cell of the run `size` describes (timing its task and shots once)."""
         run = size.sample
         key = (run.task.name, run.shots)
         if key not in self.measured:
@@ -183,6 +187,7 @@ TIME_NOTE = (
 
 
 def time_note(timer: Timer, search: bool = False) -> str:
+    """How the dry run's token counts and times were obtained, for the printed notes."""
     return TIME_NOTE.format(
         sample=SAMPLE, more=1 + max(timer.batch_size // 2, 1), search=" and condition numbers" if search else ""
     )
