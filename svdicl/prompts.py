@@ -87,3 +87,23 @@ def sample_demonstrations(task: TaskConfig, pool: Sequence[Example], shots: int,
         chosen += rng.sample(of_class, shots)
     rng.shuffle(chosen)
     return tuple(chosen)
+
+
+def shots_per_class(task: TaskConfig, total: int) -> int:
+    """lm-eval's `--num_fewshot` (demonstrations in all) as the shots per class `sample_demonstrations` draws.
+
+    Demonstrations are class-balanced, so a total the number of classes does not divide is refused
+    rather than rounded: `--num_fewshot 4` is 2 per class on SST-2 and an error on CB (3 classes).
+    """
+    classes = task.num_classes
+    if total < 0:
+        raise SvdiclError(f"--num_fewshot must be >= 0 (demonstrations in all), not {total}")
+    per_class, rest = divmod(total, classes)
+    if rest:
+        below, above = per_class * classes, (per_class + 1) * classes
+        raise SvdiclError(
+            f"--num_fewshot {total} on {task.name}: svdicl draws the same number of demonstrations from each of its "
+            f"{classes} classes, so the total must be a multiple of {classes}; use --num_fewshot {below} or {above}, "
+            "or --shots-per-class K"
+        )
+    return per_class

@@ -1,4 +1,5 @@
-"""`svdicl inspect` and `svdicl prune` end to end on a local model folder, configs, and one-line errors."""
+"""`svdicl inspect` and `svdicl prune` end to end on a local model folder, configs, lm-eval's flag conventions, and
+one-line errors."""
 
 import json
 from pathlib import Path
@@ -7,12 +8,18 @@ import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import tiny_model
+from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
 import svdicl
 from svdicl import models
-from svdicl.cli import main
+from svdicl.cli import main, parse_args
+from svdicl.cli.common import seeds_from
+from svdicl.errors import SvdiclError
+from svdicl.experiments.sweep import parse_list
 from svdicl.models import ALIASES, Alias, load_model
+from svdicl.prompts import shots_per_class
+from svdicl.store import Store
+from svdicl.tasks import TASKS, get_task
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +134,159 @@ def test_gguf_without_gguf_package_names_the_fix(capsys, monkeypatch, tmp_path):
     real_find_spec = models.importlib.util.find_spec
     monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name))
     assert "pip install gguf" in one_line_error(capsys, "inspect", "--model", str(gguf))
+
+
+# lm-eval's flag conventions, and config files read as the very flags they name
+
+
+@pytest.fixture
+def toy_eval(tmp_path, capsys) -> list[str]:
+    """`svdicl eval` argv on a toy 2-class task (40 train rows, row i of class i % 2) with a tiny random model."""
+    task = write_toy_task(tmp_path)
+    model_dir = tmp_path / "model"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    capsys.readouterr()  # transformers' "Writing model shards" bar is not the CLI's output
+    return ["eval", "--model", str(model_dir), "--task", str(task), "--data-dir", str(tmp_path / "data"), "--limit", "4"]
+
+
+def demonstration_classes(results: dict) -> list[list[int]]:
+    """Per run, the class of each demonstration (toy train row i has class i % 2)."""
+    return [[int(d.split(":")[1]) % 2 for d in run["demonstrations"]] for run in results["runs"]]
+
+
+def test_num_fewshot_counts_demonstrations_in_all_as_lm_eval_does(capsys, tmp_path, toy_eval):
+    totals = {}
+    for flag, value in (("--num_fewshot", "4"), ("--num-fewshot", "4"), ("--shots-per-class", "2"), ("--shots", "2")):
+        out = tmp_path / f"out{flag}"
+        code, printed, err = run_cli(capsys, *toy_eval, flag, value, "--seeds", "0,1", "--output_path", str(out))
+        assert code == 0, err
+        results = json.loads((out / "results.json").read_text())
+        assert (results["config"]["shots_total"], results["config"]["shots_per_class"]) == (4, 2)
+        for classes in demonstration_classes(results):
+            assert sorted(classes) == [0, 0, 1, 1]  # 4 in all, class-balanced
+        assert "shots=4 (2/class)" in printed
+        totals[flag] = [run["demonstrations"] for run in results["runs"]]
+    assert len({json.dumps(d) for d in totals.values()}) == 1  # one draw per seed, whichever convention names it
+    message = one_line_error(capsys, *toy_eval, "--num_fewshot", "3", "--output", str(tmp_path / "odd"))
+    assert "must be a multiple of 2" in message and "--num_fewshot 2 or 4" in message and "--shots-per-class" in message
+    message = one_line_error(capsys, *toy_eval, "--num_fewshot", "4", "--shots", "2", "--output", str(tmp_path / "both"))
+    assert "not both" in message
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_num_fewshot_divides_by_each_tasks_classes(name):
+    task = get_task(name)
+    for total in range(13):
+        if total % task.num_classes:
+            with pytest.raises(SvdiclError, match=f"multiple of {task.num_classes}"):
+                shots_per_class(task, total)
+        else:
+            assert shots_per_class(task, total) * task.num_classes == total
+
+
+def test_sweep_num_fewshot_is_a_total_per_task(capsys, tmp_path, toy_eval):
+    model = toy_eval[toy_eval.index("--model") + 1]
+    task, data = toy_eval[toy_eval.index("--task") + 1], toy_eval[toy_eval.index("--data-dir") + 1]
+    argv = ["sweep", "--model", model, "--tasks", task, "--data-dir", data, "--limit", "4", "--layers", "0", "--modules", "mlp"]
+    code, _, err = run_cli(
+        capsys, *argv, "--rates", "0.5", "--num_fewshot", "0,4", "--output", str(tmp_path / "s"), "--no-report"
+    )
+    assert code == 0, err
+    cells = Store(tmp_path / "s").cells()
+    assert {(c.key.shots, c.info["shots_total"]) for c in cells} == {(0, 0), (2, 4)}
+    message = one_line_error(capsys, *argv, "--num_fewshot", "0,5", "--output", str(tmp_path / "odd"))
+    assert "--num_fewshot 5" in message and "multiple of 2" in message
+
+
+def write_config(tmp_path: Path, values: dict, name: str = "run.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(values) if name.endswith(".yaml") else json.dumps(values))
+    return str(path)
+
+
+def test_config_values_are_converted_and_checked_like_flags(capsys, tmp_path, toy_eval):
+    out = ["--output", str(tmp_path / "o")]
+    for values, problem in (
+        ({"seed": [0, 1.9]}, "argument --seed: takes one integer demonstration seed, not '1.9'"),
+        ({"seeds": [0, 1.9]}, "--seeds '1.9' is not an integer"),
+        ({"limit": 8.5}, "argument --limit: takes a whole number >= 1, not '8.5'"),
+        ({"shots": 1.7}, "argument --shots/--shots-per-class: takes a whole number >= 0, not '1.7'"),
+        ({"num_fewshot": -2}, "takes a whole number >= 0, not '-2'"),
+        ({"batch_size": "auto"}, "svdicl has no automatic batch size"),
+        ({"overwrite": "yes please"}, "key 'overwrite' takes true or false"),
+        ({"seed": 0, "seeds": [1]}, "keys 'seed' and 'seeds' set the same flag"),
+        ({"rates": [0.5]}, "unknown key 'rates'; valid keys (dashes or underscores): allow_tied, batch_size"),
+    ):
+        message = one_line_error(capsys, *toy_eval[:-2], "--config", write_config(tmp_path, values), *out)  # no --limit
+        assert problem in message, message
+    assert not (tmp_path / "o").exists()  # refused before anything ran
+
+
+def test_every_command_takes_the_same_keys_and_aliases_in_configs(tmp_path):
+    values = {"tasks": "sst2", "seeds": "0,1", "num_fewshot": 4, "output_path": "out", "batch_size": 4, "quiet": True}
+    aliases = {"task": "sst2", "seed": [0, 1], "num-fewshot": 4, "output": "out", "batch-size": 4, "quiet": True}
+    flags = ["--tasks", "sst2", "--seeds", "0,1", "--num_fewshot", "4", "--output_path", "out", "--batch_size", "4", "-q"]
+    for command in ("eval", "sweep", "search"):
+        expected = parse_args([command, *flags])
+        for config in (values, aliases):
+            for name in ("run.yaml", "run.json"):
+                args = parse_args([command, "--config", write_config(tmp_path, config, name)])
+                assert seeds_from(args) == seeds_from(expected) == (0, 1)
+                got, want = vars(args), vars(expected)
+                for key in ("num_fewshot", "output", "batch_size", "quiet"):
+                    assert got[key] == want[key], (command, key)
+                assert parse_list(got.get("task") or got.get("tasks")) == ["sst2"]
+
+
+def test_a_config_may_give_required_flags(tmp_path):
+    config = write_config(tmp_path, {"output": "out", "top_k": 2})
+    for argv in (["condition", "--config", config], ["-q", "condition", f"--config={config}"]):
+        args = parse_args(argv)
+        assert (args.output, args.top_k) == ("out", 2)
+    linreg = write_config(tmp_path, {"output": "x", "steps": 3}, "linreg.json")
+    assert vars(parse_args(["theory", "linreg", "--config", linreg]))["steps"] == 3
+    linreg = write_config(tmp_path, {"output_dir": "x"}, "linreg.json")
+    with pytest.raises(SvdiclError, match=r"unknown key 'output_dir'; valid keys .*: batch_size, checkpoint_every"):
+        parse_args(["theory", "linreg", "--config", linreg])
+
+
+def test_command_line_wins_over_the_config_for_lists_too(tmp_path):
+    config = write_config(tmp_path, {"task": "sst2", "seed": [0, 1], "limit": 8, "prune": ["-1:mlp:0.9"]})
+    args = parse_args(["eval", "--config", config, "--seed", "5", "--limit", "3"])
+    assert seeds_from(args) == (5,) and args.limit == 3 and args.prune == ["-1:mlp:0.9"] and args.task == ["sst2"]
+    assert parse_args(["eval", "--config", config, "--seeds=7,8"]).seeds == ["7,8"]
+    limits = write_config(tmp_path, {"task": "sst2", "limit_test": 500, "limit": 9}, "limits.json")
+    for flag, expected in (("--limit", (5, 500, None)), ("--limit-t", (9, 5, None))):  # a flag or its unique prefix
+        args = parse_args(["search", "--config", limits, flag, "5"])  # overrides that flag only
+        assert (args.limit, args.limit_test, args.limit_validation) == expected
+
+
+def test_lm_eval_spellings_and_common_flags(capsys, tmp_path, toy_eval):
+    assert parse_args(["eval", "-q", "--task", "sst2"]).quiet is True  # -q after the command
+    assert parse_args(["-q", "eval", "--task", "sst2"]).quiet is True
+    assert parse_args(["eval", "--task", "sst2"]).quiet is False
+    assert parse_args(["theory", "linreg", "-q", "--output", "x"]).quiet is True
+    for command in ("eval", "sweep", "search"):
+        args = parse_args([command, "--tasks", "sst2", "--output_path", "o", "--log_samples", "--batch_size", "2"])
+        assert (args.output, args.log_samples, args.batch_size) == ("o", True, 2)
+    assert parse_args(["prune", "--output_path", "p"]).output == "p"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"svdicl {svdicl.__version__}"
+    out = ["--output", str(tmp_path / "o")]
+    assert "--seeds 0,1,2" in one_line_error(capsys, *toy_eval, "--seed", "0,1234,1234,1234", *out)
+    assert "svdicl has no automatic batch size" in one_line_error(capsys, *toy_eval, "--batch_size", "auto", *out)
+    assert "fraction of the examples" in one_line_error(capsys, *toy_eval, "--limit", "0.1", *out)
+    assert "lm-eval model type" in one_line_error(capsys, "eval", "--model", "hf", "--task", "sst2", *out)
+    assert "names a file" in one_line_error(capsys, *toy_eval, "--output_path", str(tmp_path / "results.json"))
+    assert "unrecognized arguments: --model_args" in one_line_error(capsys, *toy_eval, "--model_args", "pretrained=x", *out)
+
+
+def test_log_samples_changes_nothing_samples_are_always_written(capsys, tmp_path, toy_eval):
+    written = []
+    for extra in ([], ["--log_samples"]):
+        out = tmp_path / f"o{len(extra)}"
+        assert run_cli(capsys, *toy_eval, *extra, "--output", str(out))[0] == 0
+        written.append([json.loads(line)["logprobs"] for line in (out / "samples.jsonl").read_text().splitlines()])
+    assert written[0] == written[1] and len(written[0]) == 4

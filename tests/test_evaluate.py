@@ -160,9 +160,10 @@ def test_cli_eval_end_to_end(task_dir, capsys):
     loaded.tokenizer.save_pretrained(model_dir)
     out = task_dir / "cli"
     argv = ["-q", "eval", "--model", str(model_dir), "--task", str(task_dir / "toy.yaml"), "--data-dir", str(task_dir / "data")]
-    assert main([*argv, "--seed", "0", "--seed", "3", "--limit", "10", "--num-fewshot", "1", "--output", str(out)]) == 0
+    assert main([*argv, "--seed", "0", "--seed", "3", "--limit", "10", "--num-fewshot", "2", "--output", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert (results["config"]["limit"], results["config"]["seeds"], results["config"]["shots_per_class"]) == (10, [0, 3], 1)
+    config = results["config"]
+    assert (config["limit"], config["seeds"], config["shots_per_class"], config["shots_total"]) == (10, [0, 3], 1, 2)
     printed = capsys.readouterr().out
     assert "accuracy" in printed and "over 2 seeds" in printed
     assert main([*argv, "--shots", "30", "--output", str(task_dir / "bad")]) == 2

@@ -14,7 +14,7 @@ from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
 import svdicl.experiments.condition as condition
 import svdicl.experiments.sweep as sweeping
-from svdicl.cli import _config_defaults, build_parser, main
+from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import condition_numbers
 from svdicl.experiments.evaluate import evaluate_run, finish_run, prepare_run
@@ -243,9 +243,7 @@ def test_cli_search_errors_are_one_line(toy, model_folder, capsys, tmp_path):
 
 def test_example_algorithm1_config_is_valid():
     argv = ["search", "--config", str(EXAMPLES / "algorithm1.yaml")]
-    parser = build_parser()
-    _config_defaults(parser, argv)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     tasks, modules = sweeping.parse_list(args.tasks), sweeping.parse_list(args.modules)
     assert len(tasks) == 7 and modules == ["mlp", "attn"] and args.output
     configs = [SearchConfig(t, m, rates=args.rates, top_k=args.top_k, limit_test=args.limit_test) for t in tasks for m in modules]

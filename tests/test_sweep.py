@@ -13,7 +13,8 @@ import yaml
 from conftest import TINY_CONFIGS, tiny_tokenizer
 
 import svdicl.experiments.sweep as sweeping
-from svdicl.cli import _config_defaults, build_parser, main
+from svdicl.cli import main, parse_args
+from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.experiments.sweep import (
@@ -262,9 +263,7 @@ def test_cli_errors_are_one_line(toy, model_folder, capsys, tmp_path):
 @pytest.mark.parametrize("name", ["fig1.yaml", "fig2.yaml", "quick-sweep.yaml"])
 def test_example_sweep_configs_are_valid(name):
     argv = ["sweep", "--config", str(EXAMPLES / name)]
-    parser = build_parser()
-    _config_defaults(parser, argv)
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     shots = None if args.shots is None else sweeping.parse_ints(args.shots, "--shots")
     chosen = SweepGrid(
         tasks=tuple(sweeping.parse_list(args.tasks)),
@@ -272,7 +271,7 @@ def test_example_sweep_configs_are_valid(name):
         modules=tuple(sweeping.parse_list(args.modules)),
         rates=args.rates,
         shots=(None,) if shots is None else shots,
-        seeds=sweeping.parse_ints(args.seeds, "--seeds"),
+        seeds=seeds_from(args),
         split=args.split,
         limit=args.limit,
     )

@@ -1,94 +1,78 @@
 """`svdicl` command line: parses flags (or a YAML/JSON config), calls the library, prints results.
 
 One module per subcommand, each with `add(subparsers)` and `run(args)`.  Every subcommand
-takes `--config FILE`: its keys are the subcommand's flag names (dashes or underscores), and
-flags given on the command line win over the file.
+takes `--config FILE` and `-q`: the file's keys are the subcommand's flag names in any of
+their spellings (dashes or underscores, aliases too), its values go through the same
+conversion and checks as flags, and flags given on the command line win over the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import os
 import re
 import sys
-from pathlib import Path
 
+from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
 from svdicl.errors import SvdiclError
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "sweep", "search", "theory")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> Parser:
     """The `svdicl` argument parser: global flags and one subparser per command module."""
-    parser = argparse.ArgumentParser(
+    from svdicl import __version__
+
+    parser = Parser(
         prog="svdicl",
         description="SVD-based weight pruning for better in-context learning (Yao et al., NeurIPS 2024).",
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or status lines")
+    parser.add_argument("--version", action="version", version=f"svdicl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"svdicl.cli.{name}").add(sub)
-    for subparser in sub.choices.values():
-        subparser.add_argument("--config", help="YAML or JSON file of flag values (command-line flags win)")
+    _add_common_flags(parser)
     return parser
 
 
-def _config_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> None:
-    """Apply `--config FILE` of the chosen subcommand as parser defaults."""
-    probe, _ = parser.parse_known_args(argv)
-    path = getattr(probe, "config", None)
-    if not path:
-        return
-    file = Path(path)
-    if not file.is_file():
-        raise SvdiclError(f"config file {path} does not exist")
-    text = file.read_text()
+def _add_common_flags(parser: Parser) -> None:
+    """`--config` and `-q` on every command that runs something (`svdicl eval -q` as well as `svdicl -q eval`)."""
+    for child in parser.commands.choices.values():
+        if child.commands is not None:
+            _add_common_flags(child)
+            continue
+        child.add_argument("--config", help="YAML or JSON file of flag values (command-line flags win)")
+        child.add_argument(
+            "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars or status lines"
+        )
+
+
+def parse_args(argv: list[str], parser: Parser | None = None) -> argparse.Namespace:
+    """Flags, with a `--config FILE` of the chosen command read as the flags it names (the command line wins)."""
+    parser = parser or build_parser()
+    argv = _join_negative_values(parser, argv)
+    path = config_path(argv)
+    if path is None:
+        return parser.parse_args(argv)
+    flags = parser.command_parser(argv).flags
+    given = given_dests(flags, argv)
+    extra = config_argv(flags, read_config(path), path, given)
     try:
-        if file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            values = yaml.safe_load(text)
-        else:
-            values = json.loads(text)
-    except Exception as exc:  # any parse failure is a problem in the user's file
-        raise SvdiclError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(values, dict):
-        raise SvdiclError(f"config {path} must be a mapping of flag names to values")
-    subparser = parser._subparsers._group_actions[0].choices[probe.command]
-    while subparser._subparsers is not None:  # nested commands: `svdicl theory linreg --config ...`
-        nested = subparser._subparsers._group_actions[0]
-        subparser = nested.choices[getattr(probe, nested.dest)]
-    actions = {a.dest: a for a in subparser._actions if a.dest not in ("config", "help")}
-    defaults = {}
-    for key, value in values.items():
-        action = actions.get(str(key).replace("-", "_"))
-        if action is None:
-            raise SvdiclError(
-                f"config {path}: unknown key {key!r} for `svdicl {probe.command}`; see svdicl {probe.command} --help"
-            )
-        takes_list = isinstance(action, argparse._AppendAction) or action.nargs in ("+", "*")
-        if takes_list and not isinstance(value, list):
-            value = [value]
-        elif isinstance(value, list) and not takes_list:
-            value = ",".join(map(str, value))  # `layers: [0, 1]` means --layers 0,1
-        defaults[action.dest] = value
-    subparser.set_defaults(**defaults)
+        return parser.parse_args(argv + extra)
+    except SvdiclError as exc:
+        named = [f for f in flags if f.dest not in given and f"argument {'/'.join(f.options)}:" in str(exc)]
+        if named:
+            raise SvdiclError(f"config {path}: {exc}") from None
+        raise
 
 
-def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+def _join_negative_values(parser: Parser, argv: list[str]) -> list[str]:
     """`--prune -1:mlp:0.9` as `--prune=-1:mlp:0.9`: argparse takes a value starting with `-` (other than a plain
     negative number) for a flag, so layer specs counted from the end would need the `=` form otherwise."""
-    parsers, valued = [parser], set()
-    while parsers:
-        current = parsers.pop()
-        for action in current._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                parsers += action.choices.values()
-            elif action.option_strings and action.nargs is None:
-                valued.update(action.option_strings)
+    valued = {option for flag in parser.all_flags() if flag.kind == VALUE or flag.repeat for option in flag.options}
     joined: list[str] = []
     for arg in argv:
         if joined and joined[-1] in valued and re.match(r"-\d", arg):
@@ -102,10 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    argv = _join_negative_values(parser, argv)
     try:
-        _config_defaults(parser, argv)
-        args = parser.parse_args(argv)
+        args = parse_args(argv, parser)
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
         _quiet_libraries()

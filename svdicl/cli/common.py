@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from svdicl.errors import SvdiclError
+
+LM_EVAL_BACKENDS = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "local-completions", "openai-completions")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +37,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, *, on_cpu: bool = False):
     """The model named by the model flags; `on_cpu` ignores --device and --device-map (a driver that only plans)."""
     from svdicl.models import load_model
+
+    if args.model in LM_EVAL_BACKENDS and not Path(args.model).exists():
+        raise SvdiclError(
+            f"--model {args.model} is an lm-eval model type; svdicl's --model is the model itself (lm-eval's "
+            "pretrained=...): give --model with a folder, .gguf file, Hub id or alias"
+        )
 
     options = model_options(args)
     if on_cpu:
@@ -100,7 +109,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) ->
     """Scoring flags of eval, sweep and search; `paths` are the execution paths the command has (fastest first)."""
     group = parser.add_argument_group("scoring")
     group.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, default=8, help="sequences per forward (default: 8)"
+        "--batch-size", "--batch_size", dest="batch_size", type=positive_int, default=8, help="sequences per forward (default: 8)"
     )
     group.add_argument(
         "--length-normalize",
@@ -137,3 +146,113 @@ def prune_specs(args: argparse.Namespace, required: bool):
     if required and not specs:
         raise SvdiclError("nothing to prune; give --layers, --modules and --rate (or --prune 26:mlp:0.95)")
     return specs
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count of things (--limit, --batch-size): a whole number >= 1, never lm-eval's 0.1 or auto."""
+    try:
+        number = int(text)
+    except ValueError:
+        hint = "; a fraction of the examples (lm-eval's --limit 0.1) has no svdicl form" if _fraction(text) else ""
+        hint = "; svdicl has no automatic batch size" if text.startswith("auto") else hint
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}{hint}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}")
+    return number
+
+
+def _fraction(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of a number of demonstrations: a whole number >= 0."""
+    try:
+        number = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, not {text!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, not {text!r}")
+    return number
+
+
+def one_seed(text: str) -> str:
+    """argparse type of --seed: one integer per flag (lm-eval's `--seed 0,1234,1234,1234` sets four library seeds)."""
+    try:
+        int(text)
+    except ValueError:
+        hint = " (for several runs use --seeds 0,1,2 or repeat --seed)" if "," in text else ""
+        raise argparse.ArgumentTypeError(f"takes one integer demonstration seed, not {text!r}{hint}") from None
+    return text
+
+
+def add_demonstration_args(group: argparse._ArgumentGroup, several: bool) -> None:
+    """--shots/--shots-per-class (svdicl's and the authors' count), --num_fewshot (lm-eval's total), --seed/--seeds.
+
+    `several`: the shot flags take comma lists (a sweep's grid); otherwise one number each.
+    """
+    kind = {"metavar": "K,K,..."} if several else {"type": non_negative_int, "metavar": "K"}
+    group.add_argument(
+        "--shots",
+        "--shots-per-class",
+        dest="shots",
+        help="demonstrations per class, the paper's convention (default: each task's paper setting: 5, AGNews 2)",
+        **kind,
+    )
+    group.add_argument(
+        "--num_fewshot",
+        "--num-fewshot",
+        dest="num_fewshot",
+        help="demonstrations in all, as in lm-eval: a multiple of the task's classes, drawn class-balanced",
+        **kind,
+    )
+    group.add_argument(
+        "--seeds", dest="seeds", action="append", metavar="S,S,...", help="demonstration seeds, e.g. 0,1,2 (default: 0)"
+    )
+    group.add_argument(
+        "--seed", dest="seeds", action="append", type=one_seed, metavar="S", help="one demonstration seed; repeat for several"
+    )
+
+
+def seeds_from(args: argparse.Namespace) -> tuple[int, ...]:
+    """Every --seed and --seeds, in order, without repeats (default: 0)."""
+    from svdicl.experiments.sweep import parse_ints
+
+    return parse_ints(",".join(args.seeds or ["0"]), "--seeds")
+
+
+def check_shot_flags(args: argparse.Namespace) -> None:
+    """Refuse --shots with --num_fewshot: one count, in one convention."""
+    if args.shots is not None and args.num_fewshot is not None:
+        raise SvdiclError("give --shots (per class) or --num_fewshot (in all), not both")
+
+
+def shots_for(args: argparse.Namespace, task) -> int | None:
+    """The shots per class of one task the flags ask for (None: the task's paper setting)."""
+    from svdicl.prompts import shots_per_class
+
+    check_shot_flags(args)
+    return shots_per_class(task, args.num_fewshot) if args.num_fewshot is not None else args.shots
+
+
+def add_output_arg(group: argparse._ArgumentGroup, help: str, **kwargs) -> None:
+    """--output (lm-eval's --output_path): always a folder; --log_samples, accepted since samples are always written."""
+    group.add_argument("--output", "--output-path", "--output_path", dest="output", help=help, **kwargs)
+    group.add_argument(
+        "--log-samples",
+        "--log_samples",
+        dest="log_samples",
+        action="store_true",
+        help="accepted for lm-eval users: svdicl always writes its per-example samples (resume and paired tests read them)",
+    )
+
+
+def output_folder(text: str) -> Path:
+    """--output as a folder; a results-file name (lm-eval's `--output_path out.json`) is refused."""
+    folder = Path(text)
+    if folder.suffix in (".json", ".jsonl"):
+        raise SvdiclError(f"--output {text} names a file; svdicl writes results.json and samples into a folder: give one")
+    return folder

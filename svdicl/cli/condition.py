@@ -25,7 +25,13 @@ def add(sub) -> None:
         "--top-k", type=int, default=3, help="how many layers to rank per module group, as Algorithm 1 does (default: 3)"
     )
     out = p.add_argument_group("output")
-    out.add_argument("--output", required=True, help="folder for conditions.csv, conditions.json and figures/")
+    out.add_argument(
+        "--output",
+        "--output-path",
+        "--output_path",
+        required=True,
+        help="folder for conditions.csv, conditions.json and figures/",
+    )
     out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )

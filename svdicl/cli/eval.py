@@ -5,7 +5,20 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from svdicl.cli.common import add_model_args, add_prune_args, add_scoring_args, load, log, prune_specs
+from svdicl.cli.common import (
+    add_demonstration_args,
+    add_model_args,
+    add_output_arg,
+    add_prune_args,
+    add_scoring_args,
+    load,
+    log,
+    output_folder,
+    positive_int,
+    prune_specs,
+    seeds_from,
+    shots_for,
+)
 
 
 def add(sub) -> None:
@@ -15,9 +28,9 @@ def add(sub) -> None:
     p = sub.add_parser(
         "eval",
         help="evaluate in-context learning on the paper's tasks (accuracy, macro-F1, 95%% CIs)",
-        description="Evaluate in-context learning: label-word log-likelihoods after k demonstrations per class, "
-        "metrics with 95% CIs over examples (Wilson for accuracy, BCa bootstrap for macro-F1), results.json + samples.jsonl. "
-        "Resumes an interrupted --output.",
+        description="Evaluate in-context learning: label-word log-likelihoods after k demonstrations per class "
+        "(--shots; or --num_fewshot demonstrations in all, as in lm-eval), metrics with 95% CIs over examples "
+        "(Wilson for accuracy, BCa bootstrap for macro-F1), results.json + samples.jsonl. Resumes an interrupted --output.",
     )
     add_model_args(p)
     task = p.add_argument_group("task")
@@ -29,24 +42,11 @@ def add(sub) -> None:
         metavar="TASK",
         help=f"task name ({', '.join(TASKS)}) or task YAML file; comma list or repeat for several",
     )
-    task.add_argument(
-        "--shots",
-        "--num-fewshot",
-        "--num_fewshot",
-        dest="shots",
-        type=int,
-        help="demonstrations per class (default: the paper's: 5, AGNews 2)",
-    )
-    task.add_argument(
-        "--seed",
-        dest="seed",
-        action="append",
-        type=int,
-        metavar="S",
-        help="demonstration seed; repeat for several (default: 0)",
-    )
+    add_demonstration_args(task, several=False)
     task.add_argument("--split", default="test", choices=["validation", "test"], help="examples to score (default: test)")
-    task.add_argument("--limit", type=int, metavar="N", help="score only N examples (the same seeded subset for every run)")
+    task.add_argument(
+        "--limit", type=positive_int, metavar="N", help="score only N examples (the same seeded subset for every run)"
+    )
     task.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     scoring = add_scoring_args(p, paths=("prefix", "plain"))
     scoring.add_argument(
@@ -54,7 +54,7 @@ def add(sub) -> None:
     )
     add_prune_args(p)
     out = p.add_argument_group("output")
-    out.add_argument("--output", "--output-path", dest="output", help="folder for results.json and samples.jsonl (required)")
+    add_output_arg(out, help="folder for results.json and samples.jsonl (required)")
     out.add_argument("--overwrite", action="store_true", help="discard results of a different evaluation in --output")
     out.add_argument(
         "--dry-run",
@@ -74,11 +74,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.task or not args.output:
         raise SvdiclError("give --task (e.g. --task sst2) and --output DIR")
     tasks = [get_task(name) for text in args.task for name in text.split(",") if name]
+    shots = {task.name: shots_for(args, task) for task in tasks}
     specs = prune_specs(args, required=False)
     cache_memory = parse_memory(args.cache_memory)
-    seeds = args.seed or [0]
+    seeds = list(seeds_from(args))
+    root = output_folder(args.output)
     loaded = load(args)
-    root = Path(args.output)
     if args.dry_run:
         from svdicl.experiments.dryrun import dry_run_eval
 
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         outputs = [root if len(tasks) == 1 else root / task.name for task in tasks]
         print(
             dry_run_eval(
-                loaded, tasks, split=args.split, shots=args.shots, seeds=seeds, limit=args.limit, edit=edit,
+                loaded, tasks, split=args.split, shots=shots, seeds=seeds, limit=args.limit, edit=edit,
                 data_dir=args.data_dir, outputs=outputs, batch_size=args.batch_size, path=args.path, cache_memory=cache_memory,
             ).text()
         )  # fmt: skip
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             loaded,
             task,
             split=args.split,
-            shots=args.shots,
+            shots=shots[task.name],
             seeds=seeds,
             limit=args.limit,
             specs=specs,
@@ -122,8 +123,8 @@ def run(args: argparse.Namespace) -> int:
 def _print(name: str, results: dict, folder: Path) -> None:
     config = results["config"]
     print(
-        f"{name}  split={config['split']}  shots={config['shots_per_class']}/class  edit={config['edit']['key']}  "
-        f"path={config['scoring']['path']}  -> {folder / 'results.json'}"
+        f"{name}  split={config['split']}  shots={config['shots_total']} ({config['shots_per_class']}/class)  "
+        f"edit={config['edit']['key']}  path={config['scoring']['path']}  -> {folder / 'results.json'}"
     )
     if config["scoring"].get("fallback"):
         print(f"  ({config['scoring']['fallback']})")

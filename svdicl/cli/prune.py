@@ -16,7 +16,9 @@ def add(sub) -> None:
     add_model_args(p)
     add_prune_args(p)
     group = p.add_argument_group("output")
-    group.add_argument("--output", required=True, help="folder for the pruned model (must be empty or new)")
+    group.add_argument(
+        "--output", "--output-path", "--output_path", required=True, help="folder for the pruned model (must be empty or new)"
+    )
     group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
     group.add_argument(
         "--format",

@@ -17,7 +17,13 @@ def add(sub) -> None:
         "combined report in --output: an Algorithm 1 table with a column per model x module, every model's sweeps.",
     )
     p.add_argument("directories", metavar="DIR", nargs="+", help="--output folders of svdicl sweep, condition or search")
-    p.add_argument("--output", metavar="OUT", help="where to write the report of several DIRs (default: the one DIR)")
+    p.add_argument(
+        "--output",
+        "--output-path",
+        "--output_path",
+        metavar="OUT",
+        help="where to write the report of several DIRs (default: the one DIR)",
+    )
     p.add_argument(
         "--metric",
         default="task",

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from svdicl.cli.common import add_model_args, load, log
+from svdicl.cli.common import (
+    add_demonstration_args,
+    add_model_args,
+    add_output_arg,
+    load,
+    log,
+    positive_int,
+    seeds_from,
+    shots_for,
+)
 from svdicl.cli.sweep import add_executor_args, add_sweep_scoring_args, check_output, executor_from, scoring_from
 
 
@@ -34,26 +43,20 @@ def add(sub) -> None:
     what.add_argument(
         "--rates", help="candidate clipping rates; 0 is always added (default: the paper's 0,0.1,0.5,0.75,0.9,0.95,0.99,0.995)"
     )
-    what.add_argument(
-        "--shots",
-        "--num-fewshot",
-        "--num_fewshot",
-        dest="shots",
-        type=int,
-        help="demonstrations per class (default: the paper's)",
-    )
-    what.add_argument(
-        "--seeds", "--seed", dest="seeds", default="0", help="demonstration seeds; rate* is chosen on their mean (default: 0)"
-    )
+    add_demonstration_args(what, several=False)
     what.add_argument("--metric", choices=["accuracy", "macro_f1"], help="metric to choose rate* on (default: the task's own)")
-    what.add_argument("--limit", type=int, metavar="N", help="score N examples per split (the same seeded subset everywhere)")
-    what.add_argument("--limit-validation", type=int, metavar="N", help="examples of the validation split (overrides --limit)")
-    what.add_argument("--limit-test", type=int, metavar="N", help="examples of the test split (overrides --limit)")
+    what.add_argument(
+        "--limit", type=positive_int, metavar="N", help="score N examples per split (the same seeded subset everywhere)"
+    )
+    what.add_argument(
+        "--limit-validation", type=positive_int, metavar="N", help="examples of the validation split (overrides --limit)"
+    )
+    what.add_argument("--limit-test", type=positive_int, metavar="N", help="examples of the test split (overrides --limit)")
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)
     add_executor_args(p)
     out = p.add_argument_group("output")
-    out.add_argument("--output", "--output-path", dest="output", help="folder of the result store, search/ and report (required)")
+    add_output_arg(out, help="folder of the result store, search/ and report (required)")
     out.add_argument(
         "--export", metavar="DIR", help="save the rate*-pruned model here (a subfolder per task and module if several)"
     )
@@ -77,16 +80,17 @@ def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
-    from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_ints, parse_list
+    from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
     from svdicl.export import prepare_output, save_pruned
     from svdicl.prune import PruneSpec
     from svdicl.report import algorithm1_markdown
     from svdicl.store import Store
+    from svdicl.tasks import get_task
 
     if not args.tasks:
         raise SvdiclError("give --tasks, e.g. --tasks sst2 (and --modules mlp,attn)")
     folder = check_output(args.output)
-    seeds = parse_ints(args.seeds, "--seeds")
+    seeds = seeds_from(args)
     limits = {
         "limit_validation": args.limit if args.limit_validation is None else args.limit_validation,
         "limit_test": args.limit if args.limit_test is None else args.limit_test,
@@ -99,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 rates=PAPER_RATES if args.rates is None else args.rates,
                 top_k=args.top_k,
                 layer=_layer(args.layer),
-                shots=args.shots,
+                shots=shots_for(args, get_task(task)),
                 seeds=seeds,
                 metric=args.metric,
                 **limits,

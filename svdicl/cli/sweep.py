@@ -6,7 +6,18 @@ import argparse
 from collections import Counter
 from pathlib import Path
 
-from svdicl.cli.common import add_model_args, add_scoring_args, add_svd_args, load
+from svdicl.cli.common import (
+    add_demonstration_args,
+    add_model_args,
+    add_output_arg,
+    add_scoring_args,
+    add_svd_args,
+    check_shot_flags,
+    load,
+    output_folder,
+    positive_int,
+    seeds_from,
+)
 
 
 def add(sub) -> None:
@@ -36,23 +47,19 @@ def add(sub) -> None:
         help="modules, each swept alone: mlp, attn, q, k, ...; q+k prunes both (default: mlp,attn)",
     )
     grid.add_argument("--rates", help="clipping rates in [0, 1) (default: the paper's 0,0.1,0.5,0.75,0.9,0.95,0.99,0.995)")
-    grid.add_argument(
-        "--shots",
-        "--num-fewshot",
-        "--num_fewshot",
-        dest="shots",
-        help="demonstrations per class, e.g. 0,2,5 (default: each task's paper setting: 5, AGNews 2)",
-    )
-    grid.add_argument("--seeds", "--seed", dest="seeds", default="0", help="demonstration seeds, e.g. 0,1,2 (default: 0)")
+    add_demonstration_args(grid, several=True)
     grid.add_argument("--split", default="test", choices=["validation", "test"], help="examples to score (default: test)")
     grid.add_argument(
-        "--limit", type=int, metavar="N", help="score N examples per task (the same seeded subset in every cell; recorded)"
+        "--limit",
+        type=positive_int,
+        metavar="N",
+        help="score N examples per task (the same seeded subset in every cell; recorded)",
     )
     grid.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)
     add_executor_args(p)
     out = p.add_argument_group("output")
-    out.add_argument("--output", "--output-path", dest="output", help="folder of the result store and report (required)")
+    add_output_arg(out, help="folder of the result store and report (required)")
     out.add_argument("--no-report", action="store_true", help="only fill the store; draw figures later with svdicl report DIR")
     out.add_argument(
         "--dry-run",
@@ -131,7 +138,7 @@ def check_output(output: str | None) -> Path:
 
     if not output:
         raise SvdiclError("give --output DIR: the folder that holds the result store (and resumes it)")
-    folder = Path(output)
+    folder = output_folder(output)
     if folder.exists() and not folder.is_dir():
         raise SvdiclError(f"--output {folder} is a file; give a folder")
     return folder
@@ -154,13 +161,16 @@ def run(args: argparse.Namespace) -> int:
     if not args.tasks:
         raise SvdiclError("give --tasks, e.g. --tasks sst2,rte,copa")
     folder = check_output(args.output)
+    check_shot_flags(args)
+    shots = args.shots if args.num_fewshot is None else args.num_fewshot
     grid = SweepGrid(
         tasks=tuple(parse_list(args.tasks)),
         layers=tuple(parse_list(args.layers)),
         modules=tuple(parse_list(args.modules)),
         rates=PAPER_RATES if args.rates is None else args.rates,
-        shots=(None,) if args.shots is None else parse_ints(args.shots, "--shots"),
-        seeds=parse_ints(args.seeds, "--seeds"),
+        shots=(None,) if shots is None else parse_ints(shots, "--shots" if args.num_fewshot is None else "--num_fewshot"),
+        shots_total=args.num_fewshot is not None,
+        seeds=seeds_from(args),
         split=args.split,
         limit=args.limit,
     )

@@ -28,7 +28,6 @@ def add(sub) -> None:
     _add_norms(checks)
     _add_linreg(checks)
     for parser in checks.choices.values():
-        parser.add_argument("--config", help="YAML or JSON file of flag values (command-line flags win)")
         parser.add_argument("--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats")
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -198,7 +198,7 @@ def dry_run_eval(
     tasks: Sequence[TaskConfig],
     *,
     split: str = "test",
-    shots: int | None = None,
+    shots: int | Mapping[str, int | None] | None = None,
     seeds: Sequence[int] = (0,),
     limit: int | None = None,
     edit: str = "unpruned",
@@ -208,7 +208,9 @@ def dry_run_eval(
     path: str = "auto",
     cache_memory: int | None = None,
 ) -> DryRun:
-    """What `svdicl eval` would score: one cell per task and seed (0 shots: one per task), under `edit`."""
+    """What `svdicl eval` would score: one cell per task and seed (0 shots: one per task), under `edit`.
+
+    `shots` per class, for every task or by task name (None: the task's own)."""
     from svdicl.experiments.evaluate import RESULTS_FILE
     from svdicl.tasks.data import load_splits
 
@@ -216,7 +218,8 @@ def dry_run_eval(
     cells, notes = [], []
     for task, output in zip(tasks, list(outputs) or [None] * len(tasks), strict=True):
         splits = load_splits(task, data_dir)
-        count = task.shots if shots is None else shots
+        given = shots.get(task.name) if isinstance(shots, Mapping) else shots
+        count = task.shots if given is None else given
         scored = scored_seeds(count, seeds)
         for seed in seeds:
             reuse = None if seed in scored else scored[0]

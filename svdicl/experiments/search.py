@@ -269,6 +269,7 @@ def search(
         "module": config.module,
         "metric": metric,
         "shots": shots,
+        "shots_per_class": shots,
         "shots_total": shots * task.num_classes,
         "limit": {split: cell_limit(limits[split], len(splits.split(split))) for split in limits},
         "data": splits.origin,
@@ -409,7 +410,7 @@ def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | 
               "svd_dtype": result["scoring"]["options"]["svd"]}  # fmt: skip
     evaluation = {
         "task": result["task_source"],
-        "shots": result["shots"],
+        "shots_per_class": result["shots"],
         "seed": [s["seed"] for s in result["seeds"]],
         "split": "test",
         "limit": result["limit"]["test"],

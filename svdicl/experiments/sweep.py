@@ -28,7 +28,7 @@ from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
-from svdicl.prompts import sample_demonstrations
+from svdicl.prompts import sample_demonstrations, shots_per_class
 from svdicl.prune import EditRecord, PruneSpec
 from svdicl.scoring import check_path
 from svdicl.store import UNPRUNED, Cell, CellKey, Result, Store
@@ -138,7 +138,8 @@ def module_lines(specs: str | Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class SweepGrid:
-    """What a sweep evaluates.  `shots` counts demonstrations per class (None: the task's paper default)."""
+    """What a sweep evaluates.  `shots` counts demonstrations per class (None: the task's paper default), or
+    in all with `shots_total` (lm-eval's --num_fewshot; each task divides them by its classes)."""
 
     tasks: tuple[str, ...]
     layers: tuple[str, ...] = ("first2", "last2")
@@ -148,6 +149,7 @@ class SweepGrid:
     seeds: tuple[int, ...] = (0,)
     split: str = "test"
     limit: int | None = None
+    shots_total: bool = False
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -213,7 +215,7 @@ def plan_sweep(
         task = task_splits.task
         size = len(task_splits.split(grid.split))
         examples = len(limit_examples(task_splits.split(grid.split), grid.limit, task.split_seed))
-        for shots in dict.fromkeys(task.shots if s is None else s for s in grid.shots):
+        for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
             sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
             scored = scored_seeds(shots, grid.seeds)
             for seed in grid.seeds:
@@ -230,6 +232,13 @@ def plan_sweep(
                 reuse = None if seed in scored else scored[0]
                 plan.append(RunCells(task, shots, seed, examples, tuple(calls), reuse))
     return plan
+
+
+def task_shots(task: TaskConfig, shots: int | None, total: bool) -> int:
+    """Shots per class of `task`: its paper setting for None, `shots` itself, or `shots` in all divided by its classes."""
+    if shots is None:
+        return task.shots
+    return shots_per_class(task, shots) if total else shots
 
 
 def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | None = None) -> dict[str, TaskSplits]:
