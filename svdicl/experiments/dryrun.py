@@ -3,9 +3,9 @@
 Nothing is scored into any output and nothing is written.  Per run (task, split, shots, seed)
 at most SAMPLE examples are tokenized: the token count is exact when the run has no more,
 else extrapolated from them (marked ≈).  The time is an estimate from a short timing on this
-machine, once per task and shot count: the unpruned model scores 1 and then 1 + batch_size / 2
-sampled examples on the path `auto` (or the given --path) takes, which gives a fixed cost per
-cell (the shared prefix) and a cost per example.  It leaves out the SVDs of the pruned matrices, the
+machine, once per task and shot count: the unpruned model scores 1 and then 1 + batch_size
+sampled examples of median length on the path `auto` (or the given --path) takes, which gives a
+fixed cost per cell (the shared prefix) and a cost per example.  It leaves out the SVDs of the pruned matrices, the
 condition numbers of a search, and the layer path's saving in sweeps (it runs only the layers
 above the pruned one per cell), so sweeps usually finish sooner than it says.
 """
@@ -118,18 +118,27 @@ class Timer:
         return fixed + per_example * size.examples
 
     def _measure(self, run: EvalRun) -> tuple[float, float]:
-        """Score 1 and then 1 + batch_size / 2 sampled examples (after one warm-up per Timer): fixed and per-example cost."""
+        """Score 1 and then 1 + batch_size examples of median length (after one warm-up per Timer): fixed and
+        per-example cost.  Median lengths: the real run batches examples of similar length, with little padding."""
         path = "prefix" if self.path == "layer" else self.path
+        more = min(1 + self.batch_size, len(run.examples))
+        order = sorted(range(len(run.requests)), key=lambda i: len(run.requests[i].context))
+        middle = order[(len(order) - more) // 2 :][:more]
 
         def wall(n: int) -> float:
-            part = replace(run, examples=run.examples[:n], prompts=run.prompts[:n], requests=run.requests[:n])
+            chosen = middle[:n]
+            part = replace(
+                run,
+                examples=tuple(run.examples[i] for i in chosen),
+                prompts=tuple(run.prompts[i] for i in chosen),
+                requests=tuple(run.requests[i] for i in chosen),
+            )
             started = time.perf_counter()
             evaluate_run(self.loaded, part, batch_size=self.batch_size, path=path, cache_memory=self.cache_memory)
             return time.perf_counter() - started
 
         if not self.measured:
             wall(1)  # the first forward pays one-off costs
-        more = min(1 + max(self.batch_size // 2, 1), len(run.examples))
         one, several = wall(1), wall(more)
         if more > 1 and several > one:
             per_example = (several - one) / (more - 1)
@@ -180,17 +189,15 @@ def plan_run(
 
 TIME_NOTE = (
     "tokens: prompt tokens, padding excluded (≈: extrapolated from {sample} tokenized examples of the run); est. time: an "
-    "estimate from timing the unpruned model on this machine on 1 and {more} examples per task and shot count "
-    "(a fixed cost per cell plus a cost per example); SVDs{search} are not included, and the layer path of sweeps "
+    "estimate from timing the unpruned model on this machine on 1 and {more} examples of median length per task "
+    "and shot count (a fixed cost per cell plus a cost per example); SVDs{search} are not included, and the layer path of sweeps "
     "(layers below the pruned one run once per line) usually makes them faster"
 )
 
 
 def time_note(timer: Timer, search: bool = False) -> str:
     """How the dry run's token counts and times were obtained, for the printed notes."""
-    return TIME_NOTE.format(
-        sample=SAMPLE, more=1 + max(timer.batch_size // 2, 1), search=" and condition numbers" if search else ""
-    )
+    return TIME_NOTE.format(sample=SAMPLE, more=1 + timer.batch_size, search=" and condition numbers" if search else "")
 
 
 def dry_run_eval(
