@@ -68,8 +68,10 @@ def test_sweep_dry_run_lists_the_cells_the_sweep_then_scores_and_writes_nothing(
     capsys.readouterr()
     cells = Store(out).cells()
     assert sorted((c.key.shots, c.key.seed, c.key.edit) for c in cells) == sorted(status)
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
     assert main([*argv, "--dry-run"]) == 0
     assert {row[-1] for row in dry_rows(capsys.readouterr().out)} == {"stored"}
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before  # the store is read, not touched
 
 
 def test_zero_shot_sweep_scores_once_and_copies_for_every_seed(toy):
@@ -156,9 +158,9 @@ def test_search_dry_run_lists_validation_and_test_cells(toy, tmp_path, capsys):
     model, out, data = save_model(toy_loaded(), tmp_path / "model"), tmp_path / "out", str(toy.parent / "data")
     argv = ["-q", "search", "--model", str(model), "--tasks", str(toy), "--layer", "-1", "--rates", "0.5,0.9", "--seeds", "0,1"]
     argv += ["--limit-validation", "5", "--limit-test", "6", "--data-dir", data, "--output", str(out), "--no-report"]
-    assert main([*argv, "--dry-run"]) == 0
+    assert main([*argv, "--dry-run", "--export", str(tmp_path / "export")]) == 0
     rows = dry_rows(capsys.readouterr().out)
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "export").exists()
     expected = [("validation", seed, edit, 5) for seed in (0, 1) for edit in ("none", "2:mlp:0.5", "2:mlp:0.9")]
     expected += [("test", seed, edit, 6) for seed in (0, 1) for edit in ("none", "2:mlp:rate*")]
     assert [(r[1], r[3], r[4], r[5]) for r in rows] == expected and {r[-1] for r in rows} == {"score"}
