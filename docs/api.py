@@ -23,7 +23,11 @@ MODULES = [
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
+    ("svdicl.experiments.arms", ["Arm", "summarize"]),
+    ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
+    ("svdicl.bias", ["bias_metrics", "margin_auc"]),
     ("svdicl.stats", ["Estimate", "accuracy_ci", "macro_f1_ci", "compare"]),
+    ("svdicl.experiments.compare", ["compare_evals", "compare_tasks", "read_eval", "Comparison"]),
     ("svdicl.store", ["Store", "CellKey", "Cell"]),
     ("svdicl.report", ["build_report"]),
 ]

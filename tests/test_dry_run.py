@@ -112,13 +112,13 @@ def test_zero_shot_eval_scores_once_and_records_the_reuse(toy):
 
 
 class CountingTokenizer:
-    """A tokenizer that counts the texts it is asked to tokenize."""
+    """A tokenizer that counts the prompt texts it is asked to tokenize (build_requests sends them in batches)."""
 
     def __init__(self, tokenizer) -> None:
         self.tokenizer, self.texts = tokenizer, 0
 
     def __call__(self, text, **options):
-        self.texts += 1 if isinstance(text, str) else len(text)
+        self.texts += 0 if isinstance(text, str) else len(text)  # batches of prompts (a lone string: the demonstrations)
         return self.tokenizer(text, **options)
 
     def __getattr__(self, name):
@@ -130,7 +130,7 @@ def test_only_the_examples_to_score_are_tokenized(toy):
     counting = CountingTokenizer(loaded.tokenizer)
     loaded.tokenizer = counting
     prepare_run(loaded, str(toy), limit=5, data_dir=toy.parent / "data")
-    assert counting.texts == 2 + 5 * 2  # the demonstrations (with and without BOS), then 5 examples x 2 label words
+    assert counting.texts == 5 * 2  # 5 examples x 2 label words
     options = dict(seeds=(0, 1), limit=5, data_dir=toy.parent / "data", output=toy.parent / "out", quiet=True)
     first = evaluate(loaded, str(toy), **options)
     counting.texts = 0

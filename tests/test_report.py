@@ -21,6 +21,7 @@ from svdicl.report import (
     build_report,
     plot_conditions,
     plot_rates,
+    plot_search,
     plot_shots,
     read_search,
     sweep_points,
@@ -56,9 +57,9 @@ def result(key: CellKey) -> Result:
     return Result(metrics, n=200, samples=samples, model_name="tiny")
 
 
-def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa")) -> Store:
+def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa"), model="fp") -> Store:
     keys = [
-        CellKey("fp", task, "test", k, seed, edit)
+        CellKey(model, task, "test", k, seed, edit)
         for task in tasks
         for k in shots
         for seed in seeds
@@ -333,3 +334,229 @@ def test_cli_report_writes_images_and_rerun_is_identical(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(empty)]) == 2
     assert "nothing to report" in capsys.readouterr().err
+
+
+def write_search(folder: Path, data: dict, name: str = "sst2-mlp.json") -> Path:
+    (folder / "search").mkdir(parents=True, exist_ok=True)
+    path = folder / "search" / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_searches_sharing_a_key_get_a_column_and_a_panel_each(tmp_path):
+    """The same alias in float32 and bfloat16: the table and the figure both show each search, in its own column."""
+    searches = {}
+    for dtype, shift in (("float32", 0.0), ("bfloat16", 0.1)):
+        data = search_result("sst2", "mlp", 29)
+        data["model"] = {"name": "tiny", "fingerprint": f"fp-{dtype}", "dtype": dtype}
+        data["validation"]["values"] = [round(v + shift, 4) for v in data["validation"]["values"]]
+        data["test"]["pruned"]["value"] = 0.8 + shift
+        write_search(tmp_path / dtype, data)
+        searches[dtype] = data
+    out = tmp_path / "out"
+    assert main(["-q", "report", str(tmp_path / "float32"), str(tmp_path / "bfloat16"), "--output", str(out)]) == 0
+    lines = (out / "tables" / "algorithm1.md").read_text().splitlines()
+    assert lines[0] == "| task | tiny bfloat16 L29 MLP | tiny float32 L29 MLP |"
+    cells = lines[2].split(" | ")[1:]
+    assert "→ 0.9000 [" in cells[0] and "→ 0.8000 [" in cells[1]
+    rows = {r["dtype"]: r for r in read_csv(out / "tables" / "algorithm1.csv")}
+    assert {d: float(r["pruned"]) for d, r in rows.items()} == {"float32": 0.8, "bfloat16": 0.9}
+    fig = plot_search([read_search(p) for p in sorted(tmp_path.glob("*/search/*.json"))])
+    curves = {ax.get_title().split("\n")[0]: list(ax.get_lines()[0].get_ydata()) for ax in fig.axes}
+    assert curves == {f"SST-2 · tiny {d} L29 MLP": searches[d]["validation"]["values"] for d in searches}
+    svg = (out / "figures" / "algorithm1-validation.svg").read_text()
+    assert "tiny float32 L29 MLP" in svg and "tiny bfloat16 L29 MLP" in svg
+
+
+def test_searches_of_other_shots_and_limits_are_told_apart_by_what_differs():
+    a, b, c = (search_result("sst2", "mlp", 29) for _ in range(3))
+    b["shots"], c["limit"] = 2, {"validation": 100, "test": None}
+    from svdicl.report import search_columns
+
+    assert search_columns([a, b, c]) == [
+        ("tiny 5-shot all examples", "mlp"),
+        ("tiny 2-shot all examples", "mlp"),
+        ("tiny 5-shot vali 100 test all", "mlp"),
+    ]
+    assert search_columns([a, search_result("cb", "mlp", 29)]) == [("tiny", "mlp"), ("tiny", "mlp")]  # one column, two rows
+
+
+def test_the_same_search_twice_is_refused_in_one_line(tmp_path, capsys):
+    for folder in ("a", "b"):
+        write_search(tmp_path / folder, search_result("sst2", "mlp", 29))
+    assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "are the same search" in err
+    assert str(tmp_path / "a" / "search" / "sst2-mlp.json") in err and str(tmp_path / "b" / "search" / "sst2-mlp.json") in err
+
+
+def test_two_models_with_one_name_get_their_own_files(tmp_path):
+    """One alias in float32 and bfloat16 (two fingerprints, one name) into one folder: a table, figure and heading each."""
+    make_store(tmp_path, tasks=("sst2",), model="f32aaaaaaaaa")
+    make_store(tmp_path, tasks=("sst2",), model="bf16bbbbbbbb", seeds=(0, 1))
+    report = build_report(tmp_path, metric="accuracy")
+    for fp in ("f32aaaaa", "bf16bbbb"):
+        rows = read_csv(tmp_path / "tables" / f"sweep-tiny_{fp}-test.csv")
+        assert {r["model"][:8] for r in rows} == {fp}
+        assert (tmp_path / "figures" / f"fig1-rates-tiny_{fp}-test.png").is_file()
+    page = report.page.read_text()
+    figures = [line for line in page.splitlines() if line.startswith("![fig 1]")]
+    assert len(figures) == len(set(figures)) == 2
+    assert "## Sweep: tiny f32aaaaa, test split" in page and "## Sweep: tiny bf16bbbb, test split" in page
+    for folder, fp in (("a", "fp-aaaa"), ("b", "fp-bbbb")):
+        write_conditions(conditions(), tmp_path / folder, model_name="tiny", fingerprint=fp)
+    write_conditions(conditions(), tmp_path / "c", model_name="tiny", fingerprint="fp-aaaa")  # the same weights again
+    build_report([tmp_path / f for f in "abc"], output=tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out" / "tables").glob("conditions*")) == [
+        "conditions-tiny_fp-aaaa.md",
+        "conditions-tiny_fp-bbbb.md",
+    ]
+
+
+def test_figures_carry_the_model_name_and_n(tmp_path):
+    store = make_store(tmp_path, shots=(0, 5), tasks=("sst2",))
+    points = sweep_points(store.cells(), metric="accuracy")
+    assert plot_rates(points).get_suptitle() == "tiny · test split · n=200"
+    assert plot_shots(points).get_suptitle() == "tiny · test split · n=200"
+    assert plot_conditions(conditions(), title="tiny").get_suptitle() == "tiny"
+    fig = plot_search([search_result("sst2", "mlp", 29)])
+    assert fig.axes[0].get_title() == "SST-2 · tiny L29 MLP\nvalidation n=300"
+    build_report(tmp_path, formats=["svg"])
+    assert "tiny · test split · n=200" in (tmp_path / "figures" / "fig1-rates-test.svg").read_text()
+
+
+def test_seed_counts_are_per_column(tmp_path):
+    """Seed 1 ran only the unpruned model and layer 29: no heading says "mean of 2 seeds" over single-seed cells."""
+    store = make_store(tmp_path, tasks=("sst2",))
+    keys = [CellKey("fp", "sst2", "test", 5, 1, edit) for edit in ("none", *(f"29:mlp:{r}" for r in RATES[:2]))]
+    run_cells(store, keys, result, progress=False)
+    build_report(tmp_path, metric="accuracy")
+    lines = (tmp_path / "tables" / "sweep-test.md").read_text().splitlines()
+    assert lines[0] == "**5-shot**"
+    headers = [x.strip() for x in lines[2].split("|")[5:-1]]
+    assert headers == ["ξ=0 (unpruned), 2 seeds", "0.1, 1-2 seeds", "0.5, 1-2 seeds", "0.9, 1 seed", "0.995, 1 seed"]
+    seeds = {
+        (r["layers"], r["rate"]): r["seeds"] for r in read_csv(tmp_path / "tables" / "sweep-test.csv") if r["modules"] == "mlp"
+    }
+    assert seeds[("29", "0.1")] == "2" and seeds[("0", "0.1")] == "1"
+
+
+def test_stale_report_files_are_removed_and_only_those(tmp_path):
+    write_search(tmp_path, search_result("sst2", "mlp", 29))
+    build_report(tmp_path)
+    assert (tmp_path / "tables" / "algorithm1.md").is_file()
+    (tmp_path / "tables" / "my-notes.md").write_text("mine")
+    (tmp_path / "search" / "sst2-mlp.json").unlink()  # the search is gone; a sweep is there now
+    make_store(tmp_path, tasks=("sst2",))
+    report = build_report(tmp_path)
+    left = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / "tables").iterdir()} | {
+        p.relative_to(tmp_path).as_posix() for p in (tmp_path / "figures").iterdir()
+    }
+    assert left == {p.relative_to(tmp_path).as_posix() for p in report.files} | {"tables/my-notes.md"}
+    assert "algorithm1" not in report.page.read_text()
+
+
+def test_corrupted_samples_file_is_a_one_line_error(tmp_path, capsys):
+    store = make_store(tmp_path, tasks=("sst2",))
+    path = tmp_path / store.cells()[3].samples
+    path.write_bytes(path.read_bytes()[:-30] + b"\xff\xfe}\n")
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"samples file {path} line 4 is damaged" in err
+
+
+def test_report_of_a_read_only_store(tmp_path, monkeypatch):
+    """A finished store in a read-only folder (simulated: every open for writing there fails) is reported elsewhere."""
+    import errno
+    import os
+
+    store = make_store(tmp_path / "store", tasks=("sst2",))
+    expected = {c.id: c.value("accuracy") for c in store.cells()}
+    real_open = os.open
+
+    def read_only_open(path, flags, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "store")) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", read_only_open)
+    build_report(tmp_path / "store", output=tmp_path / "out", metric="accuracy")
+    cells = read_csv(tmp_path / "out" / "tables" / "cells.csv")
+    assert {r["id"]: float(r["accuracy"]) for r in cells} == expected
+    with pytest.raises(SvdiclError, match="opened read-only"):
+        Store(tmp_path / "store", readonly=True).put(
+            CellKey("fp", "sst2", "test", 5, 9), result(CellKey("fp", "sst2", "test", 5, 9))
+        )
+
+
+def test_report_reads_eval_folders_and_pairs_each_with_its_unpruned_eval(tmp_path):
+    import numpy as np
+    from test_compare import two_arms, write_eval
+
+    from svdicl.experiments.compare import compare_evals
+    from svdicl.stats import holm
+
+    rng = np.random.default_rng(11)
+    a, b = two_arms(rng)
+    c, _ = two_arms(rng)
+    write_eval(tmp_path / "base", a)
+    write_eval(tmp_path / "pruned", b, edit="29:mlp:0.9")
+    write_eval(tmp_path / "other" / "pruned2", c, edit="29:mlp:0.5")
+    write_eval(tmp_path / "other" / "cb", c[:1], task="cb")  # a multi-task eval folder: one subfolder per task
+    out = tmp_path / "out"
+    report = build_report([tmp_path / "base", tmp_path / "pruned", tmp_path / "other"], output=out)
+    rows = {(r["task"], r["edit"]): r for r in read_csv(out / "tables" / "evals.csv")}
+    assert set(rows) == {("sst2", "none"), ("sst2", "29:mlp:0.9"), ("sst2", "29:mlp:0.5"), ("cb", "none")}
+    base = rows[("sst2", "none")]
+    assert float(base["accuracy"]) == pytest.approx(a.mean()) and base["seeds"] == "0 1" and base["n"] == "14"
+    assert float(base["accuracy_std"]) == pytest.approx(statistics.stdev(a.mean(axis=1)))
+    gold = np.arange(14) % 2
+    predictions = np.where(b == 1, gold, 1 - gold)
+    share = statistics.fmean(max(np.mean(p == 0), np.mean(p == 1)) for p in predictions)
+    assert float(rows[("sst2", "29:mlp:0.9")]["answer_share"]) == pytest.approx(share)
+    direct = [compare_evals(tmp_path / "base", tmp_path / f).paired for f in ("pruned", "other/pruned2")]
+    for edit, paired, adjusted in zip(("29:mlp:0.9", "29:mlp:0.5"), direct, holm([p.p_value for p in direct]), strict=True):
+        row = rows[("sst2", edit)]
+        assert float(row["delta_accuracy"]) == pytest.approx(paired.difference)
+        assert (float(row["p_value"]), float(row["p_holm"])) == pytest.approx((paired.p_value, adjusted))
+    assert rows[("cb", "none")]["p_value"] == ""  # nothing to pair with
+    assert "## Evaluations (svdicl eval)" in report.page.read_text()
+    svg = (out / "figures" / "evals.svg").read_text()
+    assert "SST-2 · test · n=14" in svg and "tiny · mean over seeds" in svg
+
+
+def test_an_unwritable_report_folder_is_a_one_line_error(tmp_path, capsys):
+    make_store(tmp_path / "store", tasks=("sst2",))
+    (tmp_path / "file").write_text("not a folder")
+    assert main(["report", str(tmp_path / "store"), "--output", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write report file" in err and "give --output a writable folder" in err
+
+
+def test_a_cell_in_two_folders_counts_once(tmp_path):
+    """A sweep's and a search's store of one model share the unpruned cells: no duplicate rows, no doubled seeds."""
+    for folder in ("sweep", "search"):
+        make_store(tmp_path / folder, seeds=(0, 1), tasks=("sst2",))
+    build_report([tmp_path / "sweep", tmp_path / "search"], output=tmp_path / "out", metric="accuracy")
+    ids = [r["id"] for r in read_csv(tmp_path / "out" / "tables" / "cells.csv")]
+    assert len(ids) == len(set(ids)) == len(Store(tmp_path / "sweep").cells())
+    (row,) = [r for r in read_csv(tmp_path / "out" / "tables" / "sweep-test.csv") if r["layers"] == ""]
+    values = [accuracy("sst2", 5, s, "none") for s in (0, 1)]
+    assert float(row["high"]) - float(row["value"]) == pytest.approx(statistics.stdev(values))
+
+
+def test_a_folder_given_twice_is_read_once(tmp_path):
+    write_search(tmp_path / "a", search_result("sst2", "mlp", 29))
+    report = build_report([tmp_path / "a", tmp_path / "a" / ".." / "a"], output=tmp_path / "out")
+    assert len(read_csv(tmp_path / "out" / "tables" / "algorithm1.csv")) == 1 and report.page.is_file()
+
+
+def test_read_only_store_skips_a_torn_last_line_without_repairing_it(tmp_path):
+    store = make_store(tmp_path, tasks=("sst2",))
+    with open(tmp_path / "cells.jsonl", "ab") as handle:
+        handle.write(b'{"format": 1, "id": "torn')
+    size = (tmp_path / "cells.jsonl").stat().st_size
+    with pytest.warns(UserWarning, match="cut short by an interrupted write; skipped it"):
+        reader = Store(tmp_path, readonly=True)
+    assert [c.id for c in reader.cells()] == [c.id for c in store.cells()]
+    assert (tmp_path / "cells.jsonl").stat().st_size == size  # nothing written into a folder opened read-only

@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load(args)
     conditions = condition_numbers(loaded.model, args.layers, args.modules, progress=not args.quiet)
     files = write_conditions(conditions, output, model_name=loaded.source, fingerprint=loaded.fingerprint, top_k=args.top_k)
-    files += save_figure(plot_conditions(conditions), output / "figures" / "fig3-conditions", args.format)
+    figure = plot_conditions(conditions, title=f"{loaded.source} · condition numbers per layer")
+    files += save_figure(figure, output / "figures" / "fig3-conditions", args.format)
 
     groups = [g for g in ("attn", "mlp") if any(c.group == g for c in conditions)]
     per_group = {g: layer_conditions(conditions, g) for g in groups}

@@ -11,12 +11,13 @@ def add(sub) -> None:
     """Register `svdicl report` on the subparsers `sub`."""
     p = sub.add_parser(
         "report",
-        help="figures (fig 1-3) and tables (appendix C.5 layout) from the output folder of sweep, condition or search",
-        description="Reads DIR/cells.jsonl, DIR/conditions.csv and DIR/search/*.json (whichever exist) and writes "
-        "DIR/figures/*.{png,svg}, DIR/tables/*.{md,csv} and DIR/report.md. Several DIRs (one per model, say) make one "
-        "combined report in --output: an Algorithm 1 table with a column per model x module, every model's sweeps.",
+        help="figures (fig 1-3) and tables (appendix C.5 layout) from the output folder of sweep, condition, search or eval",
+        description="Reads DIR/cells.jsonl, DIR/conditions.csv, DIR/search/*.json and DIR/results.json (whichever exist) "
+        "and writes DIR/figures/*.{png,svg}, DIR/tables/*.{md,csv} and DIR/report.md. Several DIRs (one per model, say) "
+        "make one combined report in --output: an Algorithm 1 table with a column per model x module, every model's "
+        "sweeps, every eval paired with its unpruned eval. Files an earlier report wrote and this one does not are removed.",
     )
-    p.add_argument("directories", metavar="DIR", nargs="+", help="--output folders of svdicl sweep, condition or search")
+    p.add_argument("directories", metavar="DIR", nargs="+", help="--output folders of svdicl sweep, condition, search or eval")
     p.add_argument(
         "--output",
         "--output-path",

@@ -129,6 +129,7 @@ def scoring_from(args: argparse.Namespace):
         allow_tied=args.allow_tied,
         path=args.path,
         cache_memory=parse_memory(args.cache_memory),
+        calibration=args.calibration,
     )
 
 

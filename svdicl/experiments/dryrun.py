@@ -214,10 +214,12 @@ def dry_run_eval(
     batch_size: int = 8,
     path: str = "auto",
     cache_memory: int | None = None,
+    calibration: str | Sequence[str] = (),
 ) -> DryRun:
     """What `svdicl eval` would score: one cell per task and seed (0 shots: one per task), under `edit`.
 
     `shots` per class, for every task or by task name (None: the task's own)."""
+    from svdicl import calibration as cal
     from svdicl.experiments.evaluate import RESULTS_FILE
     from svdicl.tasks.data import load_splits
 
@@ -227,7 +229,7 @@ def dry_run_eval(
         splits = load_splits(task, data_dir)
         given = shots.get(task.name) if isinstance(shots, Mapping) else shots
         count = task.shots if given is None else given
-        scored = scored_seeds(count, seeds)
+        scored = scored_seeds(count, seeds, cal.applicable(task, cal.parse_calibration(calibration)))
         for seed in seeds:
             reuse = None if seed in scored else scored[0]
             cells += plan_run(loaded, timer, splits, split, count, seed, limit, [(edit, None)], reuse_from=reuse)
@@ -256,8 +258,7 @@ def dry_run_sweep(loaded: LoadedModel, grid, scoring, *, data_dir: str | Path | 
 
 def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict[str, TaskSplits], *, output=None) -> DryRun:
     """What `svdicl search` would score per search: every candidate rate on validation, unpruned and rate* on test."""
-    from svdicl.experiments.sweep import cell_limit, edit_cell
-    from svdicl.store import CellKey
+    from svdicl.experiments.sweep import edit_cell, run_key
     from svdicl.targets import layer_stack, parse_layers
     from svdicl.tasks import get_task
 
@@ -273,14 +274,11 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
             (layer,) = parse_layers(str(config.layer), len(layer_stack(loaded.model)[1]))
         else:
             notes.append(f"{task.name} {config.module}: the layer comes from condition numbers (L? below), computed first")
-        scored = scored_seeds(shots, config.seeds)
+        scored = scored_seeds(shots, config.seeds, scoring.calibration)
         limits = {"validation": config.limit_validation, "test": config.limit_test}
         for split, rates in (("validation", config.rates), ("test", (0.0, None))):
             for seed in config.seeds:
-                base = CellKey(
-                    loaded.fingerprint, task.name, split, shots, seed,
-                    limit=cell_limit(limits[split], len(task_splits.split(split))), options=scoring.key_options(),
-                )  # fmt: skip
+                base = run_key(loaded, task_splits, split, shots, seed, limits[split], scoring)
                 named = []
                 for rate in rates:
                     if rate is None:
@@ -294,5 +292,7 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
                 cells += plan_run(
                     loaded, timer, task_splits, split, shots, seed, limits[split], named, reuse_from=reuse, stored=stored
                 )
+        if "controls" in config.arms:
+            notes.append(f"{task.name} {config.module}: null-control test cells (2 per seed and pruned rate*) are not listed")
     notes.append("the test cell at rate* is counted, though when rate* = 0 it is the unpruned one and is not scored")
     return DryRun(tuple(cells), (*notes, time_note(timer, search=True)))
