@@ -178,7 +178,9 @@ def test_zero_shot_search_scores_once_for_all_seeds(toy):
     for seeds in ((0,), (0, 1)):
         loaded = toy_loaded()
         calls = LayerCalls(loaded.model)
-        config = SearchConfig(task=str(toy), layer=-1, rates=(0.5, 0.9), shots=0, seeds=seeds, limit_validation=5, limit_test=6)
+        config = SearchConfig(
+            task=str(toy), layer=-1, rates=(0.5, 0.9), shots=0, seeds=seeds, limit_validation=5, limit_test=6, arms=()
+        )  # no calibration and no null controls: those are seeded per seed, so every seed is scored
         store = Store(toy.parent / f"search-{len(seeds)}")
         results.append((search(loaded, config, store, data_dir=toy.parent / "data"), store))
         counts.append(calls.count)

@@ -222,7 +222,7 @@ def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
         assert (
             "Algorithm 1" in card
             and f"rate* = {result['rate_star']:g}" in card
-            and f"p = {result['test']['mcnemar_p']:.3g}" in card
+            and f"p = {result['test']['p_value']:.3g}" in card
         )
         replay = tmp_path / f"replay-{module}"
         config = out / "search" / f"toy-{module}.yaml"

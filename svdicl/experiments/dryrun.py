@@ -258,6 +258,8 @@ def dry_run_sweep(loaded: LoadedModel, grid, scoring, *, data_dir: str | Path | 
 
 def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict[str, TaskSplits], *, output=None) -> DryRun:
     """What `svdicl search` would score per search: every candidate rate on validation, unpruned and rate* on test."""
+    from svdicl import calibration as cal
+    from svdicl.experiments.arms import calibration_methods
     from svdicl.experiments.sweep import edit_cell, run_key
     from svdicl.targets import layer_stack, parse_layers
     from svdicl.tasks import get_task
@@ -268,17 +270,19 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
     for config in configs:
         task = get_task(config.task)
         task_splits = splits[task.name]
+        methods = cal.applicable(task, calibration_methods(scoring.calibration, config.arms))  # as search() does
+        keyed = replace(scoring, calibration=methods)
         shots = task.shots if config.shots is None else config.shots
         layer = None
         if config.layer is not None:
             (layer,) = parse_layers(str(config.layer), len(layer_stack(loaded.model)[1]))
         else:
             notes.append(f"{task.name} {config.module}: the layer comes from condition numbers (L? below), computed first")
-        scored = scored_seeds(shots, config.seeds, scoring.calibration)
+        scored = scored_seeds(shots, config.seeds, methods)
         limits = {"validation": config.limit_validation, "test": config.limit_test}
         for split, rates in (("validation", config.rates), ("test", (0.0, None))):
             for seed in config.seeds:
-                base = run_key(loaded, task_splits, split, shots, seed, limits[split], scoring)
+                base = run_key(loaded, task_splits, split, shots, seed, limits[split], keyed)
                 named = []
                 for rate in rates:
                     if rate is None:

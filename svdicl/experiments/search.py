@@ -201,7 +201,8 @@ class SearchConfig:
         task = splits.task
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
-        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds)  # 0 shots: scored once
+        calibration = applicable(task, calibration_methods((), self.arms))  # with it, every seed is scored
+        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds, calibration)
         controls = 2 * len(self.seeds) * ("controls" in self.arms)  # null controls are seeded per seed
         return len(seeds) * (validation * len(self.rates) + 2 * test) + controls * test
 
@@ -422,7 +423,7 @@ def card_notes(result: dict) -> str:
         f"- validation {metric} per clipping rate (n = {result['validation']['n']}): {curve};\n"
         f"- rate* = {result['rate_star']:g} (the validation argmax, ties to the smaller rate);\n"
         f"- test {metric} (n = {test['n']}): unpruned {_card_estimate(test['baseline'])}, this model "
-        f"{_card_estimate(test['pruned'])}, exact McNemar p = {test['mcnemar_p']:.3g}.\n"
+        f"{_card_estimate(test['pruned'])}, paired p = {test['p_value']:.3g} ({test['paired'].get('method', 'paired test')}).\n"
     )
 
 
