@@ -34,6 +34,7 @@ from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
+from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
 from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
 from svdicl.svd import factor_cache, svd_dtype
@@ -42,19 +43,6 @@ from svdicl.targets import Target, resolve
 EDIT_FILE = "svdicl_edit.json"
 FACTORIZED_FILE = "model.factorized.safetensors"
 FORMATS = ("dense", "factorized")
-
-
-def prepare_output(path: str | Path, overwrite: bool = False) -> Path:
-    """An empty folder to write into; a non-empty one is refused unless `overwrite`."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise SvdiclError(f"output {folder} is a file; choose a folder path")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise SvdiclError(f"output folder {folder} is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False, notes: str = "") -> Path:
@@ -67,6 +55,7 @@ def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwr
         loaded.tokenizer.save_pretrained(folder)
         _write_edit(folder, info)
         model_card(info, path, notes).save(folder / CARD_FILE)
+    finish_output(folder)
     return folder
 
 
@@ -184,6 +173,7 @@ def save_pruned(
         }
         _write_edit(folder, info)
         model_card(info, path, notes).save(folder / CARD_FILE)
+    finish_output(folder)
     return info
 
 

@@ -147,6 +147,14 @@ def answer_share(samples: Sequence[Mapping[str, Any]]) -> float | None:
     return max(counts.values()) / len(samples)
 
 
+def current_data(cells: Iterable[Cell]) -> list[Cell]:
+    """Per model and task, the cells of the data digest stored last: cells of older data or another definition of
+    the task (kept apart in the store, `Store.other_data`) are never averaged with, or shown beside, the current ones."""
+    cells = list(cells)
+    latest = {(c.key.model, c.key.task): c.key.data for c in cells}
+    return [c for c in cells if c.key.data == latest[(c.key.model, c.key.task)]]
+
+
 def sweep_points(
     cells: Iterable[Cell], metric: str = TASK_METRIC, shares: Mapping[str, float | None] | None = None
 ) -> list[Point]:
@@ -156,7 +164,7 @@ def sweep_points(
     """
     groups: dict[tuple, list[Cell]] = {}
     names: dict[str, str] = {}
-    for cell in cells:
+    for cell in current_data(cells):
         if cell.rate is None:
             continue
         if cell.key.task not in names:
@@ -165,10 +173,9 @@ def sweep_points(
         if cell.metrics.get(name, {}).get("value") is None:
             continue
         key = cell.key
-        group = (key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name, key.data)  # never mix data
-        groups.setdefault(group, []).append(cell)
+        groups.setdefault((key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name), []).append(cell)
     points = []
-    for (model, task, split, shots, limit, options, _, name, _), group in groups.items():
+    for (model, task, split, shots, limit, options, _, name), group in groups.items():
         values = [c.metrics[name]["value"] for c in group]
         mean = statistics.fmean(values)
         if len(values) > 1:
@@ -536,7 +543,7 @@ def _line_key(item: tuple[str | None, str | None]) -> tuple:
 
 CELL_COLUMNS = (
     "id", "model_name", "model", "task", "split", "shots", "seed", "edit", "layers", "modules", "rate", "limit",
-    "options", "n", "ties", "answer_share",
+    "options", "data", "n", "ties", "answer_share",
 )  # fmt: skip
 
 
@@ -549,7 +556,7 @@ def cell_rows(cells: Sequence[Cell], shares: Mapping[str, float | None]) -> tupl
         k = c.key
         options = json.dumps(dict(k.options), sort_keys=True) if k.options else ""
         row = [c.id, c.model_name, k.model, k.task, k.split, k.shots, k.seed, k.edit, c.layers, c.modules, c.rate, k.limit]
-        row += [options, c.n, c.ties, shares.get(c.id)]
+        row += [options, k.data, c.n, c.ties, shares.get(c.id)]
         for m in metrics:
             entry = c.metrics.get(m, {})
             row += [entry.get("value"), entry.get("ci_low"), entry.get("ci_high")]
@@ -839,7 +846,8 @@ def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
 ARMS_COLUMNS = (
     "model_name", "task", "module", "layer", "arm", "rate", "calibration", "control", "metric", "n", "seeds", "value",
     "std_over_seeds", "ci_low", "ci_high", "ci_method", "difference", "difference_ci_low", "difference_ci_high", "p",
-    "p_holm", "mde", "top_answer_share", "balanced_accuracy", "auc",
+    "p_holm", "mde", "top_answer_share", "balanced_accuracy", "auc", "difference_vs_calibrated",
+    "difference_vs_calibrated_ci_low", "difference_vs_calibrated_ci_high", "p_vs_calibrated", "p_holm_vs_calibrated",
 )  # fmt: skip
 
 
@@ -849,12 +857,14 @@ def arms_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
     for r in results:
         for arm in r.get("arms", []):
             paired = arm.get("paired") or {}
+            versus = arm.get("paired_calibrated") or {}
             rows.append([
                 _search_column(r)[0], r["task"], r["module"], r["layer"], arm["name"], arm["rate"], arm.get("calibration"),
                 arm.get("control"), r.get("metric"), arm["n"], arm["seeds"], arm["value"], arm.get("std"), arm.get("ci_low"),
                 arm.get("ci_high"), arm.get("ci_method"), paired.get("difference"), paired.get("ci_low"),
                 paired.get("ci_high"), paired.get("p_value"), paired.get("p_holm"), paired.get("mde"),
-                arm.get("top_answer_share"), arm.get("balanced_accuracy"), arm.get("auc"),
+                arm.get("top_answer_share"), arm.get("balanced_accuracy"), arm.get("auc"), versus.get("difference"),
+                versus.get("ci_low"), versus.get("ci_high"), versus.get("p_value"), versus.get("p_holm"),
             ])  # fmt: skip
     return rows
 
@@ -876,9 +886,16 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         else:
             delta = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
             p, p_holm = _fmt_p(paired["p_value"]), _fmt_p(paired.get("p_holm"))
-        rows.append([arm["name"], f"{arm['rate']:g}", value, delta, p, p_holm, _fmt(arm.get("top_answer_share"), 2),
-                     _fmt(arm.get("balanced_accuracy"), 3), _fmt(arm.get("auc"), 3)])  # fmt: skip
-    headers = ["arm", "ξ", f"test {metric}", "Δ correct vs unpruned", "p", "p (Holm)", "top answer", "balanced acc.", "AUC"]
+        versus = arm.get("paired_calibrated")
+        against_calibrated = "" if arm.get("same_as") or not versus else (
+            f"{versus['difference']:+.3f} [{versus['ci_low']:+.3f}, {versus['ci_high']:+.3f}], p {_fmt_p(versus['p_value'])} "
+            f"(Holm {_fmt_p(versus.get('p_holm'))})"
+        )  # fmt: skip
+        rows.append([arm["name"], f"{arm['rate']:g}", value, delta, p, p_holm, against_calibrated,
+                     _fmt(arm.get("top_answer_share"), 2), _fmt(arm.get("balanced_accuracy"), 3),
+                     _fmt(arm.get("auc"), 3)])  # fmt: skip
+    headers = ["arm", "ξ", f"test {metric}", "Δ correct vs unpruned", "p", "p (Holm)", "Δ vs unpruned + same calibration",
+               "top answer", "balanced acc.", "AUC"]  # fmt: skip
     methods = sorted({a.get("ci_method") for a in arms if a.get("ci_method")})
     spread = f"± SD over the {seeds} demonstration seeds; " if seeds > 1 else ""
     note = (
@@ -886,7 +903,9 @@ def arms_markdown(result: Mapping[str, Any]) -> str:
         f"{arms[0]['n'] if arms else '–'} test examples, {seeds} seed(s). {spread}[ ] 95% CI over test examples "
         f"({', '.join(methods)}). Δ: paired difference in per-example correctness against the unpruned model (each "
         "example's correctness averaged over seeds) with its 95% CI over examples; p: sign-flip permutation test on those "
-        "differences, raw and Holm-adjusted across the arms of this table. ξ of a calibrated pruned arm: the rate chosen "
+        "differences, raw and Holm-adjusted across all comparisons of this table. Δ vs unpruned + same calibration: a "
+        "calibrated pruned or control arm against the unpruned model under the same calibration (does pruning add to "
+        "the calibration?). ξ of a calibrated pruned arm: the rate chosen "
         "on validation under that calibration; null controls at the rate of the pruned arm they mirror. top answer: share "
         "of examples given the most common answer; AUC: ranking AUC of the label margin (binary tasks); '= arm': the same "
         "predictions as that arm, left out of "

@@ -280,7 +280,7 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
         return np.array([[pick(s) for s in run] for run in runs], dtype=float).T
 
     reference = correct(arms["unpruned"])
-    raw = []
+    raw, family = [], []
     for arm in result["arms"]:
         table = correct(arm)
         per_seed = table.mean(axis=0)
@@ -291,8 +291,16 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
             direct = paired_comparison(reference, table)
             assert (arm["paired"]["difference"], arm["paired"]["p_value"]) == pytest.approx((direct.difference, direct.p_value))
             raw.append(arm["paired"]["p_value"])
-    family = [a["paired"]["p_holm"] for a in result["arms"][1:] if a["same_as"] is None]
-    assert family == pytest.approx(holm(raw)) and len(family) == len(raw) >= 5
+            family.append(arm["paired"]["p_holm"])
+        calibrated = arm["calibration"] is not None and not arm["name"].startswith("unpruned")
+        assert (arm["paired_calibrated"] is not None) == (calibrated and arm["same_as"] is None)
+        if arm["paired_calibrated"] is not None:  # against unpruned under the same calibration: does pruning add to it?
+            direct = paired_comparison(correct(arms[f"unpruned + {arm['calibration']}"]), table)
+            versus = arm["paired_calibrated"]
+            assert (versus["difference"], versus["p_value"]) == pytest.approx((direct.difference, direct.p_value))
+            raw.append(versus["p_value"])
+            family.append(versus["p_holm"])
+    assert family == pytest.approx(holm(raw)) and len(family) == len(raw) >= 5  # one Holm family: every comparison
     for method in METHODS:  # rate*_method = 0: the same predictions as the unpruned model's, outside the Holm family
         arm = arms[f"pruned + {method}"]
         assert arm["same_as"] == (f"unpruned + {method}" if arm["rate"] == 0 else None)
@@ -326,3 +334,42 @@ def test_search_config_selects_calibrations_and_arms(toy, tmp_path, capsys):
     assert result["scoring"]["options"]["calibration"] == "batch"
     capsys.readouterr()
     assert "unknown arm group 'noise'" in one_line_error(capsys, "search", "--config", str(config), "--arms", "noise")
+
+
+def test_calibrated_pruned_arms_are_also_paired_with_the_unpruned_model_under_the_same_calibration():
+    """Pruning + calibration against calibration alone (does pruning add to it?), in the same Holm family."""
+    from types import SimpleNamespace
+
+    from svdicl.experiments.arms import Arm, summarize
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 40)
+    answers = {name: [np.where(rng.random(40) < q, gold, 1 - gold) for _ in range(2)]
+               for name, q in (("u", 0.6), ("u+batch", 0.7), ("p+batch", 0.85))}  # fmt: skip
+
+    def cell(name, seed):
+        predictions = answers[name][seed]
+        return SimpleNamespace(id=f"{name}/{seed}", metrics={}, value=lambda metric, p=predictions: float(np.mean(p == gold)))
+
+    store = SimpleNamespace(samples=lambda c: [
+        {"id": i, "gold": int(g), "prediction": int(p), "correct": bool(p == g),
+         "calibrated": {"batch": {"prediction": int(p), "correct": bool(p == g)}}}
+        for i, (g, p) in enumerate(zip(gold, answers[c.id.split("/")[0]][int(c.id.split("/")[1])], strict=True))
+    ])  # fmt: skip
+    arms = [
+        Arm("unpruned", 0.0, (cell("u", 0), cell("u", 1))),
+        Arm("unpruned + batch", 0.0, (cell("u+batch", 0), cell("u+batch", 1)), calibration="batch"),
+        Arm("pruned + batch", 0.9, (cell("p+batch", 0), cell("p+batch", 1)), calibration="batch"),
+    ]
+    entries = summarize(store, arms, "accuracy", 2)
+
+    def table(name):
+        return np.array([answers[name][seed] == gold for seed in range(2)], dtype=float).T
+
+    versus = entries[2]["paired_calibrated"]
+    direct = paired_comparison(table("u+batch"), table("p+batch"))
+    assert (versus["difference"], versus["p_value"]) == pytest.approx((direct.difference, direct.p_value))
+    assert entries[1]["paired_calibrated"] is None and entries[0]["paired"] is None
+    raw = [entries[1]["paired"]["p_value"], entries[2]["paired"]["p_value"], versus["p_value"]]
+    adjusted = [entries[1]["paired"]["p_holm"], entries[2]["paired"]["p_holm"], versus["p_holm"]]
+    assert adjusted == pytest.approx(holm(raw))

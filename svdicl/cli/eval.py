@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
     from svdicl.forward import parse_memory
+    from svdicl.outputs import exclusive
     from svdicl.tasks import get_task
 
     if not args.task or not args.output:
@@ -97,27 +98,28 @@ def run(args: argparse.Namespace) -> int:
         folder = root if len(tasks) == 1 else root / task.name
         if (folder / RESULTS_FILE).is_file() and not args.overwrite:
             log(args, f"{folder / RESULTS_FILE} exists; reporting it (if it is the same evaluation) without rescoring")
-        results = evaluate(
-            loaded,
-            task,
-            split=args.split,
-            shots=shots[task.name],
-            seeds=seeds,
-            limit=args.limit,
-            specs=specs,
-            svd=args.svd_dtype,
-            allow_tied=args.allow_tied,
-            batch_size=args.batch_size,
-            padding_side=args.padding_side,
-            length_normalize=args.length_normalize,
-            data_dir=args.data_dir,
-            output=folder,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            path=args.path,
-            cache_memory=cache_memory,
-            calibration=args.calibration,
-        )
+        with exclusive(folder, "eval"):  # a second eval into this folder at the same time is refused
+            results = evaluate(
+                loaded,
+                task,
+                split=args.split,
+                shots=shots[task.name],
+                seeds=seeds,
+                limit=args.limit,
+                specs=specs,
+                svd=args.svd_dtype,
+                allow_tied=args.allow_tied,
+                batch_size=args.batch_size,
+                padding_side=args.padding_side,
+                length_normalize=args.length_normalize,
+                data_dir=args.data_dir,
+                output=folder,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                path=args.path,
+                cache_memory=cache_memory,
+                calibration=args.calibration,
+            )
         _print(task.name, results, folder)
     return 0
 

@@ -16,8 +16,10 @@ search` therefore scores these arms on the same test examples and seeds:
 Every arm gives its metric (mean over seeds, ± their SD), a CI over examples [Wilson where the
 test has at most 100 examples and the metric is accuracy, else the bootstrap], the paired
 difference in per-example correctness against the unpruned arm (seeds averaged per example,
-svdicl.stats.paired_comparison: its CI and sign-flip p), the p-values Holm-adjusted across the
-arms of one search, and the bias-aware metrics (svdicl.bias).  An arm that reads the same cells
+svdicl.stats.paired_comparison: its CI and sign-flip p), for a calibrated pruned or control arm
+also the paired difference against the unpruned model under the same calibration (does pruning
+add to the calibration?), all p-values of one search Holm-adjusted as one family, and the
+bias-aware metrics (svdicl.bias).  An arm that reads the same cells
 the same way as an earlier one (`pruned` when ξ* = 0) says so (`same_as`) and is left out of
 the Holm family, so duplicates do not weaken the correction.
 """
@@ -89,6 +91,7 @@ def arm_name(calibration: str | None = None, control: str | None = None, pruned:
 def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) -> list[dict]:
     """One entry per arm, the first (the unpruned model) the reference of every paired difference."""
     reference = [[(s["id"], float(s["correct"])) for s in run] for run in arms[0].samples(store)]
+    calibrated: dict[str, list] = {}  # per calibration method, the unpruned + method arm's per-seed correctness
     entries: list[dict] = []
     seen: dict[tuple, dict] = {}
     for arm in arms:
@@ -125,16 +128,21 @@ def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) 
             **{name: _mean([c.metrics.get(arm.metric(name), {}).get("value") for c in arm.cells]) for name in BIAS},
             "prediction_counts": [_counts(run, num_classes) for run in runs],
             "paired": None,
+            "paired_calibrated": None,  # a calibrated pruned or control arm against unpruned + the same calibration
             "same_as": None,
         }
+        mine = [[(s["id"], float(s["correct"])) for s in run] for run in runs]
         if arm is not arms[0]:
-            mine = [[(s["id"], float(s["correct"])) for s in run] for run in runs]
             entry["paired"] = paired_by_id(reference, mine).to_dict()
+        if arm.calibration is not None and arm.name == arm_name(arm.calibration):
+            calibrated[arm.calibration] = mine
+        elif arm.calibration in calibrated:  # does pruning add to the calibration, or only redo what it does?
+            entry["paired_calibrated"] = paired_by_id(calibrated[arm.calibration], mine).to_dict()
         seen[(tuple(c.id for c in arm.cells), arm.calibration)] = entry
         entries.append(entry)
-    compared = [e for e in entries if e["paired"] is not None and e["same_as"] is None]
-    for entry, adjusted in zip(compared, holm([e["paired"]["p_value"] for e in compared]) if compared else [], strict=True):
-        entry["paired"]["p_holm"] = adjusted  # duplicates share the dict, so they show the same adjusted p
+    compared = [e[k] for e in entries if e["same_as"] is None for k in ("paired", "paired_calibrated") if e.get(k)]
+    for paired, adjusted in zip(compared, holm([c["p_value"] for c in compared]) if compared else [], strict=True):
+        paired["p_holm"] = adjusted  # duplicates share the dicts, so they show the same adjusted p
     return entries
 
 

@@ -59,6 +59,7 @@ from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, content_digest, load_splits
 
 RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "svdicl-eval/1"
 SAMPLES_FILE = "samples.jsonl"
 PROGRESS_FILE = "progress.json"  # present only while a run is unfinished; holds its config
 LIMIT_RULE = "the first N examples of the split after a shuffle fixed by the task's split_seed (same for every seed and edit)"
@@ -621,7 +622,7 @@ def evaluate(
                 )
         runs += [runs[0].reused_for(seed) for seed in seeds[len(runs) :]]  # zero-shot: the other seeds' prompts are the same
     results = {
-        "format": "svdicl-eval/1",
+        "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "versions": versions(),
@@ -669,7 +670,12 @@ def _open_output(output: str | Path, config: dict, overwrite: bool) -> tuple[Pat
         raise SvdiclError(f"output {folder} is a file; choose a folder path")
     folder.mkdir(parents=True, exist_ok=True)
     results, progress, samples = folder / RESULTS_FILE, folder / PROGRESS_FILE, folder / SAMPLES_FILE
-    previous = _read_json(results).get("config") if results.is_file() else _read_json(progress) if progress.is_file() else None
+    written = _read_json(results) if results.is_file() else None
+    if written is not None and (not isinstance(written, dict) or written.get("format") != RESULTS_FORMAT):
+        raise SvdiclError(f"{results} was not written by svdicl eval, so svdicl will not replace it; choose another --output")
+    previous = written.get("config") if written is not None else _read_json(progress) if progress.is_file() else None
+    if previous is None and samples.is_file():  # ours always has results.json or progress.json beside it
+        raise SvdiclError(f"{samples} was not written by svdicl eval, so svdicl will not replace it; choose another --output")
     if previous is not None and previous != config and not overwrite:
         raise SvdiclError(f"output folder {folder} holds a different evaluation; choose a new --output or pass --overwrite")
     if previous != config or overwrite:

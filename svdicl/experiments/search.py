@@ -37,15 +37,13 @@ from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
-    JSON_FILE,
     MatrixCondition,
     condition_numbers,
     layer_conditions,
-    read_conditions,
+    stored_conditions,
     top_layers,
     write_conditions,
 )
-from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.sweep import (
     PAPER_RATES,
@@ -132,7 +130,7 @@ def conditions_for(
     if family_of(loaded.model) is None:
         raise SvdiclError(f"search needs a model family svdicl knows (got {loaded.model_type!r}); fix the layer with --layer")
     folder = Path(directory) if directory is not None else None
-    found = _stored_conditions(loaded, folder) if folder is not None else []
+    found = stored_conditions(folder, loaded.fingerprint) if folder is not None else []
     layers = set(range(len(layer_stack(loaded.model)[1])))
     missing = [m for m in dict.fromkeys(modules) if not _covers(found, m, layers)]
     for module in missing:
@@ -143,17 +141,6 @@ def conditions_for(
     if missing and folder is not None:
         write_conditions(found, folder, model_name=loaded.source, fingerprint=loaded.fingerprint)
     return found
-
-
-def _stored_conditions(loaded: LoadedModel, folder: Path) -> list[MatrixCondition]:
-    """The rows of DIR/conditions.csv if conditions.json says they are of these weights, else none."""
-    if not (folder / JSON_FILE).is_file() or not (folder / CONDITIONS_CSV).is_file():
-        return []
-    try:
-        same = json.loads((folder / JSON_FILE).read_text())["model"]["fingerprint"] == loaded.fingerprint
-    except (ValueError, KeyError, TypeError):
-        return []
-    return read_conditions(folder / CONDITIONS_CSV) if same else []
 
 
 def _covers(conditions: Sequence[MatrixCondition], module: str, layers: set[int]) -> bool:
@@ -244,7 +231,7 @@ def search(
     sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
-    before = len(store)
+    scored = 0  # cells scored by this search (not those read back, nor those another process stored)
     bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
 
     def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
@@ -264,11 +251,14 @@ def search(
             calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
         note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
         # 0 shots: the first seed stands for all, unless a null control (seeded per seed) is evaluated
-        scored = scored_seeds(shots, config.seeds, scoring.calibration) if control is None else tuple(config.seeds)
-        todo = [calls[seed] for seed in scored]
-        evaluate_lines(loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor)
-        for seed in config.seeds[len(scored) :]:
-            reuse_cells(store, [key for key, _ in calls[seed][1]], scored[0])
+        nonlocal scored
+        seeds = scored_seeds(shots, config.seeds, scoring.calibration) if control is None else tuple(config.seeds)
+        todo = [calls[seed] for seed in seeds]
+        scored += evaluate_lines(
+            loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )
+        for seed in config.seeds[len(seeds) :]:
+            reuse_cells(store, [key for key, _ in calls[seed][1]], seeds[0])
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
     validation = evaluate("validation", config.rates)
@@ -278,8 +268,8 @@ def search(
     calibrated = {m: _seed_means(validation, metric_key(m, metric)) for m in scoring.calibration}
     stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
     if rate_star == 0 and progress is not None:
-        scored = scored_seeds(shots, config.seeds, scoring.calibration)
-        progress.add(len(scored) * sizes["test"])  # the pruned test cell is the unpruned one
+        once = scored_seeds(shots, config.seeds, scoring.calibration)
+        progress.add(len(once) * sizes["test"])  # the pruned test cell is the unpruned one
     test_rates = sorted({0.0, rate_star, *stars.values()})
     test = evaluate("test", test_rates)
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
@@ -334,7 +324,7 @@ def search(
             "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
             "fallbacks": sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")}),
         },
-        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
+        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": scored},
     }
 
 

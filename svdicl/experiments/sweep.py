@@ -223,9 +223,14 @@ def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
     others = store.other_data(keys)
     if others:
         tasks = ", ".join(sorted({c.key.task for c in others}))
+        why = (
+            "written before svdicl keyed cells on their data"
+            if all(not c.key.data for c in others)
+            else "scored on other data or under another definition of the task (another data digest)"
+        )
         warnings.warn(
-            f"{store.root} holds {len(others)} cell(s) of task {tasks} scored on other data or under another definition of "
-            "the task (another data digest); they are kept apart and not reused, so these cells are scored anew",
+            f"{store.root} holds {len(others)} cell(s) of task {tasks} {why}; they are kept apart and not reused, "
+            "so these cells are scored anew",
             stacklevel=2,
         )
     return len(others)
@@ -377,29 +382,56 @@ def evaluate_lines(
     model_name: str = "",
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> None:
+) -> int:
     """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line."""
+    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
+    waited for after the rest, and scored here only if that process died before storing it.
+    Returns the number of cells scored here."""
     scoring = scoring or Scoring()
+    deferred: list[Call] = []
+    scored = 0
 
     def lines() -> Iterator[Line]:
         for prepare, cells in calls:
-            todo = tuple((key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key))
+            cells = dict(cells)
+            todo, waiting = [], []
+            for key, specs in cells.items():
+                if store.has(key):
+                    continue
+                if store.claim(key):
+                    todo.append((key, tuple(specs)))
+                elif not store.has(key):
+                    waiting.append((key, specs))
+            if waiting:
+                deferred.append((prepare, waiting))
             if progress is not None:
-                progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+                progress.add(sum(store.get(key).n for key in cells if store.has(key)))
             if todo:
                 run = prepare()
                 if progress is not None:
                     progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, todo)
+                yield Line(run, tuple(todo))
 
     work = functools.partial(score_line, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
-    for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
-        store.put(key, result, seconds=seconds)
-        if progress is not None:
-            progress.add(result.n)
+    try:
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+            store.put(key, result, seconds=seconds)
+            scored += 1
+            if progress is not None:
+                progress.add(result.n)
+    finally:
+        store.release()  # claims of cells not stored (an error, an interrupt): free for the next run at once
+    for _, cells in deferred:
+        for key, _ in cells:
+            store.wait(key)
+    if deferred:
+        scored += evaluate_lines(
+            loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )  # fmt: skip
+    return scored
 
 
 def reuse_cells(store: Store, keys: Iterable[CellKey], seed: int) -> None:
@@ -448,7 +480,6 @@ def sweep(
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
-    before = len(store)
     scored = [group for group in plan if group.reuse_from is None]
     bar = Progress(sum(group.examples * len(group.cells) for group in scored), "sweep", enabled=progress)
 
@@ -464,14 +495,14 @@ def sweep(
                 yield prepare, call
 
     try:
-        evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     for group in plan:
         if group.reuse_from is not None:
             reuse_cells(store, [key for key, _ in group.cells], group.reuse_from)
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
-    return SweepResult(cells=cells, computed=len(store) - before, wall_s=time.perf_counter() - started)
+    return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
 
 def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
