@@ -56,6 +56,11 @@ def add(sub) -> None:
     out = p.add_argument_group("output")
     add_output_arg(out, help="folder for results.json and samples.jsonl (required)")
     out.add_argument("--overwrite", action="store_true", help="discard results of a different evaluation in --output")
+    out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
     p.set_defaults(handler=run)
 
 
@@ -76,6 +81,19 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(seeds_from(args))
     root = output_folder(args.output)
     loaded = load(args)
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_eval
+
+        edit = ";".join(str(spec) for spec in specs if spec.rate > 0) or "unpruned"
+        outputs = [root if len(tasks) == 1 else root / task.name for task in tasks]
+        print(
+            dry_run_eval(
+                loaded, tasks, split=args.split, shots=shots, seeds=seeds, limit=args.limit, edit=edit,
+                data_dir=args.data_dir, outputs=outputs, batch_size=args.batch_size, path=args.path, cache_memory=cache_memory,
+                calibration=args.calibration,
+            ).text()
+        )  # fmt: skip
+        return 0
     for task in tasks:
         folder = root if len(tasks) == 1 else root / task.name
         if (folder / RESULTS_FILE).is_file() and not args.overwrite:

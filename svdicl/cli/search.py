@@ -75,6 +75,11 @@ def add(sub) -> None:
     )
     out.add_argument("--no-report", action="store_true", help="skip drawing the report (svdicl report DIR draws it later)")
     out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
+    out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )
     p.set_defaults(handler=run)
@@ -83,7 +88,7 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, conditions_for, search, write_search
+    from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
     from svdicl.export import save_pruned
     from svdicl.outputs import check_output as check_export
@@ -119,6 +124,13 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     scoring = scoring_from(args)
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_search
+
+        loaded = load(args, on_cpu=args.executor != "local")
+        splits = load_task_splits([c.task for c in configs], args.data_dir)
+        print(dry_run_search(loaded, configs, scoring, splits, output=folder).text())
+        return 0
     exports = {}
     if args.export:
         for config in configs:
@@ -157,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         if config in exports:
             spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
             save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
-                        allow_tied=args.allow_tied, overwrite=args.overwrite)  # fmt: skip
+                        allow_tied=args.allow_tied, overwrite=args.overwrite,
+                        notes=card_notes(result))  # fmt: skip
             print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
     if not args.no_report:
         from svdicl.report import build_report

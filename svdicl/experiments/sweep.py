@@ -28,7 +28,7 @@ from pathlib import Path
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
-from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
+from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations, shots_per_class
 from svdicl.prune import EditRecord, PruneSpec
@@ -179,6 +179,7 @@ class RunCells:
     seed: int
     examples: int  # examples per cell
     calls: tuple[tuple[tuple[CellKey, tuple[PruneSpec, ...]], ...], ...]
+    reuse_from: int | None = None  # 0 shots: the seed whose cells these copy (same prompts), else None
 
     @property
     def cells(self) -> list[tuple[CellKey, tuple[PruneSpec, ...]]]:
@@ -265,6 +266,7 @@ def plan_sweep(
         data = data_digest(task_splits, grid.split, grid.limit)
         for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
             sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
+            scored = scored_seeds(shots, grid.seeds, scoring.calibration)
             for seed in grid.seeds:
                 base = run_key(loaded, task_splits, grid.split, shots, seed, grid.limit, scoring, data)
                 calls = []
@@ -273,7 +275,8 @@ def plan_sweep(
                     if index == 0:
                         rates.insert(0, 0.0)  # the unpruned cell rides along with the first line's call
                     calls.append(tuple(edit_cell(base, layers, modules, rate) for rate in rates))
-                plan.append(RunCells(task, shots, seed, examples, tuple(calls)))
+                reuse = None if seed in scored else scored[0]
+                plan.append(RunCells(task, shots, seed, examples, tuple(calls), reuse))
     return plan
 
 
@@ -431,6 +434,25 @@ def evaluate_lines(
     return scored
 
 
+def reuse_cells(store: Store, keys: Iterable[CellKey], seed: int) -> None:
+    """Store each missing zero-shot cell of `keys` as a copy of the same cell of `seed`: with no demonstrations
+    the seed changes no prompt, so the scores are the same.  The copy records `reused_from` (that cell's id)."""
+    for key in keys:
+        source = store.get(replace(key, seed=seed))
+        if store.has(key) or source is None:
+            continue
+        samples = [{**sample, "seed": key.seed} for sample in store.samples(source)]
+        copy = Result(
+            metrics=source.metrics,
+            n=source.n,
+            samples=samples,
+            ties=source.ties,
+            model_name=source.model_name,
+            info={**source.info, "reused_from": source.id},
+        )
+        store.put(key, copy, seconds=0.0)
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """What `sweep` returns: the grid's cells in plan order and how many this call scored."""
@@ -458,14 +480,15 @@ def sweep(
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
-    bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
+    scored = [group for group in plan if group.reuse_from is None]
+    bar = Progress(sum(group.examples * len(group.cells) for group in scored), "sweep", enabled=progress)
 
     def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
-        for group in plan:
+        for group in scored:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
-                    splits=splits[group.task.name], calibration=scoring.calibration,
+                    splits=splits[group.task.name], calibration=scoring.calibration, progress=progress,
                 )
             )  # fmt: skip
             for call in group.calls:
@@ -475,6 +498,9 @@ def sweep(
         computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
+    for group in plan:
+        if group.reuse_from is not None:
+            reuse_cells(store, [key for key, _ in group.cells], group.reuse_from)
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
     return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
