@@ -2,8 +2,9 @@
 
 Singular values come from torch.linalg.svdvals in float64 on the logical (out, in) matrix
 (the same rows of a fused weight that pruning would truncate), taken on its tall orientation:
-a matrix and its transpose have the same singular values, and LAPACK is ~2.7x faster on the
-one with fewer columns (SmolLM2's 576 x 1536 down projection: 2.78 s wide, 1.02 s tall).
+a matrix and its transpose have the same singular values, and LAPACK is ~3x faster on the
+one with fewer columns (a 576 x 1536 float64 matrix, one thread: 0.18 CPU-s wide, 0.06 tall,
+benchmarks/threads_under_load.py; issue 18 measured 2.78 s vs 1.02 s on a loaded machine).
 Given the model's fingerprint and a cache folder, each matrix's pair (sigma_max, sigma_min) is
 kept in `<cache>/conditions/<fingerprint>.json` (keyed by matrix and SVD dtype, written
 atomically), so a second output folder, search or `svdicl condition` run on the same weights
