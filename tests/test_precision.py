@@ -126,3 +126,20 @@ def test_mixed_predictions_equal_float32_under_every_edit(toy, path):
             assert close or (px.margins(np.array([y.logprobs]))[0] > b.timing["precision_bound"])
             change = np.subtract(x.logprobs, y.logprobs)
             assert change.max() - change.min() <= b.timing["precision_bound"]
+
+
+TASKS = ("sst2", "agnews", "emoc", "mrpc", "rte", "cb", "copa")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_mixed_predictions_equal_float32_on_real_smollm2(real_model, data_dir, task, one_thread):
+    run = prepare_run(real_model, task, split="test", limit=10, data_dir=data_dir)
+    edits = [(), (PruneSpec.parse("-1:mlp:0.9"),)]
+    normalize = task == "copa"  # multi-token choices: ranked per token, as the study ranks them
+    exact = [r for _, r in evaluate_edits(real_model, run, edits, length_normalize=normalize)]
+    mixed = [r for _, r in evaluate_edits(real_model, run, edits, length_normalize=normalize, precision="mixed")]
+    for a, b in zip(exact, mixed, strict=True):
+        assert b.timing["precision"] == "mixed"
+        assert a.predictions == b.predictions and a.ties == b.ties
+        assert b.timing["precision_observed"] > 0  # the bfloat16 copy really ran: its scores differ

@@ -68,8 +68,16 @@ def add(sub) -> None:
 
 
 def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
-    """Scoring flags shared by sweep and search: every path, and the SVD's."""
-    add_svd_args(add_scoring_args(p, paths=("layer", "prefix", "plain")))
+    """Scoring flags shared by sweep and search: every path, the precision, and the SVD's."""
+    group = add_scoring_args(p, paths=("layer", "prefix", "plain"))
+    group.add_argument(
+        "--precision",
+        default="mixed",
+        choices=["mixed", "float32"],
+        help="mixed = score in bfloat16, re-score in float32 every example whose decision could differ (same predictions, "
+        "~2-3x less CPU); float32 = float32 only (default: mixed)",
+    )
+    add_svd_args(group)
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -124,6 +132,7 @@ def scoring_from(args: argparse.Namespace):
         allow_tied=args.allow_tied,
         path=args.path,
         cache_memory=parse_memory(args.cache_memory),
+        precision=args.precision,
     )
 
 
