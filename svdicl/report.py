@@ -47,6 +47,7 @@ from typing import Any
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from svdicl import stats
 from svdicl.errors import SvdiclError
@@ -164,9 +165,10 @@ def sweep_points(
         if cell.metrics.get(name, {}).get("value") is None:
             continue
         key = cell.key
-        groups.setdefault((key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name), []).append(cell)
+        group = (key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name, key.data)  # never mix data
+        groups.setdefault(group, []).append(cell)
     points = []
-    for (model, task, split, shots, limit, options, _, name), group in groups.items():
+    for (model, task, split, shots, limit, options, _, name, _), group in groups.items():
         values = [c.metrics[name]["value"] for c in group]
         mean = statistics.fmean(values)
         if len(values) > 1:
@@ -710,7 +712,7 @@ def algorithm1_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
             " ".join(map(str, r.get("top_layers", []))), r.get("metric", ""), r.get("shots"), r["rate_star"],
             base["value"], base.get("ci_low"), base.get("ci_high"), base.get("std"),
             pruned["value"], pruned.get("ci_low"), pruned.get("ci_high"), pruned.get("std"),
-            test.get("mcnemar_p"), " ".join(map(str, seeds)), test.get("n"),
+            test.get("p_value", test.get("mcnemar_p")), " ".join(map(str, seeds)), test.get("n"),
         ])  # fmt: skip
     return rows
 
@@ -740,13 +742,14 @@ def algorithm1_markdown(results: Sequence[Mapping[str, Any]]) -> str:
             layers = {x["layer"] for x, c in zip(results, of, strict=True) if c == column}
             where = f"L{r['layer']}: " if len(layers) > 1 else ""
             text = f"{where}{_estimate(r['test']['baseline'], seeds)} → {_estimate(r['test']['pruned'], seeds)}"
-            text += f" (ξ*={r['rate_star']:g}, p={_fmt_p(r['test'].get('mcnemar_p'))}"
+            text += f" (ξ*={r['rate_star']:g}, p={_fmt_p(r['test'].get('p_value', r['test'].get('mcnemar_p')))}"
             text += f", {seeds} seeds)" if seeds > 1 else ")"
             row.append(text)
         rows.append(row)
     note = (
         "\nCells: test metric of the unpruned → the ξ*-pruned model, [95% CI]; ξ* is the validation argmax "
-        "(ties to the smaller rate, ξ=0 included); p: exact McNemar test, unpruned vs pruned on the same test examples."
+        "(ties to the smaller rate, ξ=0 included); p: example-level paired sign-flip test (each example's correctness "
+        "averaged over seeds; exact McNemar for one seed), unpruned vs pruned on the same test examples."
     )
     return markdown_table(headers, rows) + note + "\n"
 
@@ -829,6 +832,127 @@ def plot_search(results: Sequence[Mapping[str, Any]]) -> Figure:
             ax.set_ylabel(f"validation {_metric_label(r.get('metric', ''))}" if j == 0 else "")
     _legend(fig, axes, ["validation", "ξ=0", "ξ*"])
     return fig
+
+
+# ----- Algorithm 1 side by side (experiments/arms.py) -----
+
+ARMS_COLUMNS = (
+    "model_name", "task", "module", "layer", "arm", "rate", "calibration", "control", "metric", "n", "seeds", "value",
+    "std_over_seeds", "ci_low", "ci_high", "ci_method", "difference", "difference_ci_low", "difference_ci_high", "p",
+    "p_holm", "mde", "top_answer_share", "balanced_accuracy", "auc", "difference_vs_calibrated",
+    "difference_vs_calibrated_ci_low", "difference_vs_calibrated_ci_high", "p_vs_calibrated", "p_holm_vs_calibrated",
+)  # fmt: skip
+
+
+def arms_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
+    """Long-form rows of every search's arms (tables/arms.csv)."""
+    rows = []
+    for r in results:
+        for arm in r.get("arms", []):
+            paired = arm.get("paired") or {}
+            versus = arm.get("paired_calibrated") or {}
+            rows.append([
+                _search_column(r)[0], r["task"], r["module"], r["layer"], arm["name"], arm["rate"], arm.get("calibration"),
+                arm.get("control"), r.get("metric"), arm["n"], arm["seeds"], arm["value"], arm.get("std"), arm.get("ci_low"),
+                arm.get("ci_high"), arm.get("ci_method"), paired.get("difference"), paired.get("ci_low"),
+                paired.get("ci_high"), paired.get("p_value"), paired.get("p_holm"), paired.get("mde"),
+                arm.get("top_answer_share"), arm.get("balanced_accuracy"), arm.get("auc"), versus.get("difference"),
+                versus.get("ci_low"), versus.get("ci_high"), versus.get("p_value"), versus.get("p_holm"),
+            ])  # fmt: skip
+    return rows
+
+
+def arms_markdown(result: Mapping[str, Any]) -> str:
+    """One search's arms on the same test examples: metric, paired difference against the unpruned model, p, bias."""
+    arms = result.get("arms", [])
+    seeds = arms[0]["seeds"] if arms else 1
+    metric = _metric_label(result.get("metric", ""))
+    rows = []
+    for arm in arms:
+        value = _fmt(arm["value"], 3) + (f" ± {_fmt(arm['std'], 3)}" if arm.get("std") is not None else "")
+        value += f" [{_fmt(arm.get('ci_low'), 3)}, {_fmt(arm.get('ci_high'), 3)}]"
+        paired = arm.get("paired")
+        if arm.get("same_as"):
+            delta, p, p_holm = f"= {arm['same_as']}", "", ""
+        elif paired is None:
+            delta, p, p_holm = "reference", "", ""
+        else:
+            delta = f"{paired['difference']:+.3f} [{paired['ci_low']:+.3f}, {paired['ci_high']:+.3f}]"
+            p, p_holm = _fmt_p(paired["p_value"]), _fmt_p(paired.get("p_holm"))
+        versus = arm.get("paired_calibrated")
+        against_calibrated = "" if arm.get("same_as") or not versus else (
+            f"{versus['difference']:+.3f} [{versus['ci_low']:+.3f}, {versus['ci_high']:+.3f}], p {_fmt_p(versus['p_value'])} "
+            f"(Holm {_fmt_p(versus.get('p_holm'))})"
+        )  # fmt: skip
+        rows.append([arm["name"], f"{arm['rate']:g}", value, delta, p, p_holm, against_calibrated,
+                     _fmt(arm.get("top_answer_share"), 2), _fmt(arm.get("balanced_accuracy"), 3),
+                     _fmt(arm.get("auc"), 3)])  # fmt: skip
+    headers = ["arm", "ξ", f"test {metric}", "Δ correct vs unpruned", "p", "p (Holm)", "Δ vs unpruned + same calibration",
+               "top answer", "balanced acc.", "AUC"]  # fmt: skip
+    methods = sorted({a.get("ci_method") for a in arms if a.get("ci_method")})
+    spread = f"± SD over the {seeds} demonstration seeds; " if seeds > 1 else ""
+    note = (
+        f"\n{_task_label(result['task'])}, {_module_label(result['module'])} of layer {result['layer']}, n = "
+        f"{arms[0]['n'] if arms else '–'} test examples, {seeds} seed(s). {spread}[ ] 95% CI over test examples "
+        f"({', '.join(methods)}). Δ: paired difference in per-example correctness against the unpruned model (each "
+        "example's correctness averaged over seeds) with its 95% CI over examples; p: sign-flip permutation test on those "
+        "differences, raw and Holm-adjusted across all comparisons of this table. Δ vs unpruned + same calibration: a "
+        "calibrated pruned or control arm against the unpruned model under the same calibration (does pruning add to "
+        "the calibration?). ξ of a calibrated pruned arm: the rate chosen "
+        "on validation under that calibration; null controls at the rate of the pruned arm they mirror. top answer: share "
+        "of examples given the most common answer; AUC: ranking AUC of the label margin (binary tasks); '= arm': the same "
+        "predictions as that arm, left out of "
+        "the Holm family.\n"
+    )
+    return markdown_table(headers, rows) + note
+
+
+@_styled
+def plot_arms(result: Mapping[str, Any]) -> Figure:
+    """Two panels per search: each arm's test metric with its CI, and its paired difference against the unpruned model."""
+    arms = result.get("arms", [])
+    fig, axes = _figure(1, 2, width=3.6, height=0.35 * len(arms) + 1.2)
+    left, right = axes[0]
+    y = list(range(len(arms)))[::-1]
+    for row, arm in zip(y, arms, strict=True):
+        color = COLORS[1] if arm.get("control") else COLORS[2] if arm.get("calibration") else COLORS[0]
+        low, high = arm.get("ci_low"), arm.get("ci_high")
+        if low is not None and high is not None:
+            left.plot([low, high], [row, row], color=color, lw=1.5)
+        left.plot([arm["value"]], [row], marker="o", color=color)
+        paired = arm.get("paired")
+        if paired is not None:
+            right.plot([paired["ci_low"], paired["ci_high"]], [row, row], color=color, lw=1.5)
+            right.plot([paired["difference"]], [row], marker="o", color=color)
+            if paired.get("p_holm") is not None and paired["p_holm"] < 0.05:
+                right.annotate("*", (paired["difference"], row + 0.15), ha="center", fontsize=9)
+    right.axvline(0, color=BASELINE_COLOR, ls="--", lw=1.0)
+    if arms:
+        left.axvline(arms[0]["value"], color=BASELINE_COLOR, ls="--", lw=1.0)
+    left.set_yticks(y, [f"{a['name']} (ξ={a['rate']:g}, top answer {_fmt(a.get('top_answer_share'), 2)})" for a in arms])
+    right.set_yticks(y, [""] * len(arms))
+    left.set_xlabel(f"test {_metric_label(result.get('metric', ''))} [95% CI]")
+    right.set_xlabel("Δ correct vs unpruned [95% CI]")
+    right.set_title("* Holm-adjusted p < 0.05", fontsize=8)
+    right.xaxis.set_major_locator(MaxNLocator(4))
+    left.set_title(f"{_task_label(result['task'])} · L{result['layer']} {_module_label(result['module'])}")
+    return fig
+
+
+def _arms_section(results, figures: Path, tables: Path, formats, written: list[Path]) -> list[str]:
+    """The arms of every search that has them: tables/arms.csv, a table and a figure per search."""
+    with_arms = [r for r in results if r.get("arms")]
+    if not with_arms:
+        return []
+    written.append(write_csv(tables / "arms.csv", ARMS_COLUMNS, arms_rows(with_arms)))
+    page = ["## Algorithm 1 side by side: calibration and null controls on the same test examples", ""]
+    for r in with_arms:
+        stem = f"arms-{_slug(_search_column(r)[0])}-{_slug(r['task'])}-{_slug(r['module'])}"
+        text = arms_markdown(r)
+        written.append(_write_text(tables / f"{stem}.md", text))
+        written.extend(save_figure(plot_arms(r), figures / stem, formats))
+        page += [text, f"![arms](figures/{stem}.png)", ""]
+    return page
 
 
 # ----- eval folders (`svdicl eval --output`) -----
@@ -1113,6 +1237,7 @@ def build_report(
             "",
             per_seed,
         ]
+        page += _arms_section(results, figures, tables, formats, written)
 
     evals = [found for folder in folders for found in find_evals(folder)]
     if evals:

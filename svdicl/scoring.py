@@ -92,7 +92,7 @@ def build_requests(
             if len(pending[index]) == len(candidates[index]):
                 requests.append(_request(prefix, pending.pop(index), names[index]))
     if max_length is not None:
-        _check_length(requests, max_length, names)
+        _check_length(requests, max_length, names, len(prefix) - len(plain))
     return requests
 
 
@@ -139,9 +139,16 @@ def _request(prefix: tuple[int, ...], pieces: list[tuple[tuple[int, ...], tuple[
     return Request(prefix=prefix, context=context, continuations=continuations)
 
 
-def _check_length(requests: Sequence[Request], max_length: int, names: Sequence[str]) -> None:
+def _check_length(requests: Sequence[Request], max_length: int, names: Sequence[str], specials: int) -> None:
+    """Every prompt fits the model; the fix named depends on whether the example alone (with `specials`) fits."""
     for request, name in zip(requests, names, strict=True):
-        length = len(request.prefix) + len(request.context) + max(len(c) for c in request.continuations) - 1
+        own = specials + len(request.context) + max(len(c) for c in request.continuations) - 1
+        length = own + len(request.prefix) - specials
+        if own > max_length:
+            raise SvdiclError(
+                f"example {name}: the example alone has {own} tokens but the model reads at most {max_length}, even "
+                "without demonstrations; shorten or remove it in the data, or use a model with a longer context"
+            )
         if length > max_length:
             raise SvdiclError(
                 f"example {name}: the prompt has {length} tokens but the model reads at most {max_length}; use fewer --shots"
@@ -441,6 +448,8 @@ def choose_path(
     is said in `fallback`; nothing ever raises for lack of memory.
     """
     check_path(requested)
+    if batch_size < 1:
+        raise SvdiclError(f"--batch-size must be at least 1, got {batch_size}")
     if requested == "plain":
         return ExecutionPath("plain")
     reason = fw.unsupported_reason(model)

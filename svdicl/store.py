@@ -6,12 +6,14 @@ One store per output folder:
     DIR/samples/<task>/<split>-...-<id>.jsonl  that cell's per-example predictions
 
 A cell is one evaluation: (model fingerprint, task, split, shots, seed, edit, limit, scoring
-options).  Writing a cell first puts its samples file in place (temp name, fsync, atomic
+options, data digest).  Writing a cell first puts its samples file in place (temp name, fsync, atomic
 rename), then appends its line with a single write and fsyncs it, all under an exclusive lock
 on cells.jsonl.  So a kill -9 at any moment loses at most the cell in flight: a torn last line
 is cut off (with a warning) the next time the store is opened, and a line never points at a
 samples file that is not there.  A bad line anywhere else is refused, never silently dropped.
-The edit is part of the key, so a pruned model never reads the unpruned model's answers.
+The edit is part of the key, so a pruned model never reads the unpruned model's answers; the
+data digest is, so a cell scored on other rows or under another task definition (same task
+name) is never reused: such cells stay in the store, apart (`Store.other_data`).
 """
 
 from __future__ import annotations
@@ -25,12 +27,12 @@ import re
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 from svdicl.prune import PruneSpec
 
 try:
@@ -54,7 +56,8 @@ class CellKey:
     string (`EditRecord.key`: `26:mlp:0.95`, `none` for the unpruned model; write layers as
     non-negative indices so equal edits get equal keys), `limit` the number of evaluated
     examples (None = the whole split), `options` the scoring options (e.g. length
-    normalisation) as a mapping of JSON scalars.
+    normalisation) as a mapping of JSON scalars, `data` the digest of the task definition and
+    the examples scored (`svdicl.tasks.data.content_digest`; empty in stores older than it).
     """
 
     model: str
@@ -65,6 +68,7 @@ class CellKey:
     edit: str = UNPRUNED
     limit: int | None = None
     options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    data: str = ""
 
     def __post_init__(self) -> None:
         options = dict(self.options)
@@ -79,12 +83,16 @@ class CellKey:
         for name in ("model", "task", "split", "edit"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise SvdiclError(f"cell key field {name!r} must be a non-empty string, got {getattr(self, name)!r}")
+        if not isinstance(self.data, str):
+            raise SvdiclError(f"cell key field 'data' must be a digest string, got {self.data!r}")
         object.__setattr__(self, "edit", canonical_edit(self.edit))
 
     @property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of the key."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """16 hex digits of SHA-256 over the canonical JSON of the key (an empty `data` left out, so cells
+        of stores older than the data digest keep their ids)."""
+        key = {name: value for name, value in self.to_dict().items() if name != "data" or value}
+        text = json.dumps(key, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
@@ -292,6 +300,12 @@ class Store:
         """The keys not finished yet, in order, without duplicates."""
         return [k for k in dict.fromkeys(keys) if k.id not in self._cells]
 
+    def other_data(self, keys: Iterable[CellKey]) -> list[Cell]:
+        """Stored cells equal to one of `keys` but for the data digest: scored on other rows or under another
+        definition of a task of the same name.  They are never returned for `keys`; this says they are there."""
+        wanted = {replace(key, data="").id: key.data for key in keys}
+        return [c for c in self._cells.values() if wanted.get(replace(c.key, data="").id, c.key.data) != c.key.data]
+
     def cells(self, **filters: Any) -> list[Cell]:
         """Cells in file order whose fields equal the filters (a list/tuple/set value means any of them).
 
@@ -358,8 +372,14 @@ class Store:
                 info=_plain(result.info),
             )
             line = (json.dumps(cell.to_record(), ensure_ascii=False, allow_nan=False) + "\n").encode()
-            _write_all(fd, line)
-            os.fsync(fd)
+            try:
+                _write_all(fd, line)
+                os.fsync(fd)
+            except OSError as exc:  # a full disk mid-line: cut what was written, drop the samples no line points at
+                os.ftruncate(fd, self._offset)
+                if relative is not None:
+                    (self.root / relative).unlink(missing_ok=True)
+                raise write_error(exc, self.file) or exc from None
             self._offset += len(line)
             self._line += 1
             self._cells[key.id] = cell
@@ -373,14 +393,21 @@ class Store:
 
     def _write_samples(self, key: CellKey, samples: Sequence[Mapping[str, Any]]) -> str:
         path = self.samples_path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(path.name + ".partial")
-        with open(partial, "w", encoding="utf-8") as handle:
-            for record in samples:
-                handle.write(json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(partial, "w", encoding="utf-8") as handle:
+                for record in samples:
+                    handle.write(json.dumps(_plain(record), ensure_ascii=False, allow_nan=False) + "\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+        except BaseException as exc:  # a full disk, a bad record, an interrupt: no half-written samples file is left
+            partial.unlink(missing_ok=True)
+            problem = write_error(exc, path) if isinstance(exc, OSError) else None
+            if problem is not None:
+                raise problem from None
+            raise
         _fsync_dir(path.parent)
         return path.relative_to(self.root).as_posix()
 

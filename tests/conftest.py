@@ -118,3 +118,51 @@ def data_dir() -> Path:
     if not (path / "sst2" / "train.jsonl").is_file():
         pytest.fail(f"task data not found at {path}; set SVDICL_DATA to the folder of <task>/<split>.jsonl files")
     return path
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, d: int = 32, ff: int = 48, heads: int = 4, kv: int = 2) -> Path:
+    """A 2-layer random Llama as a float32 GGUF file (~90 KB) with a byte-level BPE vocabulary of
+    printable ASCII, so GGUF loading and the model cache are tested without a real model."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    tokens = ["<s>", "</s>", "<unk>", "Ġ", "Ċ", "Ġt"] + [chr(i) for i in range(33, 127)]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(layers)
+    writer.add_context_length(256)
+    writer.add_embedding_length(d)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(d // heads)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+    writer.add_token_merges(["Ġ t"])
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    writer.add_unk_token_id(2)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        writer.add_tensor(name, (rng.standard_normal((rows, cols)) * 0.1).astype(np.float32))
+
+    head = d // heads
+    matrix("token_embd.weight", len(tokens), d)
+    matrix("output.weight", len(tokens), d)
+    writer.add_tensor("output_norm.weight", np.ones(d, np.float32))
+    for i in range(layers):
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", np.ones(d, np.float32))
+        for name, rows, cols in (("attn_q", d, d), ("attn_k", kv * head, d), ("attn_v", kv * head, d), ("attn_output", d, d),
+                                 ("ffn_gate", ff, d), ("ffn_up", ff, d), ("ffn_down", d, ff)):  # fmt: skip
+            matrix(f"blk.{i}.{name}.weight", rows, cols)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

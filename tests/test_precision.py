@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
+from svdicl import calibration as cal
 from svdicl import precision as px
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
@@ -20,7 +21,7 @@ def _argmax_all(values: np.ndarray, method: str | None, probes: dict) -> np.ndar
     if method is None:
         return values.argmax(axis=1)
     source = values if method == "batch" else probes[method]
-    return px.calibrated(values, source).argmax(axis=1)
+    return cal.calibrate(values, cal.prior(source)).argmax(axis=1)
 
 
 @pytest.mark.parametrize("method", [None, "contextual", "batch"])
@@ -46,14 +47,6 @@ def test_rows_left_alone_keep_their_decision_under_any_move_within_the_bound(met
     worst[rows, order[:, -1]] -= bound / 2
     worst[rows, order[:, -2]] += bound / 2
     assert (worst.argmax(axis=1)[keep] == values.argmax(axis=1)[keep]).all()
-
-
-def test_calibrated_is_calibrations_arithmetic():
-    rng = np.random.default_rng(1)
-    values, source = rng.normal(size=(5, 3)), rng.normal(size=(4, 3))
-    p = np.exp(source) / np.exp(source).sum(axis=1, keepdims=True)
-    q = np.exp(values) / np.exp(values).sum(axis=1, keepdims=True)
-    assert np.allclose(px.calibrated(values, source), np.log(q) - np.log(p.mean(axis=0)))
 
 
 def test_the_bound_grows_when_a_rescored_example_moved_more():

@@ -4,9 +4,11 @@ several seeds, replayable configs, export, and one-line errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -14,6 +16,7 @@ from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
 import svdicl.experiments.condition as condition
 import svdicl.experiments.sweep as sweeping
+from svdicl.calibration import METHODS
 from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import condition_numbers
@@ -29,9 +32,9 @@ from svdicl.experiments.search import (
     write_search,
 )
 from svdicl.prune import EditRecord, PruneSpec, pruned
-from svdicl.report import read_search
+from svdicl.report import build_report, read_search
 from svdicl.scoring import Scores
-from svdicl.stats import compare
+from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -109,10 +112,13 @@ def test_rate_star_is_chosen_on_the_seed_mean(toy, monkeypatch):
             accuracy = PLANTED[run.seed][rate] if run.split == "validation" else 0.5
             right = round(accuracy * len(run.examples))
             scores = [Scores((0.0, -1.0) if (i < right) == (g == 0) else (-1.0, 0.0), (1, 1)) for i, g in enumerate(run.gold)]
+            scores += [Scores((0.0, 0.0), (1, 1))] * len(run.probe_requests)
             yield EditRecord(tuple(specs), ()), finish_run(run, scores, False, {"path": "planted", "fallback": None})
 
     monkeypatch.setattr(sweeping, "evaluate_edits", planted)
-    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20)
+    config = SearchConfig(
+        str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20, arms="none"
+    )
     result = search(toy_loaded(), config, Store(toy.parent / "out"), data_dir=toy.parent / "data")
     assert result["rates"] == [0, 0.5, 0.9, 0.99]
     assert [s["validation"] for s in result["seeds"]] == [pytest.approx(list(PLANTED[s].values())) for s in (0, 1)]
@@ -132,7 +138,7 @@ def test_search_end_to_end_equals_a_direct_evaluation(toy, monkeypatch):
     assert stored["condition"]["per_layer"]["1"] == pytest.approx(1e4, rel=0.02)
     assert (stored["limit"], stored["validation"]["n"], stored["test"]["n"]) == ({"validation": 20, "test": 24}, 20, 24)
     assert stored["rate_star"] == choose_rate(stored["rates"], stored["validation"]["values"])
-    assert stored["rate_star"] > 0 and stored["test"]["discordant"]["only_baseline_correct"] > 0  # the pruned model differs
+    assert stored["rate_star"] > 0 and stored["seeds"][0]["discordant"]["only_baseline_correct"] > 0  # the pruned model differs
 
     runs = {
         split: prepare_run(loaded, str(toy), split=split, limit=n, data_dir=data)
@@ -151,7 +157,7 @@ def test_search_end_to_end_equals_a_direct_evaluation(toy, monkeypatch):
         assert (entry["value"], entry["ci_low"], entry["ci_high"]) == (run.accuracy.value, run.accuracy.low, run.accuracy.high)
     ids = [e.id for e in runs["test"].examples]
     paired = compare(list(zip(ids, baseline_test.correct, strict=True)), list(zip(ids, pruned_test.correct, strict=True)))
-    assert stored["test"]["mcnemar_p"] == paired.p_value
+    assert stored["test"]["p_value"] == pytest.approx(paired.p_value)  # one seed: the sign-flip test is exact McNemar
     assert stored["seeds"][0]["mcnemar_p"] == paired.p_value
 
     replay = yaml.safe_load((out / "search" / "toy-mlp.yaml").read_text())
@@ -165,7 +171,7 @@ def test_search_end_to_end_equals_a_direct_evaluation(toy, monkeypatch):
         assert again[key] == result[key]
 
 
-def test_several_seeds_give_mean_spread_and_pooled_mcnemar(toy):
+def test_several_seeds_give_mean_spread_and_an_example_level_paired_test(toy):
     loaded, out = planted_loaded(), toy.parent / "out"
     config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=-2, seeds=(0, 1, 2), limit_validation=20, limit_test=24)
     result = search(loaded, config, Store(out), data_dir=toy.parent / "data")
@@ -182,17 +188,18 @@ def test_several_seeds_give_mean_spread_and_pooled_mcnemar(toy):
         assert entry["std"] == pytest.approx(statistics.stdev(values)) and entry["std"] > 0
         assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
         one = cells[result["seeds"][0]["cells"][name]]  # one seed's interval is that cell's own bootstrap interval
-        for metric in ("accuracy", "macro_f1"):
+        for metric in ("macro_f1",):  # (a cell's accuracy interval is Wilson's, not a bootstrap)
             interval = seed_mean_ci([store.samples(one)], metric, 2)
             assert (interval.value, interval.low, interval.high) == tuple(
                 one.metrics[metric][k] for k in ("value", "ci_low", "ci_high")
             )
-    pairs = [[], []]
-    for seed in result["seeds"]:
-        for side, name in enumerate(("baseline", "pruned")):
-            pairs[side] += [(f"{seed['seed']}:{s['id']}", s["correct"]) for s in store.samples(cells[seed["cells"][name]])]
-    pooled = compare(*pairs)
-    assert result["test"]["mcnemar_p"] == pooled.p_value and pooled.only_a + pooled.only_b > 0
+    correct = {  # examples x seeds, per arm
+        name: np.array([[s["correct"] for s in store.samples(cells[seed["cells"][name]])] for seed in result["seeds"]]).T
+        for name in ("baseline", "pruned")
+    }
+    paired = paired_comparison(correct["baseline"], correct["pruned"])  # seeds averaged per example: n = 24, not 72
+    assert result["test"]["paired"]["n"] == 24 and result["test"]["p_value"] == paired.p_value
+    assert result["test"]["paired"]["difference"] == pytest.approx(np.mean(correct["pruned"]) - np.mean(correct["baseline"]))
 
 
 def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
@@ -203,7 +210,8 @@ def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
     argv += ["--format", "svg"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
-    assert "| toy |" in printed and "McNemar p" in printed and "top-3 by condition number" in printed
+    assert "| toy |" in printed and "paired Δ correct" in printed and "top-3 by condition number" in printed
+    assert "| unpruned + batch |" in printed and "p (Holm)" in printed
     for module in ("mlp", "attn"):
         result = json.loads((out / "search" / f"toy-{module}.json").read_text())
         edit = json.loads((export / f"toy-{module}" / "svdicl_edit.json").read_text())
@@ -242,3 +250,120 @@ def test_example_algorithm1_config_is_valid():
     assert len(tasks) == 7 and modules == ["mlp", "attn"] and args.output
     configs = [SearchConfig(t, m, rates=args.rates, top_k=args.top_k, limit_test=args.limit_test) for t in tasks for m in modules]
     assert configs[0].rates == (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
+
+
+def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
+    """Every arm's value, CI, paired difference and Holm p, recomputed from the stored samples; ξ* re-chosen per calibration."""
+    loaded, out = planted_loaded(), toy.parent / "out"
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
+    result = search(loaded, config, Store(out), data_dir=toy.parent / "data")
+    arms = {a["name"]: a for a in result["arms"]}
+    calibrated = [f"{base} + {m}" for base in ("unpruned", "pruned") for m in METHODS]
+    assert list(arms)[:5] == ["unpruned", *calibrated[:3], "pruned"] and set(calibrated) <= set(arms)
+    for method in METHODS:
+        values = result["validation"]["calibrated"][method]["values"]
+        assert arms[f"pruned + {method}"]["rate"] == choose_rate(result["rates"], values)
+    store = Store(out)
+    cells = {c.id: c for c in store.cells()}
+
+    def correct(arm):  # examples x seeds, this arm's per-example correctness read from the raw samples
+        runs = [store.samples(cells[i]) for i in arm["cells"]]
+        pick = (
+            (lambda s: s["correct"]) if arm["calibration"] is None else (lambda s: s["calibrated"][arm["calibration"]]["correct"])
+        )
+        return np.array([[pick(s) for s in run] for run in runs], dtype=float).T
+
+    reference = correct(arms["unpruned"])
+    raw, family = [], []
+    for arm in result["arms"]:
+        table = correct(arm)
+        per_seed = table.mean(axis=0)
+        assert arm["value"] == pytest.approx(per_seed.mean()) and arm["std"] == pytest.approx(np.std(per_seed, ddof=1))
+        assert (arm["ci_low"], arm["ci_high"]) == pytest.approx(wilson_interval(table.mean(axis=1).sum(), 24))  # n <= 100
+        assert arm["ci_method"] == "wilson"
+        if arm["paired"] is not None and arm["same_as"] is None:
+            direct = paired_comparison(reference, table)
+            assert (arm["paired"]["difference"], arm["paired"]["p_value"]) == pytest.approx((direct.difference, direct.p_value))
+            raw.append(arm["paired"]["p_value"])
+            family.append(arm["paired"]["p_holm"])
+        calibrated = arm["calibration"] is not None and not arm["name"].startswith("unpruned")
+        assert (arm["paired_calibrated"] is not None) == (calibrated and arm["same_as"] is None)
+        if arm["paired_calibrated"] is not None:  # against unpruned under the same calibration: does pruning add to it?
+            direct = paired_comparison(correct(arms[f"unpruned + {arm['calibration']}"]), table)
+            versus = arm["paired_calibrated"]
+            assert (versus["difference"], versus["p_value"]) == pytest.approx((direct.difference, direct.p_value))
+            raw.append(versus["p_value"])
+            family.append(versus["p_holm"])
+    assert family == pytest.approx(holm(raw)) and len(family) == len(raw) >= 5  # one Holm family: every comparison
+    for method in METHODS:  # rate*_method = 0: the same predictions as the unpruned model's, outside the Holm family
+        arm = arms[f"pruned + {method}"]
+        assert arm["same_as"] == (f"unpruned + {method}" if arm["rate"] == 0 else None)
+    assert arms["unpruned + batch"]["top_answer_share"] == pytest.approx(
+        statistics.fmean(max(np.bincount(correct_predictions, minlength=2)) / 24 for correct_predictions in [
+            [s["calibrated"]["batch"]["prediction"] for s in store.samples(cells[i])] for i in arms["unpruned + batch"]["cells"]
+        ])
+    )  # fmt: skip
+    write_search(result, out)
+    report = build_report(out, formats=["svg"])
+    with open(out / "tables" / "arms.csv", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["arm"] for r in rows] == [a["name"] for a in result["arms"]]
+    assert [float(r["value"]) for r in rows] == pytest.approx([a["value"] for a in result["arms"]])
+    assert [float(r["p_holm"]) for r in rows[1:]] == pytest.approx([a["paired"]["p_holm"] for a in result["arms"][1:]])
+    page = report.page.read_text()
+    assert "| unpruned + contextual |" in page and "Holm-adjusted" in page and "figures/arms-" in page
+    assert any(p.name.startswith("arms-") and p.suffix == ".svg" for p in report.files)
+
+
+def test_search_config_selects_calibrations_and_arms(toy, tmp_path, capsys):
+    model, out = save_model(planted_loaded(), tmp_path / "planted"), tmp_path / "out"
+    config = tmp_path / "search.yaml"
+    values = {"model": str(model), "tasks": str(toy), "modules": "mlp", "layer": "1", "rates": "0.9", "limit": 12,
+              "data_dir": str(toy.parent / "data"), "output": str(out), "calibration": ["batch"],
+              "arms": "calibration"}  # fmt: skip
+    config.write_text(yaml.safe_dump(values))
+    assert main(["-q", "search", "--config", str(config), "--no-report"]) == 0
+    result = json.loads((out / "search" / "toy-mlp.json").read_text())
+    assert [a["name"] for a in result["arms"]] == ["unpruned", "unpruned + batch", "pruned", "pruned + batch"]
+    assert result["scoring"]["options"]["calibration"] == "batch"
+    capsys.readouterr()
+    assert "unknown arm group 'noise'" in one_line_error(capsys, "search", "--config", str(config), "--arms", "noise")
+
+
+def test_calibrated_pruned_arms_are_also_paired_with_the_unpruned_model_under_the_same_calibration():
+    """Pruning + calibration against calibration alone (does pruning add to it?), in the same Holm family."""
+    from types import SimpleNamespace
+
+    from svdicl.experiments.arms import Arm, summarize
+
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 2, 40)
+    answers = {name: [np.where(rng.random(40) < q, gold, 1 - gold) for _ in range(2)]
+               for name, q in (("u", 0.6), ("u+batch", 0.7), ("p+batch", 0.85))}  # fmt: skip
+
+    def cell(name, seed):
+        predictions = answers[name][seed]
+        return SimpleNamespace(id=f"{name}/{seed}", metrics={}, value=lambda metric, p=predictions: float(np.mean(p == gold)))
+
+    store = SimpleNamespace(samples=lambda c: [
+        {"id": i, "gold": int(g), "prediction": int(p), "correct": bool(p == g),
+         "calibrated": {"batch": {"prediction": int(p), "correct": bool(p == g)}}}
+        for i, (g, p) in enumerate(zip(gold, answers[c.id.split("/")[0]][int(c.id.split("/")[1])], strict=True))
+    ])  # fmt: skip
+    arms = [
+        Arm("unpruned", 0.0, (cell("u", 0), cell("u", 1))),
+        Arm("unpruned + batch", 0.0, (cell("u+batch", 0), cell("u+batch", 1)), calibration="batch"),
+        Arm("pruned + batch", 0.9, (cell("p+batch", 0), cell("p+batch", 1)), calibration="batch"),
+    ]
+    entries = summarize(store, arms, "accuracy", 2)
+
+    def table(name):
+        return np.array([answers[name][seed] == gold for seed in range(2)], dtype=float).T
+
+    versus = entries[2]["paired_calibrated"]
+    direct = paired_comparison(table("u+batch"), table("p+batch"))
+    assert (versus["difference"], versus["p_value"]) == pytest.approx((direct.difference, direct.p_value))
+    assert entries[1]["paired_calibrated"] is None and entries[0]["paired"] is None
+    raw = [entries[1]["paired"]["p_value"], entries[2]["paired"]["p_value"], versus["p_value"]]
+    adjusted = [entries[1]["paired"]["p_holm"], entries[2]["paired"]["p_holm"], versus["p_holm"]]
+    assert adjusted == pytest.approx(holm(raw))

@@ -14,9 +14,10 @@ import logging
 import os
 import re
 import sys
+import warnings
 
 from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, write_error
 
 COMMANDS = ("inspect", "prune", "condition", "report", "eval", "compare", "sweep", "search", "theory")
 
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    warnings.showwarning = _warning_line
+    args = None
     try:
         args = parse_args(argv, parser)
         if args.quiet:
@@ -95,9 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     except SvdiclError as exc:
         print(f"svdicl: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
+        problem = write_error(exc, _output_folder(args), writing=False)
+        if problem is None:
+            raise
+        print(f"svdicl: error: {problem}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _output_folder(args: argparse.Namespace | None) -> str | None:
+    """The folder the command writes to, to name in an error that does not name its file."""
+    directories = getattr(args, "directories", None) or []
+    return getattr(args, "output", None) or (directories[0] if len(directories) == 1 else None)
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors (svdicl's are addressed to the user, not to a developer)."""
+    print(f"svdicl: warning: {str(message).splitlines()[0] if str(message) else category.__name__}", file=sys.stderr)
 
 
 def _quiet_libraries() -> None:

@@ -117,6 +117,13 @@ def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) ->
         help="rank candidates by mean log-probability per token instead of the sum (matters for COPA)",
     )
     group.add_argument(
+        "--calibration",
+        default="none",
+        metavar="METHODS",
+        help="also score every run calibrated: contextual, domain, batch (comma list), all or none; "
+        "multiple-choice tasks have none (docs/evaluation.md) (default: none)",
+    )
+    group.add_argument(
         "--path",
         default="auto",
         choices=["auto", *paths],

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, read_text
 
 SWITCH, LIST, VALUE = "switch", "list", "value"
 
@@ -120,13 +120,14 @@ def read_config(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise SvdiclError(f"config file {path} does not exist")
+    text = read_text(file)
     try:
         if file.suffix in (".yaml", ".yml"):
             import yaml
 
-            values = yaml.safe_load(file.read_text())
+            values = yaml.safe_load(text)
         else:
-            values = json.loads(file.read_text())
+            values = json.loads(text)
     except Exception as exc:  # any parse failure is a problem in the user's file
         raise SvdiclError(f"cannot parse config {path}: {str(exc).splitlines()[0]}") from None
     if not isinstance(values, dict):

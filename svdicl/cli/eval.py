@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
             quiet=args.quiet,
             path=args.path,
             cache_memory=cache_memory,
+            calibration=args.calibration,
         )
         _print(task.name, results, folder)
     return 0
@@ -117,12 +118,24 @@ def _print(name: str, results: dict, folder: Path) -> None:
             f"  seed {run['seed']:<4} n={run['n_examples']:<6} accuracy {_ci(acc)}  macro-F1 {_ci(f1)}"
             f"  ties {run['n_ties']}  {run['timing']['wall_s']:.1f} s"
         )
+        for method in [None, *run.get("calibration", {})]:
+            print(f"    {method or 'uncalibrated'}: {_bias(run['metrics'], f'{method}:' if method else '')}")
     if len(results["runs"]) > 1:
         acc, f1 = results["summary"]["accuracy"], results["summary"]["macro_f1"]
         print(
             f"  over {acc['n']} seeds: accuracy {acc['mean']:.4f} ± {acc['std']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
             f"  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}\n  [ ]: 95% CI over examples; ±: standard deviation over seeds"
         )
+
+
+def _bias(metrics: dict, prefix: str) -> str:
+    """Accuracy, balanced accuracy, top-answer share and (binary) AUC of one way of predicting."""
+    value = {name: metrics[prefix + name]["value"] for name in ("accuracy", "balanced_accuracy", "top_answer_share", "auc")}
+    auc = f"  AUC {value['auc']:.4f}" if value["auc"] is not None else ""
+    return (
+        f"accuracy {value['accuracy']:.4f}  balanced {value['balanced_accuracy']:.4f}"
+        f"  top-answer share {value['top_answer_share']:.3f}{auc}"
+    )
 
 
 def _ci(estimate: dict) -> str:

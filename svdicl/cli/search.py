@@ -52,6 +52,13 @@ def add(sub) -> None:
         "--limit-validation", type=positive_int, metavar="N", help="examples of the validation split (overrides --limit)"
     )
     what.add_argument("--limit-test", type=positive_int, metavar="N", help="examples of the test split (overrides --limit)")
+    what.add_argument(
+        "--arms",
+        default="all",
+        help="arms scored beside unpruned and pruned on the same test examples: calibration (each --calibration method, "
+        "default all, on the unpruned and the pruned model), controls (random-subspace and norm-matched-noise edits at "
+        "rate*), all or none (default: all)",
+    )
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)
     add_executor_args(p)
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
     from svdicl.export import prepare_output, save_pruned
     from svdicl.prune import PruneSpec
-    from svdicl.report import algorithm1_markdown
+    from svdicl.report import algorithm1_markdown, arms_markdown
     from svdicl.store import Store
     from svdicl.tasks import get_task
 
@@ -101,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
                 shots=shots_for(args, get_task(task)),
                 seeds=seeds,
                 metric=args.metric,
+                arms=args.arms,
                 **limits,
             )
             for task in parse_list(args.tasks)
@@ -136,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         executor.close()
     for result, _ in results:
         _print(result)
+        if result.get("arms"):
+            print()
+            print(arms_markdown(result))
     print()
     print(algorithm1_markdown([result for result, _ in results]))
     for config, (result, written) in zip(configs, results, strict=True):
@@ -185,18 +196,18 @@ def _print(result: dict) -> None:
     )
     print(f"  validation {result['metric']} (n={result['validation']['n']}, {len(result['seeds'])} seed(s)): {curve}")
     print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
-    discordant = test["discordant"]
+    paired = test["paired"]
     print(
         f"  test {result['metric']} (n={test['n']}): {_estimate(test['baseline'])} -> {_estimate(test['pruned'])}"
-        f"  McNemar p = {test['mcnemar_p']:.3g} ({discordant['only_baseline_correct']} examples only the unpruned model got "
-        f"right, {discordant['only_pruned_correct']} only the pruned one)"
+        f"  paired Δ correct {paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
+        f"  p = {test['p_value']:.3g} ({paired['method']})"
     )
     fallbacks = "; ".join(result["scoring"]["fallbacks"])
     print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
 def _estimate(entry: dict) -> str:
-    spread = f" ± {entry['std']:.4f}" if entry.get("std") is not None else ""
+    spread = f" ± {entry['std']:.4f} (SD over seeds)" if entry.get("std") is not None else ""
     return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 
 

@@ -133,6 +133,7 @@ def scoring_from(args: argparse.Namespace):
         path=args.path,
         cache_memory=parse_memory(args.cache_memory),
         precision=args.precision,
+        calibration=args.calibration,
     )
 
 

@@ -148,6 +148,8 @@ def run_lemma1(args: argparse.Namespace) -> int:
     from svdicl.theory.lemma1 import PERTURBED, draw_one, summarize
 
     _positive(args, "draws", "dim", "layers", "max_demos")
+    if not 0 <= args.tolerance < float("inf"):  # NaN fails this too: every comparison with it is false
+        raise SvdiclError(f"--tolerance must be a finite number >= 0, not {args.tolerance}")
     output = _output(args.output)
     draws = [draw_one(i, seed=args.seed, dim=args.dim, layers=args.layers, max_demos=args.max_demos) for i in range(args.draws)]
     summary = summarize(draws, args.dim, args.tolerance)

@@ -31,7 +31,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
+from svdicl import calibration as cal
 from svdicl import precision as px
+from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
@@ -54,7 +58,7 @@ from svdicl.scoring import (
 from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
-from svdicl.tasks.data import Example, TaskSplits, load_splits
+from svdicl.tasks.data import Example, TaskSplits, content_digest, load_splits
 
 RESULTS_FILE = "results.json"
 SAMPLES_FILE = "samples.jsonl"
@@ -77,11 +81,19 @@ class EvalRun:
     prompts: tuple[Prompt, ...]
     requests: tuple[Request, ...]
     data: str  # where the rows came from
+    calibration: tuple[str, ...] = ()  # methods applied to this run's scores (svdicl.calibration)
+    probes: tuple[tuple[str, str], ...] = ()  # (method, query) of every content-free / domain query
+    probe_requests: tuple[Request, ...] = ()  # scored after the examples, on the same path
 
     @property
     def gold(self) -> tuple[int, ...]:
         """The gold class index of every example, in order."""
         return tuple(e.label for e in self.examples)
+
+    @property
+    def scored_requests(self) -> tuple[Request, ...]:
+        """What the model scores: the examples' requests, then the calibration queries'."""
+        return self.requests + self.probe_requests
 
 
 def limit_examples(examples: Sequence[Example], limit: int | None, split_seed: int) -> tuple[Example, ...]:
@@ -105,11 +117,14 @@ def prepare_run(
     limit: int | None = None,
     data_dir: str | Path | None = None,
     splits: TaskSplits | None = None,
+    calibration: Sequence[str] = (),
 ) -> EvalRun:
     """Draw the demonstrations for `seed`, render every prompt and tokenize it into Requests.
 
     `shots` counts demonstrations per class (default: the paper's, `task.shots`).  Pass
-    `splits` to reuse data already loaded for another seed.
+    `splits` to reuse data already loaded for another seed.  `calibration` names methods of
+    svdicl.calibration (those that apply to the task): their queries become extra requests
+    after the same demonstrations.
     """
     loaded = as_loaded(loaded, "prepare_run")
     task = get_task(task) if isinstance(task, str) else task
@@ -127,7 +142,29 @@ def prepare_run(
         ids=[e.id for e in examples],
         max_length=context_length(loaded.model, loaded.tokenizer),
     )
-    return EvalRun(task, split, shots, seed, limit, examples, demonstrations, prompts, tuple(requests), splits.origin)
+    methods = cal.applicable(task, cal.parse_calibration(calibration))
+    probes = tuple((m, q) for m in methods for q in cal.probe_queries(task, m, splits.demonstrations, seed))
+    probe_requests = build_requests(
+        loaded.tokenizer,
+        block,
+        [q for _, q in probes],
+        [tuple(task.answer_delimiter + w for w in task.labels)] * len(probes),
+        ids=[f"{m} calibration query {q!r}" for m, q in probes],
+        max_length=context_length(loaded.model, loaded.tokenizer),
+    )
+    return EvalRun(
+        task, split, shots, seed, limit, examples, demonstrations, prompts, tuple(requests), splits.origin,
+        methods, probes, tuple(probe_requests),
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class CalibratedRun:
+    """A run's predictions under one calibration method, with their metrics."""
+
+    calibrated: cal.Calibrated
+    accuracy: Estimate
+    macro_f1: Estimate
 
 
 @dataclass(frozen=True)
@@ -142,11 +179,36 @@ class RunResult:
     macro_f1: Estimate
     timing: dict
     length_normalize: bool
+    calibrated: tuple[CalibratedRun, ...] = ()
+    probe_scores: tuple[Scores, ...] = ()  # of run.probes, in order
 
     @property
     def correct(self) -> tuple[bool, ...]:
         """Whether each example's prediction equals its gold class."""
         return tuple(p == g for p, g in zip(self.predictions, self.run.gold, strict=True))
+
+    def bias(self) -> dict:
+        """Bias-aware metrics of the uncalibrated predictions, then of each calibration's (by method)."""
+        k, gold = self.run.task.num_classes, self.run.gold
+        found = {None: bias_metrics(gold, self.predictions, ranking_scores(self.scores, self.length_normalize), k)}
+        for c in self.calibrated:
+            found[c.calibrated.method] = bias_metrics(gold, c.calibrated.predictions, c.calibrated.scores, k)
+        return found
+
+    def metrics(self) -> dict:
+        """Every metric as {"value", ...}: accuracy and macro-F1 with CIs, the bias-aware ones, each
+        again per calibration method as `<method>:<metric>`."""
+        bias = self.bias()
+        found = {}
+        for method, accuracy, macro in [(None, self.accuracy, self.macro_f1)] + [
+            (c.calibrated.method, c.accuracy, c.macro_f1) for c in self.calibrated
+        ]:
+            prefix = f"{method}:" if method else ""
+            found[prefix + "accuracy"] = accuracy.to_dict()
+            found[prefix + "macro_f1"] = macro.to_dict()
+            for name in BIAS_METRICS:
+                found[prefix + name] = {"value": bias[method][name]}
+        return found
 
     def summary(self) -> dict:
         """The run's entry in results.json."""
@@ -159,17 +221,45 @@ class RunResult:
             "demonstrations": [e.id for e in self.run.demonstrations],
             "n_examples": len(self.predictions),
             "n_ties": sum(self.ties),
-            "metrics": {"accuracy": self.accuracy.to_dict(), "macro_f1": self.macro_f1.to_dict()},
+            "metrics": self.metrics(),
+            "prediction_counts": self.bias()[None]["prediction_counts"],
             "confusion": {"labels": list(self.run.task.labels), "rows_gold_columns_predicted": confusion},
+            "calibration": self.calibration_summary(),
             "timing": self.timing,
         }
 
+    def calibration_summary(self) -> dict:
+        """Per method: its prior p_cf, its prediction counts and (contextual, domain) the queries with their raw scores."""
+        bias = self.bias()
+        found = {}
+        for c in self.calibrated:
+            method = c.calibrated.method
+            queries = [
+                {"query": q, "logprobs": list(s.logprobs), "n_tokens": list(s.n_tokens)}
+                for (m, q), s in zip(self.run.probes, self.probe_scores, strict=True)
+                if m == method
+            ]
+            found[method] = {"prior": list(c.calibrated.prior), "prediction_counts": bias[method]["prediction_counts"],
+                             **({"queries": queries} if method in cal.PROBES else {})}  # fmt: skip
+        return found
+
     def samples(self) -> list[dict]:
-        """The run's samples.jsonl rows: prompt, per-candidate scores, prediction, correctness."""
-        return [_sample(self.run, i, s, self.length_normalize) for i, s in enumerate(self.scores)]
+        """The run's samples.jsonl rows: prompt, per-candidate scores, prediction, correctness (and calibrated ones)."""
+        return [
+            _sample(self.run, i, s, self.length_normalize, {c.calibrated.method: c.calibrated for c in self.calibrated})
+            for i, s in enumerate(self.scores)
+        ]
 
 
-def _sample(run: EvalRun, index: int, scores: Scores, length_normalize: bool) -> dict:
+BIAS_METRICS = ("balanced_accuracy", "top_answer_share", "auc")
+
+
+def ranking_scores(scores: Sequence[Scores], length_normalize: bool) -> list[list[float]]:
+    """The values candidates are ranked by: summed log-probs, or the mean per token with length normalisation."""
+    return [[lp / n if length_normalize else lp for lp, n in zip(s.logprobs, s.n_tokens, strict=True)] for s in scores]
+
+
+def _sample(run: EvalRun, index: int, scores: Scores, length_normalize: bool, calibrated: Mapping | None = None) -> dict:
     prediction, tie = choose(scores, length_normalize)
     prompt, gold = run.prompts[index], run.examples[index].label
     return {
@@ -183,7 +273,11 @@ def _sample(run: EvalRun, index: int, scores: Scores, length_normalize: bool) ->
         "prediction": prediction,
         "correct": prediction == gold,
         "tie": tie,
-    }
+        **({"calibrated": {
+            method: {"scores": list(c.scores[index]), "prediction": c.predictions[index], "correct": c.predictions[index] == gold}
+            for method, c in calibrated.items()
+        }} if calibrated else {}),
+    }  # fmt: skip
 
 
 def evaluate_run(
@@ -230,7 +324,7 @@ def _exact(loaded, run, chosen, batch_size, length_normalize, result, low, recor
     if low is None:
         return dataclasses.replace(result, timing={**result.timing, **record.to_dict()})
     started = time.perf_counter()
-    requests = run.requests
+    requests = run.scored_requests
     cached: list[SharedPrefix] = []
 
     def exact(indices: list[int]) -> list[Scores]:
@@ -242,7 +336,14 @@ def _exact(loaded, run, chosen, batch_size, length_normalize, result, low, recor
         return score(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
 
     scores, record = px.resolve(
-        result.scores, exact, bound, examples=len(run.examples), length_normalize=length_normalize, offset=offset
+        result.scores + result.probe_scores,
+        exact,
+        bound,
+        examples=len(run.examples),
+        probe_methods=[method for method, _ in run.probes],
+        methods=run.calibration,
+        length_normalize=length_normalize,
+        offset=offset,
     )
     timing = {**result.timing, **record.to_dict(), "rescore_s": round(time.perf_counter() - started, 3)}
     return finish_run(run, scores, length_normalize, timing)
@@ -269,7 +370,7 @@ def _pad_id(loaded: LoadedModel) -> int:
 def _choose(loaded: LoadedModel, run: EvalRun, path: str, batch_size: int, cache_memory: int | None, start=None) -> ExecutionPath:
     budget = _budget(cache_memory)
     return choose_path(
-        loaded.model, run.requests, path, batch_size=batch_size, pad_id=_pad_id(loaded), budget=budget, start=start
+        loaded.model, run.scored_requests, path, batch_size=batch_size, pad_id=_pad_id(loaded), budget=budget, start=start
     )
 
 
@@ -289,17 +390,18 @@ def _score_run(
     with `low`, on its bfloat16 copy of the weights."""
     model = loaded.model if low is None else low.sync()
     known = known or {}
-    scores: list[Scores | None] = [known.get(e.id) for e in run.examples]
+    scores: list[Scores | None] = [known.get(e.id) for e in run.examples] + [None] * len(run.probe_requests)
     pending = [i for i, s in enumerate(scores) if s is None]
+    requests, n = run.scored_requests, len(run.examples)
     if progress is not None:
-        progress.update(len(run.examples) - len(pending))
+        progress.update(len(scores) - len(pending))
     started = time.perf_counter()
     prefix = SharedPrefix(model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
         new = score(
             model,
-            [run.requests[i] for i in chunk],
+            [requests[i] for i in chunk],
             batch_size=batch_size,
             pad_id=_pad_id(loaded),
             padding_side=padding_side,
@@ -309,11 +411,11 @@ def _score_run(
         for i, s in zip(chunk, new, strict=True):
             scores[i] = s
         if on_scored is not None:
-            on_scored(chunk, new)
+            on_scored([i for i in chunk if i < n], [s for i, s in zip(chunk, new, strict=True) if i < n])
     wall = time.perf_counter() - started
-    requests = [run.requests[i] for i in pending]
+    requests = [requests[i] for i in pending]
     tokens = forwarded_tokens(requests, None if prefix is None else len(prefix.ids))
-    timing = _timing(wall, len(pending), tokens, forwarded_tokens(requests), len(run.examples) - len(pending))
+    timing = _timing(wall, len(pending), tokens, forwarded_tokens(requests), len(scores) - len(pending))
     return finish_run(run, scores, length_normalize, {**timing, **chosen.to_dict()})
 
 
@@ -348,7 +450,7 @@ def evaluate_edits(
     low, record = _low(loaded, precision)
     bound, rows = px.Bound(), None
     if chosen.name == "layer" and low is not None:
-        rows = px.ExactRows(loaded.model, run.requests, chosen.plan.prefix, chosen.start, _pad_id(loaded))
+        rows = px.ExactRows(loaded.model, run.scored_requests, chosen.plan.prefix, chosen.start, _pad_id(loaded))
     if chosen.name == "layer":
         results = _sweep_layers(loaded, run, edits, chosen, svd, allow_tied, length_normalize, progress, low)
     else:
@@ -395,8 +497,8 @@ def _sweep_layers(
     logprobs: list[list] = [[None] * len(plan.batches) for _ in edits]
     walls = [0.0] * len(edits)
     shared = 0.0
-    prompt_tokens = forwarded_tokens(run.requests)
-    tokens = forwarded_tokens(run.requests, len(plan.prefix))
+    prompt_tokens = forwarded_tokens(run.scored_requests)
+    tokens = forwarded_tokens(run.scored_requests, len(plan.prefix))
     for number, batches in enumerate(chosen.passes):
         started = time.perf_counter()
         scorer = LayerScorer(model, plan, chosen.start, batches)
@@ -417,10 +519,25 @@ def _sweep_layers(
 
 
 def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, timing: dict) -> RunResult:
-    """Predictions, ties and metrics with their CIs (Wilson for accuracy, BCa bootstrap for macro-F1) from a run's scores."""
+    """Predictions, ties and metrics with their CIs (Wilson for accuracy, BCa bootstrap for macro-F1) from a run's
+    scores (the examples', then any calibration queries'), and the same under each of the run's calibration methods."""
+    n = len(run.examples)
+    scores, probe_scores = tuple(scores[:n]), tuple(scores[n:])
     chosen = [choose(s, length_normalize) for s in scores]
     predictions = tuple(p for p, _ in chosen)
     gold = run.gold
+    calibrated = []
+    values = np.array(ranking_scores(scores, length_normalize))
+    for method in run.calibration:
+        probes = [s for (m, _), s in zip(run.probes, probe_scores, strict=True) if m == method]
+        result = cal.apply(method, values, np.array(ranking_scores(probes, length_normalize)) if probes else None)
+        calibrated.append(
+            CalibratedRun(
+                result,
+                accuracy_ci(gold, result.predictions),
+                macro_f1_ci(gold, result.predictions, run.task.num_classes),
+            )
+        )
     return RunResult(
         run=run,
         scores=tuple(scores),
@@ -430,6 +547,8 @@ def finish_run(run: EvalRun, scores: Sequence[Scores], length_normalize: bool, t
         macro_f1=macro_f1_ci(gold, predictions, run.task.num_classes),
         timing=timing,
         length_normalize=length_normalize,
+        calibrated=tuple(calibrated),
+        probe_scores=probe_scores,
     )
 
 
@@ -468,11 +587,16 @@ def evaluate(
     quiet: bool = False,
     path: str = "auto",
     cache_memory: int | None = None,
+    calibration: str | Sequence[str] = (),
 ) -> dict:
     """Evaluate `task` for every seed under the edit `specs`; with `output`, write and resume there.
 
+    `calibration` (none, all, or methods of svdicl.calibration) adds each method's scores,
+    predictions and metrics beside the uncalibrated ones.
+
     Returns the content of results.json.  An unfinished output folder of the same
-    configuration is resumed (finished examples are read back from samples.jsonl).  The
+    configuration (model, task definition, data digest, ...) is resumed (finished examples
+    are read back from samples.jsonl); one of another configuration is refused.  The
     scoring path is chosen per seed before any forward pass and recorded in the config.
     """
     from tqdm.auto import tqdm
@@ -488,7 +612,11 @@ def evaluate(
     _single(path)
     with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
         shots = task.shots if shots is None else shots
-        prepared = [prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits) for seed in seeds]
+        methods = cal.applicable(task, cal.parse_calibration(calibration))
+        prepared = [
+            prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits, calibration=methods)
+            for seed in seeds
+        ]
         paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
         config = {
             "model": {
@@ -499,6 +627,7 @@ def evaluate(
             },
             "task": task.to_dict(),
             "data": splits.origin,
+            "data_digest": content_digest(task, prepared[0].examples, splits.demonstrations),  # what is scored, by content
             "split": split,
             "shots_per_class": shots,
             "shots_total": shots * task.num_classes,
@@ -507,7 +636,12 @@ def evaluate(
             "limit_rule": LIMIT_RULE,
             "edit": record.to_dict(),
             "batch_size": batch_size,
-            "scoring": {**_paths_used(paths), "padding_side": padding_side, "length_normalize": length_normalize},
+            "scoring": {
+                **_paths_used(paths),
+                "padding_side": padding_side,
+                "length_normalize": length_normalize,
+                "calibration": list(methods),
+            },
             "statistics": INTERVALS,
         }
         config = json.loads(json.dumps(config))
@@ -518,7 +652,7 @@ def evaluate(
         for run, chosen in zip(prepared, paths, strict=True):
             write = _appender(folder, run, length_normalize) if folder is not None else None
             desc = f"{task.name} seed {run.seed}"
-            with tqdm(total=len(run.examples), desc=desc, unit="ex", file=sys.stderr, disable=quiet) as bar:
+            with tqdm(total=len(run.scored_requests), desc=desc, unit="ex", file=sys.stderr, disable=quiet) as bar:
                 runs.append(
                     _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known.get(run.seed), write, bar)
                 )
@@ -532,6 +666,11 @@ def evaluate(
             "metric": task.metric,
             "accuracy": spread([r.accuracy.value for r in runs]),
             "macro_f1": spread([r.macro_f1.value for r in runs]),
+            **{
+                cal.metric_key(m, name): spread([r.metrics()[cal.metric_key(m, name)]["value"] for r in runs])
+                for m in methods
+                for name in ("accuracy", "macro_f1")
+            },
         },
         "timing": {"wall_s": round(time.perf_counter() - started, 3)},
     }

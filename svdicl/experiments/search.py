@@ -6,8 +6,10 @@
     3. every candidate rate (0 always included) scored on the validation split; rate* = the argmax
        of the task's metric averaged over seeds, ties to the smaller rate, so validation never
        gets worse than the unpruned model;
-    4. the unpruned and the rate*-pruned model on the test split: 95% bootstrap CIs and the exact
-       McNemar test on the same examples.
+    4. the unpruned and the rate*-pruned model on the test split: 95% CIs and an example-level
+       paired test (seeds averaged per example) on the same examples;
+    5. beside them, the arms of experiments/arms.py: calibration of the unpruned and the pruned
+       model (rate* re-chosen on validation under each calibration) and the null controls at rate*.
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
@@ -17,6 +19,7 @@ an interruption and shares cells with sweeps written to the same folder.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -28,8 +31,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor
+from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
     JSON_FILE,
@@ -47,20 +52,25 @@ from svdicl.experiments.sweep import (
     Progress,
     Scoring,
     cell_limit,
+    data_digest,
     edit_cell,
     evaluate_lines,
     module_lines,
+    note_other_data,
     parse_rates,
+    run_key,
 )
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
+from svdicl.prune import CONTROLS, PruneSpec
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
-from svdicl.stats import Estimate, bootstrap_ci, compare, macro_f1
+from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve
 from svdicl.tasks import METRICS, get_task
 from svdicl.tasks.data import TaskSplits, load_splits
 
+CONTROL_NAMES = {"random-subspace": "random subspace", "matched-noise": "norm-matched noise"}
 TIE = 1e-12  # validation values this close to the best count as ties (seed means are floating-point sums)
 
 
@@ -167,9 +177,11 @@ class SearchConfig:
     limit_validation: int | None = None
     limit_test: int | None = None
     metric: str | None = None
+    arms: tuple[str, ...] = GROUPS  # optional arm groups beside unpruned and pruned (experiments/arms.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", candidate_rates(self.rates))
+        object.__setattr__(self, "arms", parse_arms(self.arms))
         object.__setattr__(self, "module", module_spec(self.module))
         if self.top_k < 1:
             raise SvdiclError(f"--top-k must be at least 1, got {self.top_k}")
@@ -188,7 +200,8 @@ class SearchConfig:
         task = splits.task
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
-        return len(self.seeds) * (validation * len(self.rates) + 2 * test)
+        controls = 2 * ("controls" in self.arms)
+        return len(self.seeds) * (validation * len(self.rates) + (2 + controls) * test)
 
 
 def search(
@@ -213,6 +226,7 @@ def search(
     started = time.perf_counter()
     scoring = scoring or Scoring()
     task = get_task(config.task)
+    scoring = dataclasses.replace(scoring, calibration=applicable(task, calibration_methods(scoring.calibration, config.arms)))
     splits = splits if splits is not None else load_splits(task, data_dir)
     metric = config.metric or task.metric
     choice = None
@@ -229,17 +243,22 @@ def search(
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     before = len(store)
 
-    def evaluate(split: str, rates: Sequence[float]) -> dict[int, list[Cell]]:
-        """The cells of `rates` on `split` for every seed; the seeds' lines go to the executor together."""
-        limit = cell_limit(limits[split], len(splits.split(split)))
+    def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
+        """The cells of `rates` on `split` for every seed (with `control`, that null control's edit instead of the
+        truncation, seeded by the demonstration seed); the seeds' lines go to the executor together."""
         calls = {}
+        data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
-            base = CellKey(loaded.fingerprint, task.name, split, shots, seed, limit=limit, options=scoring.key_options())
+            base = run_key(loaded, splits, split, shots, seed, limits[split], scoring, data)
 
             def prepare(seed: int = seed) -> EvalRun:
-                return prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits)
+                return prepare_run(
+                    loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits,
+                    calibration=scoring.calibration,
+                )  # fmt: skip
 
-            calls[seed] = (prepare, [edit_cell(base, str(layer), config.module, rate) for rate in rates])
+            calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
+        note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
         evaluate_lines(
             loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
@@ -249,9 +268,29 @@ def search(
     curves = {seed: [c.value(metric) for c in found] for seed, found in validation.items()}
     values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
     rate_star = choose_rate(config.rates, values)
+    calibrated = {m: _seed_means(validation, metric_key(m, metric)) for m in scoring.calibration}
+    stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
     if rate_star == 0 and progress is not None:
         progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
-    test = evaluate("test", sorted({0.0, rate_star}))
+    test_rates = sorted({0.0, rate_star, *stars.values()})
+    test = evaluate("test", test_rates)
+    at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
+    pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
+    arms = [Arm("unpruned", 0.0, at[0.0])]
+    arms += [Arm(arm_name(m), 0.0, at[0.0], calibration=m) for m in scoring.calibration]
+    arms += [Arm("pruned", rate_star, at[rate_star])]
+    arms += [Arm(arm_name(m, pruned=True), stars[m], at[stars[m]], calibration=m) for m in scoring.calibration]
+    pruned_arms = [arm for arm in arms if arm.rate > 0]  # each gets both null controls at its rate, read the same way
+    control_rates = sorted({arm.rate for arm in pruned_arms}) if "controls" in config.arms else []
+    if "controls" in config.arms and not control_rates and progress is not None:
+        progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
+    for control in CONTROLS if control_rates else ():
+        cells = evaluate("test", control_rates, control)
+        for arm in pruned_arms:
+            found = tuple(cells[seed][control_rates.index(arm.rate)] for seed in config.seeds)
+            name = arm_name(arm.calibration, CONTROL_NAMES[control])
+            arms.append(Arm(name, arm.rate, found, calibration=arm.calibration, control=control))
+        test = {seed: [*test[seed], *cells[seed]] for seed in config.seeds}
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
         "format": SEARCH_FORMAT,
@@ -272,10 +311,16 @@ def search(
         "layer": layer,
         "layer_from": "given" if choice is None else "condition numbers",
         "rates": list(config.rates),
-        "validation": {"split": "validation", "n": sizes["validation"], "values": values},
+        "validation": {
+            "split": "validation",
+            "n": sizes["validation"],
+            "values": values,
+            "calibrated": {m: {"values": v, "rate_star": stars[m]} for m, v in calibrated.items()},
+        },
         "rate_star": rate_star,
-        "test": _test_summary(store, test, metric, task.num_classes),
-        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], test[seed], metric) for seed in config.seeds],
+        "test": _test_summary(store, pairs, metric, task.num_classes),
+        "arms": summarize(store, arms, metric, task.num_classes),
+        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], pairs[seed], metric) for seed in config.seeds],
         "scoring": {
             "options": scoring.key_options(),
             "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
@@ -283,6 +328,21 @@ def search(
         },
         "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
     }
+
+
+def _edit_cell(
+    key: CellKey, layers: str, modules: str, rate: float, control: str | None
+) -> tuple[CellKey, tuple[PruneSpec, ...]]:
+    """`edit_cell`, or with `control` that null control's edit at `rate` seeded by the demonstration seed."""
+    if control is None:
+        return edit_cell(key, layers, modules, rate)
+    spec = PruneSpec(layers, modules, rate, control=control, seed=key.seed)
+    return dataclasses.replace(key, edit=str(spec)), (spec,)
+
+
+def _seed_means(cells: dict[int, list[Cell]], metric: str) -> list[float]:
+    """Per rate, `metric` averaged over the seeds' cells."""
+    return [statistics.fmean(found[i].value(metric) for found in cells.values()) for i in range(len(next(iter(cells.values()))))]
 
 
 def _per_layer(choice: LayerChoice) -> dict[str, float | None]:
@@ -314,14 +374,11 @@ def _correct(store: Store, cell: Cell, prefix: str = "") -> list[tuple[str, bool
 
 
 def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_classes: int) -> dict:
-    """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean."""
+    """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean;
+    their example-level paired comparison (each example's correctness averaged over seeds)."""
     seeds = list(test)
     baselines, pruneds = [test[s][0] for s in seeds], [test[s][-1] for s in seeds]
-    pairs = [[], []]
-    for seed in seeds:
-        pairs[0] += _correct(store, test[seed][0], f"{seed}:")
-        pairs[1] += _correct(store, test[seed][-1], f"{seed}:")
-    paired = compare(pairs[0], pairs[1])  # one seed: that seed's test; several: the pairs pooled over seeds
+    paired = paired_by_id([_correct(store, c) for c in baselines], [_correct(store, c) for c in pruneds])
     summary = {"split": "test", "n": baselines[0].n}
     for name, found in (("baseline", baselines), ("pruned", pruneds)):
         if len(found) == 1:
@@ -331,32 +388,9 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
         values = [c.value(metric) for c in found]
         summary[name] = {"value": statistics.fmean(values), "ci_low": interval.low, "ci_high": interval.high,
                          "std": statistics.stdev(values)}  # fmt: skip
-    summary["mcnemar_p"] = paired.p_value
-    summary["discordant"] = {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b}
+    summary["p_value"] = paired.p_value
+    summary["paired"] = paired.to_dict()
     return summary
-
-
-def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
-    """95% percentile bootstrap of a metric averaged over seeds.
-
-    The seeds score the same examples, so one bootstrap draw of examples serves every seed: the
-    interval is the uncertainty from the finite test set of the seed-averaged value (the spread
-    over seeds is reported separately as their standard deviation).
-    """
-    ids = [s["id"] for s in samples[0]]
-    rows = [{s["id"]: s for s in seed} for seed in samples]
-    if any(set(row) != set(ids) for row in rows):
-        raise SvdiclError("the seeds' test cells hold different examples; use the same --limit for every seed")
-    gold = np.array([rows[0][i]["gold"] for i in ids])
-    predicted = np.array([[row[i]["prediction"] for i in ids] for row in rows])  # seeds x examples
-
-    def mean_over_seeds(index: np.ndarray, _: np.ndarray) -> np.ndarray:  # index: draws x examples
-        if metric == "accuracy":
-            return np.mean([(gold[index] == p[index]).mean(axis=1) for p in predicted], axis=0)
-        return np.array([np.mean([macro_f1(gold[draw], p[draw], num_classes) for p in predicted]) for draw in index])
-
-    order = np.arange(len(ids))
-    return bootstrap_ci(order, order, mean_over_seeds)
 
 
 def result_stem(result: dict) -> str:

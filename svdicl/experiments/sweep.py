@@ -20,10 +20,12 @@ from __future__ import annotations
 import functools
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
@@ -36,12 +38,12 @@ from svdicl.store import UNPRUNED, Cell, CellKey, Result, Store
 from svdicl.svd import check_rate
 from svdicl.targets import layer_stack, parse_layers, resolve
 from svdicl.tasks import TaskConfig, get_task
-from svdicl.tasks.data import TaskSplits, load_splits
+from svdicl.tasks.data import TaskSplits, content_digest, load_splits
 
 PAPER_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 SPLITS = ("validation", "test")
 TOGETHER = "+"  # `0+1` in --layers, `q+k` in --modules: one line pruned together
-SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens")
+SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs", "n_tokens", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,19 @@ class Scoring:
     path: str = "auto"
     cache_memory: int | None = None
     precision: str = "float32"
+    calibration: tuple[str, ...] = ()  # methods of svdicl.calibration, each cell scored under every one
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SvdiclError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_path(self.path)
         check_precision(self.precision)
+        object.__setattr__(self, "calibration", parse_calibration(self.calibration))
 
     def key_options(self) -> dict[str, object]:
-        """The options that change answers, and so enter every cell key."""
-        return {"length_normalize": self.length_normalize, "svd": self.svd}
+        """The options that change answers, and so enter every cell key (calibration only when asked for)."""
+        calibration = {"calibration": ",".join(self.calibration)} if self.calibration else {}
+        return {"length_normalize": self.length_normalize, "svd": self.svd, **calibration}
 
     def edit_options(self) -> dict[str, object]:
         """Keyword arguments of evaluate_edits."""
@@ -192,12 +197,51 @@ def cell_limit(limit: int | None, size: int) -> int | None:
     return None if limit is None or limit >= size else limit
 
 
+def data_digest(splits: TaskSplits, split: str, limit: int | None) -> str:
+    """The digest of what a run scores: the task definition, the examples of `split` under `limit` and the
+    demonstration pool the seeds draw from (content, not paths: a rewritten data file gets new keys)."""
+    task = splits.task
+    return content_digest(task, limit_examples(splits.split(split), limit, task.split_seed), splits.demonstrations)
+
+
+def run_key(
+    loaded: LoadedModel,
+    splits: TaskSplits,
+    split: str,
+    shots: int,
+    seed: int,
+    limit: int | None,
+    scoring: Scoring,
+    data: str | None = None,
+) -> CellKey:
+    """The unpruned cell of one run (`edit_cell` derives its edited cells): the one place where what identifies
+    a result is gathered -- weights, task name, data digest, split, shots, seed, limit, `Scoring.key_options`.
+    `data` is `data_digest(splits, split, limit)`, passed when already computed."""
+    data = data_digest(splits, split, limit) if data is None else data
+    limit = cell_limit(limit, len(splits.split(split)))
+    options = scoring.key_options()
+    return CellKey(loaded.fingerprint, splits.task.name, split, shots, seed, limit=limit, options=options, data=data)
+
+
+def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
+    """Warn (once per call) when `store` holds cells of these keys scored on other data or another task definition."""
+    others = store.other_data(keys)
+    if others:
+        tasks = ", ".join(sorted({c.key.task for c in others}))
+        warnings.warn(
+            f"{store.root} holds {len(others)} cell(s) of task {tasks} scored on other data or under another definition of "
+            "the task (another data digest); they are kept apart and not reused, so these cells are scored anew",
+            stacklevel=2,
+        )
+    return len(others)
+
+
 def edit_cell(key: CellKey, layers: str, modules: str, rate: float) -> tuple[CellKey, tuple[PruneSpec, ...]]:
     """A cell key and the edit it names; rate 0 is the shared unpruned cell."""
     if rate == 0:
-        return CellKey(key.model, key.task, key.split, key.shots, key.seed, UNPRUNED, key.limit, key.options), ()
+        return replace(key, edit=UNPRUNED), ()
     spec = PruneSpec(layers, modules, rate)
-    return CellKey(key.model, key.task, key.split, key.shots, key.seed, str(spec), key.limit, key.options), (spec,)
+    return replace(key, edit=str(spec)), (spec,)
 
 
 def plan_sweep(
@@ -218,15 +262,12 @@ def plan_sweep(
     plan = []
     for task_splits in splits.values():
         task = task_splits.task
-        size = len(task_splits.split(grid.split))
         examples = len(limit_examples(task_splits.split(grid.split), grid.limit, task.split_seed))
+        data = data_digest(task_splits, grid.split, grid.limit)
         for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
             sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
             for seed in grid.seeds:
-                base = CellKey(
-                    loaded.fingerprint, task.name, grid.split, shots, seed, limit=cell_limit(grid.limit, size),
-                    options=scoring.key_options(),
-                )  # fmt: skip
+                base = run_key(loaded, task_splits, grid.split, shots, seed, grid.limit, scoring, data)
                 calls = []
                 for index, (layers, modules) in enumerate(lines):
                     rates = [r for r in grid.rates if r > 0]
@@ -256,14 +297,14 @@ def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | N
 
 def compact_samples(result: RunResult) -> list[dict]:
     """Per-example records for the store, without the prompt text (the demonstrations are in the cell's info)."""
-    return [{name: sample[name] for name in SAMPLE_FIELDS} for sample in result.samples()]
+    return [{name: sample[name] for name in SAMPLE_FIELDS if name in sample} for sample in result.samples()]
 
 
 def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring: Scoring) -> Result:
     """What the store keeps of one scored cell: metrics with CIs, compact samples, and how it was made."""
     run = result.run
     return Result(
-        metrics={"accuracy": result.accuracy.to_dict(), "macro_f1": result.macro_f1.to_dict()},
+        metrics=result.metrics(),
         n=len(result.predictions),
         samples=compact_samples(result),
         ties=sum(result.ties),
@@ -272,6 +313,8 @@ def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring:
             "shots_total": run.shots * run.task.num_classes,
             "demonstrations": [e.id for e in run.demonstrations],
             "data": run.data,
+            "prediction_counts": result.bias()[None]["prediction_counts"],
+            "calibration": result.calibration_summary(),
             "matrices": [
                 {"name": m.name, "kept_rank": m.kept_rank, "rank": m.rank, "relative_error": m.relative_error}
                 for m in record.matrices
@@ -388,6 +431,7 @@ def sweep(
     scoring = scoring or Scoring()
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
+    note_other_data(store, [key for group in plan for key, _ in group.cells])
     before = len(store)
     bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
 
@@ -396,7 +440,7 @@ def sweep(
             prepare = functools.cache(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
-                    splits=splits[group.task.name],
+                    splits=splits[group.task.name], calibration=scoring.calibration,
                 )
             )  # fmt: skip
             for call in group.calls:

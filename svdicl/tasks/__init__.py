@@ -8,19 +8,24 @@ and passing its path wherever a task name is accepted (`get_task("my_task.yaml")
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from svdicl.errors import SvdiclError
+from svdicl.errors import SvdiclError, read_text
 
 KINDS = ("classification", "multiple_choice")
 SPLITS = ("demonstrations", "validation", "test")
 METRICS = ("accuracy", "macro_f1")
 _HERE = Path(__file__).resolve().parent
 TASKS = tuple(sorted(p.stem for p in _HERE.glob("*.yaml")))
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")  # names that become file and folder names
+_NOT_SCORED = ("name", "description", "metric", "shots", "data_folder", "hub")  # change no answer (or are keyed apart)
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,23 @@ class TaskConfig:
         """Plain JSON-able form, for results files."""
         return asdict(self)
 
+    @property
+    def digest(self) -> str:
+        """16 hex digits over everything that changes what is scored: template, fields, label words, delimiter,
+        label map, choices, split rules and split seed (a renamed copy of a task has the same digest)."""
+        definition = {k: v for k, v in self.to_dict().items() if k not in _NOT_SCORED}
+        text = json.dumps(definition, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_name(name: str, what: str) -> str:
+    """`name` if it is safe as one file or folder name (letters, digits, `_ . + -`), else a one-line error naming it."""
+    if not isinstance(name, str) or not NAME.fullmatch(name) or ".." in name:
+        raise SvdiclError(
+            f"{what} {name!r} cannot name a file: use 1-64 letters, digits, '_', '.', '+' or '-', starting with a letter or digit"
+        )
+    return name
+
 
 def get_task(name_or_path: str | Path) -> TaskConfig:
     """A built-in task by name (`sst2`), or a task YAML file by path."""
@@ -106,7 +128,7 @@ def get_task(name_or_path: str | Path) -> TaskConfig:
     if text.endswith((".yaml", ".yml")) or path.is_file():
         if not path.is_file():
             raise SvdiclError(f"task file {text} does not exist; give a task name ({', '.join(TASKS)}) or a YAML file")
-        return parse_task(path.read_text(), origin=str(path), default_name=path.stem)
+        return parse_task(read_text(path), origin=str(path), default_name=path.stem)
     if text not in TASKS:
         raise SvdiclError(f"unknown task {text!r}; choose one of {', '.join(TASKS)} or give a task YAML file")
     path = _HERE / f"{text}.yaml"
@@ -145,7 +167,9 @@ def parse_task(text: str, origin: str = "<task>", default_name: str = "task") ->
     values["label_map"] = {int(k): int(v) for k, v in (raw.get("label_map") or {}).items()}
     values["splits"] = _split_rules(raw["splits"], fail)
     values["hub"] = _hub(raw.get("hub"), fail)
-    values["data_folder"] = raw.get("data_folder") or values["name"]
+    values["data_folder"] = str(raw.get("data_folder") or values["name"])
+    check_name(values["name"], f"task file {origin}: name")
+    check_name(values["data_folder"], f"task file {origin}: data_folder")
     task = TaskConfig(**values)
     _check(task, fail)
     return task
@@ -162,8 +186,12 @@ def _split_rules(raw, fail) -> dict[str, SplitRule]:
         for key in ("size", "per_class"):
             if spec.get(key) is not None and (type(spec[key]) is not int or spec[key] < 1):
                 raise fail(f"splits.{name}.{key} must be a whole number >= 1")
+        try:
+            source = check_name(str(spec["source"]), f"splits.{name}.source")
+        except SvdiclError as exc:
+            raise fail(str(exc)) from None
         rule = SplitRule(
-            source=str(spec["source"]),
+            source=source,
             size=spec.get("size"),
             per_class=spec.get("per_class"),
             rest=bool(spec.get("rest", False)),

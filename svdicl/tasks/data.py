@@ -1,9 +1,11 @@
 """Task data: JSONL files on disk (or the Hugging Face Hub when online), cut into the task's splits.
 
 Local layout: `<data dir>/<task>/<source>.jsonl`, one JSON object per line, with the data dir
-from `--data-dir` or the `SVDICL_DATA` variable.  Every line is checked first (valid JSON,
-required columns, known label) so a bad line is reported by file and line number, then the
-file is read through `datasets.load_dataset("json", ...)`, which caches it.
+from `--data-dir` or the `SVDICL_DATA` variable.  Every line is checked (valid JSON, required
+columns, known label) so a bad line is reported by file and line number; blank lines are
+skipped.  The rows are always the file's current content: no cache keyed by path and mtime
+stands between the file and the scores (a file rewritten with its mtime kept is read anew),
+and `content_digest` puts what was read into every result's key.
 
 The split protocol is fixed by the task's `split_seed`, never by the demonstration seed, so
 validation and test hold the same examples in every run and runs can be compared pairwise.
@@ -11,9 +13,11 @@ validation and test hold the same examples in every run and runs can be compared
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,27 +77,25 @@ def load_splits(task: TaskConfig, data_dir: str | Path | None = None) -> TaskSpl
 
 
 def _local_rows(task: TaskConfig, path: Path) -> list[dict]:
+    """The rows of a JSONL file, each checked; raises on the first bad line, naming file and line."""
     if not path.is_file():
         raise SvdiclError(
             f"task {task.name}: data file {path} does not exist; point --data-dir (or SVDICL_DATA) at a folder "
             f"of <task>/<split>.jsonl files"
         )
-    _check_lines(task, path)
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    return datasets.load_dataset("json", data_files=str(path), split="train").to_list()
-
-
-def _check_lines(task: TaskConfig, path: Path) -> None:
-    """Raise on the first bad line, naming file and line: JSON, columns, label."""
     columns, labels = task.columns(), set(task.data_labels())
-    with open(path, encoding="utf-8") as handle:
-        count = 0
-        for number, line in enumerate(handle, start=1):
-            count += 1
+    rows = []
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise SvdiclError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at column {exc.start + 1}); save the file as UTF-8"
+                ) from None
+            if not line.strip():
+                continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -108,8 +110,21 @@ def _check_lines(task: TaskConfig, path: Path) -> None:
                     raise SvdiclError(f"{where}: field {column!r} must be a string")
             if type(row["label"]) is not int or row["label"] not in labels:
                 raise SvdiclError(f"{where}: label {row['label']!r} is not one of {sorted(labels)}")
-    if count == 0:
+            rows.append(row)
+    if not rows:
         raise SvdiclError(f"{path} is empty; it must hold one JSON object per line")
+    return rows
+
+
+def content_digest(task: TaskConfig, *groups: Sequence[Example]) -> str:
+    """16 hex digits over the task's definition and the content of `groups` of examples (ids, rendered
+    fields, labels, choices): what a result depends on besides the weights, never a path or an mtime."""
+    digest = hashlib.sha256(task.digest.encode())
+    for group in groups:
+        digest.update(b"\x1e")
+        rows = [[e.id, e.fields, e.label, e.choices] for e in group]
+        digest.update(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()[:16]
 
 
 def _hub_rows(task: TaskConfig, source: str) -> list[dict]:
