@@ -7,6 +7,9 @@ The unit (Algorithm 1 at a fixed layer, then the test arms):
   test        --test examples under every arm: unpruned, pruned at xi*, and the two null
               controls at xi* (random-subspace, matched-noise): one `evaluate_edits` call.
 
+Every run also carries --calibration (default: contextual, domain and batch): their queries are
+scored after the examples and every calibrated prediction counts in the agreement.
+
 Both sides run the same prepared runs with the same options except `precision`; the SVD
 factors are computed once before either side is timed.  Printed per side: process CPU seconds
 (all threads; not wall), wall seconds, re-scored examples and the bound; then the CPU ratio,
@@ -56,7 +59,7 @@ def side(loaded, validation, test, layer: int, module: str, precision: str, batc
         "cpu_s": round(cpu, 1),
         "wall_s": round(wall, 1),
         "xi": xi,
-        "predictions": [r.predictions for r in results],
+        "predictions": [p for r in results for p in (r.predictions, *(c.calibrated.predictions for c in r.calibrated))],
         "accuracy": [round(r.accuracy.value, 4) for r in results],
         "rescored": sum(r.timing.get("rescored", 0) for r in results),
         "scored": sum(len(r.predictions) for r in results),
@@ -75,18 +78,20 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=-1, help="the pruned layer (negative: from the end)")
     parser.add_argument("--module", default="mlp")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--calibration", default="contextual,domain,batch", help="methods scored beside the raw scores, or none")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
     loaded = model_flags.load(args)
     layer = args.layer % len(layer_stack(loaded.model)[1])
-    validation = prepare_run(loaded, args.task, split="validation", limit=args.validation, seed=0)
-    test = prepare_run(loaded, args.task, split="test", limit=args.test, seed=0)
+    methods = () if args.calibration == "none" else tuple(args.calibration.split(","))
+    validation = prepare_run(loaded, args.task, split="validation", limit=args.validation, seed=0, calibration=methods)
+    test = prepare_run(loaded, args.task, split="test", limit=args.test, seed=0, calibration=methods)
     with pruned(loaded.model, layers=layer, modules=args.module, rate=0.5):  # the SVD factors, outside both timings
         pass
     print(model_flags.describe(loaded, args.device), f"| {args.task} layer {layer} {args.module} | torch threads {args.threads}")
-    print(f"unit: {args.validation} validation x {len(PAPER_RATES)} rates, then 4 arms x {args.test} test")
+    print(f"unit: {args.validation} validation x {len(PAPER_RATES)} rates, then 4 arms x {args.test} test; calibration {methods}")
     sides = [side(loaded, validation, test, layer, args.module, p, args.batch_size) for p in ("float32", "mixed")]
     load_after = os.getloadavg()
     for s in sides:

@@ -78,8 +78,9 @@ def test_bfloat16_copy_follows_every_edit_and_its_undo():
         assert not torch.equal(weight(low.model), original.to(torch.bfloat16))
     low.sync()
     assert torch.equal(weight(low.model), original.to(torch.bfloat16))
-    assert all(p.dtype == torch.bfloat16 for n, p in low.model.model.layers.named_parameters())
-    assert low.model.get_output_embeddings().weight is model.get_output_embeddings().weight  # the head stays float32
+    assert low.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert low.model.model.layers[0].input_layernorm.weight is model.model.layers[0].input_layernorm.weight  # shared float32
+    assert low.model.get_output_embeddings().weight is model.get_output_embeddings().weight
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
@@ -94,7 +95,8 @@ def toy(tmp_path):
     write_toy_task(tmp_path, 80, validation=10)
     model = tiny_model("llama")
     loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny", fingerprint=fingerprint(model), dtype="float32")
-    run = prepare_run(loaded, get_task(str(tmp_path / "toy.yaml")), limit=60, data_dir=tmp_path / "data")
+    task = get_task(str(tmp_path / "toy.yaml"))
+    run = prepare_run(loaded, task, limit=60, data_dir=tmp_path / "data", calibration=("contextual", "domain", "batch"))
     return loaded, run
 
 
@@ -112,6 +114,9 @@ def test_mixed_predictions_equal_float32_under_every_edit(toy, path):
     for a, b in zip(exact, mixed, strict=True):
         assert a.predictions == b.predictions
         assert a.accuracy == b.accuracy and a.macro_f1 == b.macro_f1
+        assert [c.calibrated.predictions for c in a.calibrated] == [c.calibrated.predictions for c in b.calibrated]
+        assert [c.calibrated.method for c in b.calibrated] == ["contextual", "domain", "batch"]
+        assert a.calibrated[0].calibrated.prior == pytest.approx(b.calibrated[0].calibrated.prior, abs=1e-5)  # queries: float32
         assert b.timing["precision"] == "mixed" and a.timing["precision"] == "float32"
         assert 0 < b.timing["rescored"] <= len(run.examples)
         for x, y in zip(a.scores, b.scores, strict=True):  # each example: re-scored in float32, or decided beyond the bound
