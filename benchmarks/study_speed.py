@@ -104,6 +104,13 @@ def main() -> None:
     cells = list(zip(exact["predictions"], mixed["predictions"], strict=True))
     same = sum(a == b for x, y in cells for a, b in zip(x, y, strict=True))
     total = sum(len(x) for x, _ in cells)
+    arms = ["unpruned", "xi*", "random-subspace", "matched-noise"]
+    names = [f"validation rate {r}" for r in PAPER_RATES] + [f"test {arm}" for arm in arms]
+    per = len(exact["predictions"]) // len(names)  # raw, then each calibration's
+    for k, (x, y) in enumerate(cells):
+        for i in (i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b):
+            method = "raw" if k % per == 0 else f"calibration {k % per}"
+            print(f"  differs: {names[k // per]}, {method}, example {i}: {x[i]} vs {y[i]}")
     print(f"CPU ratio float32/mixed: {exact['cpu_s'] / mixed['cpu_s']:.2f}x")
     print(f"prediction agreement: {same}/{total} ({100 * same / total:.2f}%), xi* {exact['xi']} vs {mixed['xi']}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); {os.cpu_count()} CPUs")

@@ -72,10 +72,10 @@ def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
     group = add_scoring_args(p, paths=("layer", "prefix", "plain"))
     group.add_argument(
         "--precision",
-        default="mixed",
-        choices=["mixed", "float32"],
-        help="mixed = score in bfloat16, re-score in float32 every example whose decision could differ (same predictions, "
-        "~2-3x less CPU); float32 = float32 only (default: mixed)",
+        default="float32",
+        choices=["float32", "mixed"],
+        help="float32 = the reference; mixed = decoder matmuls in bfloat16, every example whose decision could differ "
+        "re-scored in float32 (experimental: see docs/fast-paths.md; default: float32)",
     )
     add_svd_args(group)
 
