@@ -7,8 +7,8 @@ every reported decision equal to the float32 one:
 1. every request is scored on a bfloat16 copy of the model (`LowPrecision`, which follows the
    float32 model's weight edits);
 2. a few examples per edit (`SAMPLE`) and every calibration query are also scored in float32;
-   the bound b is `SAFETY` x the largest |bf16 - fp32| log-prob difference seen so far in the
-   call (never below `FLOOR`);
+   the bound b is `SAFETY` x the largest bf16 -> fp32 change of a difference of two candidates'
+   scores seen under that edit (never below `FLOOR`);
 3. every example whose top-two margin, under the raw scores or any calibration method, is
    within that method's reach of the bound (`reach`) is re-scored in float32; every re-scored
    example is compared too, and if one moved by more than the bound allows, the bound grows and
@@ -38,7 +38,7 @@ from svdicl.targets import layer_stack
 PRECISIONS = ("mixed", "float32")
 SAFETY = 4.0  # bound = SAFETY x the largest bf16/fp32 difference measured
 FLOOR = 1e-3  # nats: the smallest bound, should the measured difference be ~0
-SAMPLE = 4  # examples per edit scored both ways to measure the difference
+SAMPLE = 8  # examples per edit scored both ways to measure the difference
 LOW = torch.bfloat16
 
 
@@ -176,7 +176,7 @@ class PrecisionRecord:
 
 
 class Bound:
-    """The running bound of one call (many edits): SAFETY x the largest error seen, at least FLOOR.
+    """The bound of one edit: SAFETY x the largest error seen, at least FLOOR.
 
     The error of an example is the largest change, bf16 to fp32, of a difference of two of its
     candidates' ranking values: what decisions (and calibration, which reads only those
