@@ -10,7 +10,7 @@ with its `tokenizer` (svdicl.wrap fingerprints its weights):
     result = svdicl.evaluate(model, "sst2", tokenizer=tokenizer, limit=200, prune=["-1:mlp:0.9"])
     result.accuracy, result.runs[0].accuracy.low
     found = svdicl.search(model, "sst2", tokenizer=tokenizer, module="mlp", limit=200)
-    found.layer, found.rate_star, found.baseline.value, found.pruned.value, found.mcnemar_p
+    found.layer, found.rate_star, found.baseline.value, found.pruned.value, found.p_value
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ class SearchResult:
     """What `svdicl.search` returns: Algorithm 1's layer, validation curve, rate* and the test comparison.
 
     `baseline` and `pruned` are the test metric of the unpruned and the rate*-pruned model (several
-    seeds: the mean, with an interval of the mean); `mcnemar_p` is the exact paired test on the same
-    examples.  `results` is the full svdicl.search/1 dict (docs/experiments.md).
+    seeds: the mean, with an interval of the mean); `p_value` is the example-level paired sign-flip
+    test on the same examples (each example's correctness averaged over seeds; svdicl.stats.paired_comparison),
+    and `arms` the side-by-side arms (calibrations, null controls; svdicl.experiments.arms), as dicts.
+    `results` is the full svdicl.search/1 dict (docs/experiments.md).
     """
 
     task: str
@@ -106,7 +108,8 @@ class SearchResult:
     rate_star: float
     baseline: Estimate
     pruned: Estimate
-    mcnemar_p: float
+    p_value: float
+    arms: tuple[dict, ...]
     folder: Path | None  # the result store and search/ folder, if `output` was given
     results: dict
 
@@ -125,7 +128,8 @@ class SearchResult:
             rate_star=results["rate_star"],
             baseline=_estimate(test["baseline"]),
             pruned=_estimate(test["pruned"]),
-            mcnemar_p=test["mcnemar_p"],
+            p_value=test["p_value"],
+            arms=tuple(results.get("arms", ())),
             folder=None if folder is None else Path(folder),
             results=results,
         )

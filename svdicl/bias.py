@@ -19,10 +19,12 @@ import numpy as np
 
 
 def prediction_counts(predicted: Sequence[int], num_classes: int) -> list[int]:
+    """How often each class was answered: the answer distribution a label-bias shift shows up in."""
     return np.bincount(np.asarray(predicted, dtype=np.int64), minlength=num_classes).tolist()
 
 
 def top_answer_share(predicted: Sequence[int], num_classes: int) -> float:
+    """The share of examples given the most common answer (1.0: the model answers one label to everything)."""
     return max(prediction_counts(predicted, num_classes)) / len(predicted)
 
 

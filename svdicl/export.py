@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from svdicl.card import CARD_FILE, CONFIG_KEY, config_entry, model_card
 from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
+from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
 from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
 from svdicl.svd import factor_cache, svd_dtype
@@ -43,27 +45,33 @@ FACTORIZED_FILE = "model.factorized.safetensors"
 FORMATS = ("dense", "factorized")
 
 
-def prepare_output(path: str | Path, overwrite: bool = False) -> Path:
-    """An empty folder to write into; a non-empty one is refused unless `overwrite`."""
-    folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise SvdiclError(f"output {folder} is a file; choose a folder path")
-    if folder.is_dir() and any(folder.iterdir()):
-        if not overwrite:
-            raise SvdiclError(f"output folder {folder} is not empty; choose a new folder or pass --overwrite")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False) -> Path:
-    """save_pretrained (safetensors) + tokenizer + svdicl_edit.json; plain transformers reloads it."""
+def save_dense(loaded: LoadedModel, record: EditRecord, path: str | Path, overwrite: bool = False, notes: str = "") -> Path:
+    """save_pretrained (safetensors) + tokenizer + svdicl_edit.json + model card; plain transformers reloads it."""
     folder = prepare_output(path, overwrite)
+    info = _edit_info(loaded, record, "dense")
     with _written(folder):
-        loaded.model.save_pretrained(folder)
+        with _config_entry(loaded.model, config_entry(info, EDIT_FILE)):
+            loaded.model.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
-        _write_edit(folder, _edit_info(loaded, record, "dense"))
+        _write_edit(folder, info)
+        model_card(info, path, notes).save(folder / CARD_FILE)
+    finish_output(folder)
     return folder
+
+
+@contextlib.contextmanager
+def _config_entry(model: nn.Module, entry: dict) -> Iterator[None]:
+    """`model.config.svdicl = entry` while the config is saved; the model's own config is left as it was."""
+    config = model.config
+    previous = config.to_dict().get(CONFIG_KEY)
+    setattr(config, CONFIG_KEY, entry)
+    try:
+        yield
+    finally:
+        if previous is None:
+            delattr(config, CONFIG_KEY)
+        else:
+            setattr(config, CONFIG_KEY, previous)
 
 
 @contextlib.contextmanager
@@ -92,12 +100,15 @@ def save_pruned(
     allow_tied: bool = False,
     force: bool = False,
     overwrite: bool = False,
+    notes: str = "",
 ) -> dict:
     """Prune `loaded` by `specs`, write it to `path` as `format`, and restore the model.
 
-    Returns what svdicl_edit.json records.  `force` (factorized only) stores every pruned whole
-    Linear as factors even where they hold more parameters than the dense matrix; without it
-    such matrices stay dense, and an export in which no matrix would shrink is refused.
+    Returns what svdicl_edit.json records.  Every export also gets a model card (README.md, with
+    `notes` as its section on how the edit was chosen) and the edit in short in config.json.
+    `force` (factorized only) stores every pruned whole Linear as factors even where they hold
+    more parameters than the dense matrix; without it such matrices stay dense, and an export
+    in which no matrix would shrink is refused.
     """
     if format not in FORMATS:
         raise SvdiclError(f"export format {format!r} is not known; use {' or '.join(FORMATS)}")
@@ -108,7 +119,7 @@ def save_pruned(
     model = loaded.model
     if format == "dense":
         with pruned(model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
-            folder = save_dense(loaded, record, path, overwrite)
+            folder = save_dense(loaded, record, path, overwrite, notes)
         return json.loads((folder / EDIT_FILE).read_text())
     with pruned(model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
         plan = _plan(model, record, allow_tied, force)
@@ -128,15 +139,16 @@ def save_pruned(
     from safetensors.torch import save_file
 
     folder = prepare_output(path, overwrite)
+    info = _edit_info(loaded, record, "factorized")
     with _written(folder):
-        model.config.save_pretrained(folder)
+        with _config_entry(model, config_entry(info, EDIT_FILE)):
+            model.config.save_pretrained(folder)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
         tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in state.items()}
         save_file(tensors, folder / FACTORIZED_FILE, metadata={"format": "pt"})
         params, size = _size(state)
-        info = _edit_info(loaded, record, "factorized")
         info["factorized"] = {
             "file": FACTORIZED_FILE,
             "modules": [
@@ -160,6 +172,8 @@ def save_pruned(
             "file_bytes": (folder / FACTORIZED_FILE).stat().st_size,
         }
         _write_edit(folder, info)
+        model_card(info, path, notes).save(folder / CARD_FILE)
+    finish_output(folder)
     return info
 
 

@@ -562,7 +562,7 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 
 # Config keys that say where or how a model was saved, not what it computes.
-_PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype"}
+_PROVENANCE_KEYS = {"transformers_version", "name_or_path", "quantization_config", "dtype", "torch_dtype", "svdicl"}
 
 
 def wrap(model: torch.nn.Module, tokenizer, *, name: str | None = None) -> LoadedModel:

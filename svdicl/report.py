@@ -147,6 +147,14 @@ def answer_share(samples: Sequence[Mapping[str, Any]]) -> float | None:
     return max(counts.values()) / len(samples)
 
 
+def current_data(cells: Iterable[Cell]) -> list[Cell]:
+    """Per model and task, the cells of the data digest stored last: cells of older data or another definition of
+    the task (kept apart in the store, `Store.other_data`) are never averaged with, or shown beside, the current ones."""
+    cells = list(cells)
+    latest = {(c.key.model, c.key.task): c.key.data for c in cells}
+    return [c for c in cells if c.key.data == latest[(c.key.model, c.key.task)]]
+
+
 def sweep_points(
     cells: Iterable[Cell], metric: str = TASK_METRIC, shares: Mapping[str, float | None] | None = None
 ) -> list[Point]:
@@ -156,7 +164,7 @@ def sweep_points(
     """
     groups: dict[tuple, list[Cell]] = {}
     names: dict[str, str] = {}
-    for cell in cells:
+    for cell in current_data(cells):
         if cell.rate is None:
             continue
         if cell.key.task not in names:
@@ -165,10 +173,9 @@ def sweep_points(
         if cell.metrics.get(name, {}).get("value") is None:
             continue
         key = cell.key
-        group = (key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name, key.data)  # never mix data
-        groups.setdefault(group, []).append(cell)
+        groups.setdefault((key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name), []).append(cell)
     points = []
-    for (model, task, split, shots, limit, options, _, name, _), group in groups.items():
+    for (model, task, split, shots, limit, options, _, name), group in groups.items():
         values = [c.metrics[name]["value"] for c in group]
         mean = statistics.fmean(values)
         if len(values) > 1:
@@ -536,7 +543,7 @@ def _line_key(item: tuple[str | None, str | None]) -> tuple:
 
 CELL_COLUMNS = (
     "id", "model_name", "model", "task", "split", "shots", "seed", "edit", "layers", "modules", "rate", "limit",
-    "options", "n", "ties", "answer_share",
+    "options", "data", "n", "ties", "answer_share",
 )  # fmt: skip
 
 
@@ -549,7 +556,7 @@ def cell_rows(cells: Sequence[Cell], shares: Mapping[str, float | None]) -> tupl
         k = c.key
         options = json.dumps(dict(k.options), sort_keys=True) if k.options else ""
         row = [c.id, c.model_name, k.model, k.task, k.split, k.shots, k.seed, k.edit, c.layers, c.modules, c.rate, k.limit]
-        row += [options, c.n, c.ties, shares.get(c.id)]
+        row += [options, k.data, c.n, c.ties, shares.get(c.id)]
         for m in metrics:
             entry = c.metrics.get(m, {})
             row += [entry.get("value"), entry.get("ci_low"), entry.get("ci_high")]

@@ -31,6 +31,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from svdicl import forward as fw
@@ -69,8 +70,12 @@ def build_requests(
     ids: Sequence[str] | None = None,
     max_length: int | None = None,
     chunk: int = 256,
+    progress=None,
 ) -> list[Request]:
-    """Tokenize prompts into Requests; `ids` name examples in error messages."""
+    """Tokenize prompts into Requests; `ids` name examples in error messages.
+
+    `progress.update(n)` is called as examples are tokenized (a whole split takes a while).
+    """
     prefix, plain = _prefix_ids(tokenizer, demonstrations)
     names = list(ids) if ids is not None else [f"#{i}" for i in range(len(queries))]
     flat = [(q, i, c) for i, (q, cands) in enumerate(zip(queries, candidates, strict=True)) for c in cands]
@@ -91,6 +96,8 @@ def build_requests(
             pending.setdefault(index, []).append((tuple(context), tuple(continuation)))
             if len(pending[index]) == len(candidates[index]):
                 requests.append(_request(prefix, pending.pop(index), names[index]))
+                if progress is not None:
+                    progress.update(1)
     if max_length is not None:
         _check_length(requests, max_length, names, len(prefix) - len(plain))
     return requests
@@ -106,19 +113,28 @@ def _prefix_ids(tokenizer, demonstrations: str) -> tuple[tuple[int, ...], tuple[
 
 
 def _cut(tokens: Sequence[int], offsets, cuts: tuple[int, int], name: str) -> list[list[int]]:
-    """Split token ids at the characters where the query and the candidate begin."""
-    parts: list[list[int]] = [[], [], []]
-    for token, (start, end) in zip(tokens, offsets, strict=True):
-        part = sum(end > cut for cut in cuts)
-        inside = [i for i, cut in enumerate(cuts) if start < cut < end]
-        if inside or any(parts[part + 1 :]):
-            where = ("the demonstrations and the query", "the query and a candidate answer")[(inside or [part - 1])[0] > 0]
-            raise SvdiclError(
-                f"example {name}: {where} share a token, so they cannot be told apart; "
-                f"change the template, the label words or the answer delimiter"
-            )
-        parts[part].append(token)
-    return parts
+    """Split token ids at the characters where the query and the candidate begin.
+
+    Token t goes to part p = how many cuts lie before its end; a cut inside a token, or a
+    token whose part is lower than an earlier token's, is an error.  Vectorised: this runs
+    for every token of every prompt (tests/test_scoring.py holds the per-token loop it replaces).
+    """
+    spans = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)  # tokens x (start, end)
+    bounds = np.asarray(cuts, dtype=np.int64)
+    part = (spans[:, 1:] > bounds).sum(axis=1)
+    inside = (spans[:, :1] < bounds) & (bounds < spans[:, 1:])  # tokens x cuts
+    bad = inside.any(axis=1) | (part < np.maximum.accumulate(part))
+    if bad.any():
+        t = int(bad.argmax())
+        which = int(inside[t].argmax()) if inside[t].any() else int(part[t]) - 1
+        where = ("the demonstrations and the query", "the query and a candidate answer")[which > 0]
+        raise SvdiclError(
+            f"example {name}: {where} share a token, so they cannot be told apart; "
+            f"change the template, the label words or the answer delimiter"
+        )
+    first, second = int((part == 0).sum()), int((part <= 1).sum())
+    tokens = list(tokens)
+    return [tokens[:first], tokens[first:second], tokens[second:]]
 
 
 def _request(prefix: tuple[int, ...], pieces: list[tuple[tuple[int, ...], tuple[int, ...]]], name: str) -> Request:

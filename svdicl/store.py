@@ -43,6 +43,7 @@ except ImportError:  # Windows: no advisory locks; one writer per folder there
 FORMAT = 1
 CELLS_FILE = "cells.jsonl"
 SAMPLES_DIR = "samples"
+CLAIMS_DIR = "claims"  # <id>.lock: flock-ed while a process computes that cell
 UNPRUNED = "none"
 
 _SCALARS = (str, int, float, bool, type(None))
@@ -263,7 +264,10 @@ class Store:
 
     Several processes may write the same folder: every append happens under an exclusive
     lock after reading what the others appended, and a key already there is not written
-    twice (the first result wins).
+    twice (the first result wins).  A process computes a cell only while it holds the cell's
+    claim (`claim`: an flock on claims/<id>.lock, which the kernel drops when the process dies,
+    so a killed run's claims are never stale); others skip the cell and `wait` for it.  A cell
+    whose samples file was deleted counts as missing and is recomputed (its new line wins).
     """
 
     def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
@@ -277,6 +281,7 @@ class Store:
             self.root.mkdir(parents=True, exist_ok=True)
         self.file = self.root / CELLS_FILE
         self._cells: dict[str, Cell] = {}
+        self._claims: dict[str, int] = {}  # cell id -> descriptor of its flock-ed claim file
         self._offset = 0  # bytes of cells.jsonl already read
         self._line = 0  # lines of cells.jsonl already read
         with self._locked() as fd:
@@ -286,11 +291,12 @@ class Store:
         return len(self._cells)
 
     def __contains__(self, key: CellKey) -> bool:
-        return key.id in self._cells
+        return self.has(key)
 
     def has(self, key: CellKey) -> bool:
-        """Whether a cell of `key` is stored."""
-        return key.id in self._cells
+        """Whether the cell is finished: stored, with its samples file in place."""
+        cell = self._cells.get(key.id)
+        return cell is not None and self._intact(cell)
 
     def get(self, key: CellKey) -> Cell | None:
         """The stored cell of `key`, or None."""
@@ -298,7 +304,59 @@ class Store:
 
     def missing(self, keys: Iterable[CellKey]) -> list[CellKey]:
         """The keys not finished yet, in order, without duplicates."""
-        return [k for k in dict.fromkeys(keys) if k.id not in self._cells]
+        return [k for k in dict.fromkeys(keys) if not self.has(k)]
+
+    def _intact(self, cell: Cell) -> bool:
+        return cell.samples is None or (self.root / cell.samples).is_file()
+
+    def refresh(self) -> None:
+        """Read the cells other processes appended since this store was opened or last refreshed."""
+        with self._locked() as fd:
+            self._refresh(fd)
+
+    def claim(self, key: CellKey) -> bool:
+        """Take the cell for computing: True when it is missing and no other process is computing it.
+
+        False when it is finished (perhaps just now, by another process) or another live process
+        holds its claim; then `wait(key)` blocks until that process is done (or dead).  The claim
+        is released by `put` of the cell, by `release`, or by the process ending, however it ends.
+        """
+        if key.id in self._claims:
+            return True
+        if fcntl is None:
+            return not self.has(key)
+        path = self.root / CLAIMS_DIR / f"{key.id}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.refresh()  # the last holder may have stored it before letting go
+        if self.has(key):
+            os.close(fd)
+            return False
+        self._claims[key.id] = fd
+        return True
+
+    def wait(self, key: CellKey) -> None:
+        """Block while another process holds the cell's claim, then read what it stored."""
+        path = self.root / CLAIMS_DIR / f"{key.id}.lock"
+        if fcntl is not None and key.id not in self._claims and path.exists():
+            with contextlib.suppress(FileNotFoundError):
+                fd = os.open(path, os.O_RDWR)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                finally:
+                    os.close(fd)
+        self.refresh()
+
+    def release(self, keys: Iterable[CellKey] | None = None) -> None:
+        """Give up claims without storing their cells (all of this store's claims when `keys` is None)."""
+        ids = list(self._claims) if keys is None else [k.id for k in keys if k.id in self._claims]
+        for cell_id in ids:
+            os.close(self._claims.pop(cell_id))
 
     def other_data(self, keys: Iterable[CellKey]) -> list[Cell]:
         """Stored cells equal to one of `keys` but for the data digest: scored on other rows or under another
@@ -351,14 +409,17 @@ class Store:
     def put(self, key: CellKey, result: Result, seconds: float = 0.0) -> Cell:
         """Persist a finished cell (samples first, then its line); returns the stored cell.
 
-        If another process stored the same key meanwhile, its cell is kept and returned.
+        If another process stored the same key meanwhile, its cell is kept and returned.  A stored
+        cell whose samples file is gone is replaced (its line is marked `recomputed`, so it wins).
         """
         if self.readonly:
             raise SvdiclError(f"store {self.root} was opened read-only; open it without readonly to add cells")
         with self._locked() as fd:
             self._refresh(fd)
-            if key.id in self._cells:
-                return self._cells[key.id]
+            existing = self._cells.get(key.id)
+            if existing is not None and self._intact(existing):
+                self._finish_claim(key)
+                return existing
             relative = None if result.samples is None else self._write_samples(key, result.samples)
             cell = Cell(
                 key=key,
@@ -371,7 +432,8 @@ class Store:
                 model_name=result.model_name,
                 info=_plain(result.info),
             )
-            line = (json.dumps(cell.to_record(), ensure_ascii=False, allow_nan=False) + "\n").encode()
+            record = {**cell.to_record(), "recomputed": True} if existing is not None else cell.to_record()
+            line = (json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n").encode()
             try:
                 _write_all(fd, line)
                 os.fsync(fd)
@@ -383,7 +445,14 @@ class Store:
             self._offset += len(line)
             self._line += 1
             self._cells[key.id] = cell
+            self._finish_claim(key)
             return cell
+
+    def _finish_claim(self, key: CellKey) -> None:
+        """The cell is stored: drop its claim file (a later claimer sees the cell first) and release it."""
+        if key.id in self._claims:
+            (self.root / CLAIMS_DIR / f"{key.id}.lock").unlink(missing_ok=True)
+            os.close(self._claims.pop(key.id))
 
     def samples_path(self, key: CellKey) -> Path:
         """Where a cell's samples go: readable, and unique through the key's id."""
@@ -451,7 +520,8 @@ class Store:
                     cell = Cell.from_record(record)
                 except (ValueError, TypeError, KeyError, SvdiclError) as exc:
                     raise self._damaged(line_number, str(exc)) from None
-                self._cells.setdefault(cell.id, cell)  # duplicate keys: the first wins
+                if record.get("recomputed") or cell.id not in self._cells:  # duplicates: the first wins, unless recomputed
+                    self._cells[cell.id] = cell
             position += len(raw) + 1
         self._offset = size
         self._line += len(complete)
@@ -520,17 +590,34 @@ def run_cells(
     """Compute and store every key not finished yet, in order; return all cells in key order.
 
     Finished cells are never recomputed, so rerunning after an interruption resumes where it
-    stopped.  `compute` is called once per missing key.
+    stopped.  `compute` is called once per missing key, and only for keys this process claims:
+    a key another process is computing is waited for and read back (or computed here, if that
+    process dies first).
     """
     from tqdm.auto import tqdm
 
     keys = list(dict.fromkeys(keys))
     todo = store.missing(keys)
     with tqdm(total=len(keys), initial=len(keys) - len(todo), desc=desc, unit="cell", disable=not progress) as bar:
-        for key in todo:
-            bar.set_postfix_str(f"{key.task} {key.split} {key.shots}-shot seed {key.seed} {key.edit}")
-            start = time.perf_counter()
-            result = compute(key)
-            store.put(key, result, seconds=time.perf_counter() - start)
-            bar.update(1)
+        try:
+            while todo:
+                deferred = []
+                for key in todo:
+                    if not store.claim(key):  # finished meanwhile, or another process computes it now
+                        if store.has(key):
+                            bar.update(1)
+                        else:
+                            deferred.append(key)
+                        continue
+                    bar.set_postfix_str(f"{key.task} {key.split} {key.shots}-shot seed {key.seed} {key.edit}")
+                    start = time.perf_counter()
+                    result = compute(key)
+                    store.put(key, result, seconds=time.perf_counter() - start)
+                    bar.update(1)
+                for key in deferred:
+                    store.wait(key)
+                bar.update(len(deferred) - len(store.missing(deferred)))
+                todo = store.missing(deferred)
+        finally:
+            store.release()
     return [store.get(key) for key in keys]

@@ -124,7 +124,8 @@ def test_search_picks_the_reference_layer_and_rate_and_agrees_with_evaluate(task
     assert found.baseline.value == pytest.approx(baseline.accuracy)
     pruned = svdicl.evaluate(model, yaml, tokenizer=tokenizer, data_dir=data, prune=f"{found.layer}:mlp:{found.rate_star}")
     assert found.pruned.value == pytest.approx(pruned.accuracy)
-    assert 0 <= found.mcnemar_p <= 1
+    assert 0 <= found.p_value <= 1 and found.p_value == found.results["test"]["p_value"]
+    assert [a["name"] for a in found.arms][:2] == ["unpruned", "unpruned + contextual"]
     written = json.loads((task_dir / "out" / "search" / "toy-mlp.json").read_text())
     assert svdicl.SearchResult.from_results(written).rate_star == found.rate_star
     again = svdicl.search(model, yaml, tokenizer=tokenizer, rates="0.5,0.99", layer=found.layer, data_dir=data)  # no output

@@ -57,7 +57,9 @@ def test_prune_export_reloads_with_plain_transformers(capsys, tiny_folder, tmp_p
     assert code == 0 and "rank    6/64" in out
     record = json.loads((out_dir / "svdicl_edit.json").read_text())
     assert record["edit"]["key"] == "-1:mlp:0.9" and len(record["edit"]["matrices"]) == 3
+    assert "| 6 / 64 |" in (out_dir / "README.md").read_text()  # the model card
     reloaded = tf.AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    assert reloaded.config.svdicl["edit"] == "-1:mlp:0.9"
     reference = load_model(str(tiny_folder)).model
     ids = torch.arange(20).unsqueeze(0)
     with svdicl.pruned(reference, layers=-1, modules="mlp", rate=0.9):

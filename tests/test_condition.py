@@ -149,6 +149,23 @@ def test_cli_writes_files_and_prints_top_layers(tmp_path, monkeypatch, capsys):
     assert "--top-k must be at least 1" in capsys.readouterr().err
 
 
+def test_condition_into_a_folder_of_every_layer_keeps_the_other_rows(tmp_path, monkeypatch, capsys):
+    """A search wrote every layer's rows; `condition --layers 0-1 --modules q,k` adds to them, never replaces them."""
+    model = tiny_model("llama")
+    loaded = LoadedModel(model=model, tokenizer=None, source="tiny-llama", fingerprint="f" * 32, dtype="float32")
+    everything = condition_numbers(model, "all", "all")
+    write_conditions(everything, tmp_path, fingerprint=loaded.fingerprint)
+    monkeypatch.setattr("svdicl.cli.condition.load", lambda args: loaded)
+    argv = ["-q", "condition", "--model", "tiny", "--layers", "0-1", "--modules", "q,k", "--output", str(tmp_path)]
+    assert main(argv) == 0
+    rows = read_conditions(tmp_path / "conditions.csv")
+    assert sorted(c.module for c in rows) == sorted(c.module for c in everything) and len(rows) > 4
+    assert {c.module: c.condition_number for c in rows} == {c.module: c.condition_number for c in everything}
+    other = LoadedModel(model=model, tokenizer=None, source="other", fingerprint="e" * 32, dtype="float32")
+    write_conditions(everything[:2], tmp_path, fingerprint=other.fingerprint)  # other weights: their rows alone
+    assert len(read_conditions(tmp_path / "conditions.csv")) == 2
+
+
 @pytest.mark.slow
 def test_real_model_against_numpy(real_model):
     found = condition_numbers(real_model.model, layers="29", modules="up,k")

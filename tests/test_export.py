@@ -187,3 +187,68 @@ def test_real_model_factorized_export_matches_in_memory_pruning(real_model, tmp_
         assert (back.model(ids).logits - expected).abs().max().item() < 1e-5 * expected.abs().max().item()
     assert back.model.lm_head.weight is back.model.model.embed_tokens.weight
     assert info["size"]["params_saved"] == sum(m["dense_params"] - m["factorized_params"] for m in info["edit"]["matrices"])
+
+
+@pytest.mark.parametrize("format", ["dense", "factorized"])
+def test_every_export_explains_itself_in_a_model_card_and_config_json(format, tmp_path):
+    from huggingface_hub import ModelCard
+
+    loaded = loaded_tiny("llama")
+    specs = [PruneSpec("-1", "mlp", 0.9), PruneSpec("0", "attn", 0.75)]
+    info = svdicl.save_pruned(loaded, specs, tmp_path, format=format, notes="picked by hand for a test")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert {"svdicl", "pruned"} <= set(card.data.tags)
+    text = card.text
+    for m in info["edit"]["matrices"]:  # every matrix with its kept rank and relative error, from the record
+        assert f"| `{m['name']}` | {m['shape'][0]} x {m['shape'][1]} | {m['kept_rank']} / {m['rank']} | " in text
+        assert f"| {m['relative_error']:.4f} |" in text
+    assert loaded.fingerprint in text and f"svdicl {info['versions']['svdicl']}" in text and "picked by hand" in text
+    loading = "AutoModelForCausalLM.from_pretrained" if format == "dense" else "HFLM(pretrained=loaded.model"
+    assert loading in text and ("factorised" in text) == (format == "factorized")
+    entry = tf.AutoConfig.from_pretrained(tmp_path).svdicl  # transformers keeps the unknown key on reload
+    assert entry == {
+        "format": format,
+        "version": info["versions"]["svdicl"],
+        "source": "tiny-llama",
+        "source_fingerprint": loaded.fingerprint,
+        "edit": "-1:mlp:0.9;0:attn:0.75",
+        "kept_ranks": {m["name"]: m["kept_rank"] for m in info["edit"]["matrices"]},
+        "details": "svdicl_edit.json",
+    }
+    back = svdicl.load_pruned(tmp_path)
+    assert back.model.config.svdicl == entry
+    back.model.config.save_pretrained(tmp_path / "resaved")  # and keeps it through another save
+    assert tf.AutoConfig.from_pretrained(tmp_path / "resaved").svdicl == entry
+    assert not hasattr(loaded.model.config, "svdicl")  # the in-memory model is left as it was
+    if format == "dense":  # the entry is provenance, not part of the weights' identity
+        with svdicl.pruned(loaded.model, specs=specs):
+            assert back.fingerprint == fingerprint(loaded.model)
+
+
+def test_an_unpruned_export_says_nothing_was_truncated(tmp_path):
+    svdicl.save_pruned(loaded_tiny("llama"), [PruneSpec("-1", "mlp", 0.0)], tmp_path)
+    assert "No matrix was truncated" in (tmp_path / "README.md").read_text()
+
+
+def test_lm_eval_scores_a_factorized_export_through_hflm(tmp_path):
+    """docs/lm-eval.md: lm-eval's HFLM, handed the model object, gives the pruned model's log-likelihoods."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from svdicl.scoring import Request, score
+
+    loaded = loaded_tiny("llama")
+    specs = [PruneSpec("all", "mlp", 0.75)]
+    svdicl.save_pruned(loaded, specs, tmp_path, format="factorized")
+    back = svdicl.load_pruned(tmp_path)
+    lm = HFLM(pretrained=back.model, tokenizer=back.tokenizer, batch_size=2)
+    pairs = [("text: a fine film sentiment:", " positive"), ("text: dull sentiment:", " negative"), ("abc", " d e")]
+    answers = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)])
+    requests = [
+        Request((), tuple(lm.tok_encode(context)), (tuple(lm.tok_encode(c, add_special_tokens=False)),)) for context, c in pairs
+    ]
+    with svdicl.pruned(loaded.model, specs=specs):
+        expected = [s.logprobs[0] for s in score(loaded.model, requests)]
+    unpruned = [s.logprobs[0] for s in score(loaded.model, requests)]
+    assert [lp for lp, _ in answers] == pytest.approx(expected, abs=1e-4)
+    assert all(abs(a - u) > 1e-3 for (a, _), u in zip(answers, unpruned, strict=True))

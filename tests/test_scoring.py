@@ -158,3 +158,51 @@ def test_bad_batch_options_are_refused():
         score(tiny_model("llama"), [], padding_side="middle")
     with pytest.raises(SvdiclError, match="batch size"):
         score(tiny_model("llama"), [], batch_size=0)
+
+
+def cut_per_token(tokens, offsets, cuts, name):
+    """The per-token loop `scoring._cut` replaced: the reference for its vectorised version."""
+    parts = [[], [], []]
+    for token, (start, end) in zip(tokens, offsets, strict=True):
+        part = sum(end > cut for cut in cuts)
+        inside = [i for i, cut in enumerate(cuts) if start < cut < end]
+        if inside or any(parts[part + 1 :]):
+            where = ("the demonstrations and the query", "the query and a candidate answer")[(inside or [part - 1])[0] > 0]
+            raise SvdiclError(f"example {name}: {where} share a token")
+        parts[part].append(token)
+    return parts
+
+
+def test_vectorised_cut_agrees_with_the_per_token_loop():
+    from svdicl.scoring import _cut
+
+    rng = random.Random(0)
+    for trial in range(3000):
+        n = rng.randint(0, 8)
+        ends = sorted(rng.randint(0, 12) for _ in range(n))
+        offsets = [(max(0, end - rng.randint(0, 3)), end) for end in ends]
+        if rng.random() < 0.1 and n > 1:  # an out-of-order token now and then
+            i = rng.randrange(n - 1)
+            offsets[i], offsets[i + 1] = offsets[i + 1], offsets[i]
+        cuts = tuple(sorted(rng.randint(0, 12) for _ in range(2)))
+        tokens = list(range(100, 100 + n))
+        try:
+            expected = cut_per_token(tokens, offsets, cuts, "x")
+        except SvdiclError as error:
+            with pytest.raises(SvdiclError) as raised:
+                _cut(tokens, offsets, cuts, "x")
+            assert str(raised.value).startswith(str(error)), (trial, offsets, cuts)
+            continue
+        assert _cut(tokens, offsets, cuts, "x") == expected, (trial, offsets, cuts)
+
+
+def test_tokenizing_reports_progress_per_example():
+    class Counter:
+        done = 0
+
+        def update(self, n):
+            self.done += n
+
+    counter = Counter()
+    build_requests(tiny_tokenizer(), "q: a a: Yes\n", ["q: b a:"] * 7, [[" Yes", " No"]] * 7, chunk=3, progress=counter)
+    assert counter.done == 7

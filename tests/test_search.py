@@ -218,6 +218,12 @@ def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
         assert edit["edit"]["key"] == (
             "none" if result["rate_star"] == 0 else f"{result['layer']}:{module}:{result['rate_star']:g}"
         )
+        card = (export / f"toy-{module}" / "README.md").read_text()
+        assert (
+            "Algorithm 1" in card
+            and f"rate* = {result['rate_star']:g}" in card
+            and f"p = {result['test']['p_value']:.3g}" in card
+        )
         replay = tmp_path / f"replay-{module}"
         config = out / "search" / f"toy-{module}.yaml"
         assert main(["-q", "eval", "--config", str(config), "--data-dir", data, "--output", str(replay)]) == 0

@@ -275,3 +275,91 @@ def test_missing_samples_file_is_reported(tmp_path):
     os.remove(tmp_path / cell.samples)
     with pytest.raises(SvdiclError, match=r"samples file .* is missing"):
         store.samples(cell)
+
+
+def test_a_deleted_samples_file_is_recomputed_and_its_new_line_wins(tmp_path):
+    keys = sweep_keys()[1:4]
+    run_cells(Store(tmp_path), keys, fake_result, progress=False)
+    gone = Store(tmp_path).get(keys[1])
+    os.remove(tmp_path / gone.samples)
+    store = Store(tmp_path)
+    assert not store.has(keys[1]) and store.missing(keys) == [keys[1]]
+    recomputed: list[str] = []
+
+    def other(key: CellKey) -> Result:  # a different answer, so the test sees which line is read back
+        recomputed.append(key.id)
+        return replace(fake_result(key), metrics={"accuracy": 0.25}, samples=[{"id": "new"}])
+
+    run_cells(store, keys, other, progress=False)
+    assert recomputed == [keys[1].id]
+    reopened = Store(tmp_path)
+    assert [c.id for c in reopened.cells()] == [k.id for k in keys] and not reopened.missing(keys)
+    assert reopened.get(keys[1]).value("accuracy") == 0.25 and reopened.samples(reopened.get(keys[1])) == [{"id": "new"}]
+    assert reopened.get(keys[0]).value("accuracy") == fake_result(keys[0]).metrics["accuracy"]["value"]
+
+
+CONCURRENT_SCRIPT = """
+import os, sys, time
+sys.path.insert(0, {tests!r})
+from test_store import fake_result, sweep_keys
+from svdicl.store import Store, run_cells
+
+def compute(key):
+    with open({log!r}, "a") as log:
+        log.write(f"{{os.getpid()}} {{key.id}}\\n")
+    time.sleep(0.05)
+    return fake_result(key)
+
+while len(os.listdir({gate!r})) < 1:
+    time.sleep(0.01)
+cells = run_cells(Store({store!r}), sweep_keys(), compute, progress=False)
+assert len(cells) == len(set(sweep_keys())) and all(c is not None for c in cells)
+"""
+
+
+def test_concurrent_runs_compute_each_cell_once(tmp_path):
+    log, gate = tmp_path / "calls.log", tmp_path / "gate"
+    gate.mkdir()
+    script = CONCURRENT_SCRIPT.format(tests=str(Path(__file__).parent), log=str(log), store=str(tmp_path / "run"), gate=str(gate))
+    command = [sys.executable, "-c", textwrap.dedent(script)]
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    (gate / "go").touch()  # all three start on the same store at once
+    for proc in procs:
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    calls = [line.split() for line in log.read_text().splitlines()]
+    unique = {k.id for k in sweep_keys()}
+    assert sorted(cell for _, cell in calls) == sorted(unique)  # every cell once, across the three
+    assert len({pid for pid, _ in calls}) > 1  # and the work was shared
+    assert {c.id for c in Store(tmp_path / "run").cells()} == unique
+
+
+CLAIM_AND_DIE = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from test_store import sweep_keys
+from svdicl.store import Store
+
+store = Store({store!r})
+assert store.claim(sweep_keys()[{index}])
+open({claimed!r}, "w").close()
+if {die}:
+    os.kill(os.getpid(), signal.SIGKILL)
+time.sleep(1.0)
+store.release()
+"""
+
+
+@pytest.mark.parametrize("die", [True, False])
+def test_a_claim_held_elsewhere_is_waited_for_and_a_dead_ones_is_recovered(tmp_path, die):
+    claimed = tmp_path / "claimed"
+    script = CLAIM_AND_DIE.format(tests=str(Path(__file__).parent), store=str(tmp_path), index=2, claimed=str(claimed), die=die)
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)])
+    while not claimed.exists():
+        assert proc.poll() is None or die
+    if not die:
+        assert not Store(tmp_path).claim(sweep_keys()[2])  # another live process computes it
+    computed: list[str] = []
+    run_cells(Store(tmp_path), sweep_keys()[:4], lambda k: computed.append(k.id) or fake_result(k), progress=False)
+    proc.wait(timeout=60)
+    assert sorted(computed) == sorted(k.id for k in sweep_keys()[:4])  # the released or dead claim's cell too
+    assert len(Store(tmp_path)) == 4

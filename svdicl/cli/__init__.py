@@ -9,12 +9,14 @@ conversion and checks as flags, and flags given on the command line win over the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
 import sys
 import warnings
+from pathlib import Path
 
 from svdicl.cli.config import VALUE, Parser, config_argv, config_path, given_dests, read_config
 from svdicl.errors import SvdiclError, write_error
@@ -87,26 +89,41 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI on `argv` (default: sys.argv); returns the exit status, printing an SvdiclError as one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    warnings.showwarning = _warning_line
     args = None
+    with warnings.catch_warnings():  # restores the caller's warning display when main returns
+        warnings.showwarning = _warning_line
+        try:
+            args = parse_args(argv, parser)
+            if args.quiet:
+                os.environ["TQDM_DISABLE"] = "1"
+            _quiet_libraries()
+            return _run(args)
+        except SvdiclError as exc:
+            print(f"svdicl: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
+            problem = write_error(exc, _output_folder(args), writing=False)
+            if problem is None:
+                raise
+            print(f"svdicl: error: {problem}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+            return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The subcommand; if it fails, the output folders it created are removed again when they hold nothing."""
+    from svdicl.outputs import remove_if_empty
+
+    fresh = [Path(p) for p in (getattr(args, "output", None), getattr(args, "export", None)) if p and not Path(p).exists()]
     try:
-        args = parse_args(argv, parser)
-        if args.quiet:
-            os.environ["TQDM_DISABLE"] = "1"
-        _quiet_libraries()
         return args.handler(args)
-    except SvdiclError as exc:
-        print(f"svdicl: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # a full disk or a read-only folder wherever a file is written: one line, not a traceback
-        problem = write_error(exc, _output_folder(args), writing=False)
-        if problem is None:
-            raise
-        print(f"svdicl: error: {problem}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("svdicl: interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
-        return 130
+    except BaseException:
+        for folder in fresh:
+            with contextlib.suppress(OSError):
+                remove_if_empty(folder)
+        raise
 
 
 def _output_folder(args: argparse.Namespace | None) -> str | None:

@@ -56,6 +56,11 @@ def add(sub) -> None:
     out = p.add_argument_group("output")
     add_output_arg(out, help="folder for results.json and samples.jsonl (required)")
     out.add_argument("--overwrite", action="store_true", help="discard results of a different evaluation in --output")
+    out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
     p.set_defaults(handler=run)
 
 
@@ -64,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
     from svdicl.forward import parse_memory
+    from svdicl.outputs import exclusive
     from svdicl.tasks import get_task
 
     if not args.task or not args.output:
@@ -75,31 +81,45 @@ def run(args: argparse.Namespace) -> int:
     seeds = list(seeds_from(args))
     root = output_folder(args.output)
     loaded = load(args)
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_eval
+
+        edit = ";".join(str(spec) for spec in specs if spec.rate > 0) or "unpruned"
+        outputs = [root if len(tasks) == 1 else root / task.name for task in tasks]
+        print(
+            dry_run_eval(
+                loaded, tasks, split=args.split, shots=shots, seeds=seeds, limit=args.limit, edit=edit,
+                data_dir=args.data_dir, outputs=outputs, batch_size=args.batch_size, path=args.path, cache_memory=cache_memory,
+                calibration=args.calibration,
+            ).text()
+        )  # fmt: skip
+        return 0
     for task in tasks:
         folder = root if len(tasks) == 1 else root / task.name
         if (folder / RESULTS_FILE).is_file() and not args.overwrite:
             log(args, f"{folder / RESULTS_FILE} exists; reporting it (if it is the same evaluation) without rescoring")
-        results = evaluate(
-            loaded,
-            task,
-            split=args.split,
-            shots=shots[task.name],
-            seeds=seeds,
-            limit=args.limit,
-            specs=specs,
-            svd=args.svd_dtype,
-            allow_tied=args.allow_tied,
-            batch_size=args.batch_size,
-            padding_side=args.padding_side,
-            length_normalize=args.length_normalize,
-            data_dir=args.data_dir,
-            output=folder,
-            overwrite=args.overwrite,
-            quiet=args.quiet,
-            path=args.path,
-            cache_memory=cache_memory,
-            calibration=args.calibration,
-        )
+        with exclusive(folder, "eval"):  # a second eval into this folder at the same time is refused
+            results = evaluate(
+                loaded,
+                task,
+                split=args.split,
+                shots=shots[task.name],
+                seeds=seeds,
+                limit=args.limit,
+                specs=specs,
+                svd=args.svd_dtype,
+                allow_tied=args.allow_tied,
+                batch_size=args.batch_size,
+                padding_side=args.padding_side,
+                length_normalize=args.length_normalize,
+                data_dir=args.data_dir,
+                output=folder,
+                overwrite=args.overwrite,
+                quiet=args.quiet,
+                path=args.path,
+                cache_memory=cache_memory,
+                calibration=args.calibration,
+            )
         _print(task.name, results, folder)
     return 0
 

@@ -19,7 +19,11 @@ def add(sub) -> None:
     group.add_argument(
         "--output", "--output-path", "--output_path", required=True, help="folder for the pruned model (must be empty or new)"
     )
-    group.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty output folder")
+    group.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace what svdicl wrote in a non-empty output folder (only that; see its .svdicl-manifest.json)",
+    )
     group.add_argument(
         "--format",
         choices=["dense", "factorized"],
@@ -37,10 +41,11 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Truncate the chosen matrices and save the model, dense or factorized."""
-    from svdicl.export import prepare_output, save_pruned
+    from svdicl.export import save_pruned
+    from svdicl.outputs import check_output
 
     specs = prune_specs(args, required=True)
-    prepare_output(args.output, args.overwrite)  # refuse a bad folder before the slow load
+    check_output(args.output, args.overwrite)  # refuse a bad folder before the slow load; cleared only once all is valid
     loaded = load(args)
     log(args, f"pruning and saving as {args.format} ...")
     info = save_pruned(
@@ -51,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         svd=args.svd_dtype,
         allow_tied=args.allow_tied,
         force=args.force,
-        overwrite=True,
+        overwrite=args.overwrite,
     )
     factorized = {m["name"]: m["rank"] for m in info.get("factorized", {}).get("modules", [])}
     kept_dense = {m["name"]: m["reason"] for m in info.get("factorized", {}).get("dense", [])}

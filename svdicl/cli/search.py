@@ -70,8 +70,15 @@ def add(sub) -> None:
     out.add_argument(
         "--export-format", choices=["dense", "factorized"], default="dense", help="see svdicl prune (default: dense)"
     )
-    out.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --export folder")
+    out.add_argument(
+        "--overwrite", action="store_true", help="replace what svdicl wrote in a non-empty --export folder (only that)"
+    )
     out.add_argument("--no-report", action="store_true", help="skip drawing the report (svdicl report DIR draws it later)")
+    out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
     out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )
@@ -81,9 +88,10 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, conditions_for, search, write_search
+    from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
-    from svdicl.export import prepare_output, save_pruned
+    from svdicl.export import save_pruned
+    from svdicl.outputs import check_output as check_export
     from svdicl.prune import PruneSpec
     from svdicl.report import algorithm1_markdown, arms_markdown
     from svdicl.store import Store
@@ -116,11 +124,18 @@ def run(args: argparse.Namespace) -> int:
         )
     )
     scoring = scoring_from(args)
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_search
+
+        loaded = load(args, on_cpu=args.executor != "local")
+        splits = load_task_splits([c.task for c in configs], args.data_dir)
+        print(dry_run_search(loaded, configs, scoring, splits, output=folder).text())
+        return 0
     exports = {}
     if args.export:
         for config in configs:
             where = Path(args.export) / f"{Path(config.task).stem}-{config.module.replace(',', '+')}"
-            exports[config] = prepare_output(args.export if len(configs) == 1 else where, args.overwrite)
+            exports[config] = check_export(args.export if len(configs) == 1 else where, args.overwrite)  # cleared when written
     loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
     store = Store(folder)
     splits = load_task_splits([c.task for c in configs], args.data_dir)
@@ -154,7 +169,8 @@ def run(args: argparse.Namespace) -> int:
         if config in exports:
             spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
             save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
-                        allow_tied=args.allow_tied, overwrite=True)  # fmt: skip
+                        allow_tied=args.allow_tied, overwrite=args.overwrite,
+                        notes=card_notes(result))  # fmt: skip
             print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
     if not args.no_report:
         from svdicl.report import build_report

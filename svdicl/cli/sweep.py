@@ -62,6 +62,11 @@ def add(sub) -> None:
     add_output_arg(out, help="folder of the result store and report (required)")
     out.add_argument("--no-report", action="store_true", help="only fill the store; draw figures later with svdicl report DIR")
     out.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the cells, examples, tokens and an estimated time (from a short timing here); score and write nothing",
+    )
+    out.add_argument(
         "--format", nargs="+", default=["png", "svg"], choices=["png", "svg", "pdf"], help="figure formats (default: png svg)"
     )
     p.set_defaults(handler=run)
@@ -181,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
     )
     scoring = scoring_from(args)
     loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
+    if args.dry_run:
+        from svdicl.experiments.dryrun import dry_run_sweep
+
+        print(dry_run_sweep(loaded, grid, scoring, data_dir=args.data_dir, output=folder).text())
+        return 0
     store = Store(folder)
     executor = executor_from(args, loaded)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -274,23 +273,12 @@ def _model_norms(args: argparse.Namespace, rates: list[float]):
 
 
 def run_linreg(args: argparse.Namespace) -> int:
-    """Train (or resume) the in-context linear regression model, compare it with baselines, prune it."""
-    import torch
-
-    from svdicl.report import save_figure, write_csv
+    """Train (or resume) the in-context linear regression model, compare it with baselines, prune it: every flag
+    checked first, then --output taken (one run at a time; --overwrite clears only svdicl's files)."""
+    from svdicl.outputs import check_clearable, clear_output, exclusive, is_empty, reopen_output
     from svdicl.svd import check_rate
-    from svdicl.targets import parse_layers
-    from svdicl.theory.figures import linreg_figure, pruning_figure
-    from svdicl.theory.linreg import (
-        LinRegConfig,
-        baseline_curves,
-        held_out,
-        learned,
-        load_checkpoint,
-        model_curve,
-        prune_sweep,
-        train,
-    )
+    from svdicl.targets import parse_layers, resolve
+    from svdicl.theory.linreg import LinRegConfig, build
 
     config = LinRegConfig(
         dim=args.dim,
@@ -314,10 +302,25 @@ def run_linreg(args: argparse.Namespace) -> int:
     shots = config.points - 1 if args.shots is None else args.shots
     if not 0 <= shots < config.points:
         raise SvdiclError(f"--shots {shots} is outside 0..{config.points - 1} (prompts hold {config.points} points)")
-    output = Path(args.output)
-    if args.overwrite and output.is_dir():
-        shutil.rmtree(output)
-    output = _output(args.output)
+    for module in modules:  # every input is checked before --overwrite clears anything
+        resolve(build(config), ",".join(map(str, prune_layers)), module)
+    if args.overwrite and not is_empty(args.output):
+        check_clearable(Path(args.output))  # refused before the folder is touched at all
+    with exclusive(args.output, "theory linreg") as output:
+        if args.overwrite and not is_empty(output):
+            clear_output(output)  # only what svdicl wrote there (its manifest); never a folder it did not write
+        return _linreg(args, config, reopen_output(output), rates, prune_layers, modules, shots)
+
+
+def _linreg(args, config, output: Path, rates: list[float], prune_layers: list[int], modules: list[str], shots: int) -> int:
+    """The linreg run in `output`, which this process holds: train or resume, evaluate, prune, write, print."""
+    import torch
+
+    from svdicl.outputs import finish_output
+    from svdicl.report import save_figure, write_csv
+    from svdicl.theory.figures import linreg_figure, pruning_figure
+    from svdicl.theory.linreg import baseline_curves, held_out, learned, load_checkpoint, model_curve, prune_sweep, train
+
     torch.set_num_threads(args.threads)
 
     started = time.perf_counter()
@@ -375,6 +378,7 @@ def run_linreg(args: argparse.Namespace) -> int:
             "train longer (--steps, in a new --output) or try another --seed",
             file=sys.stderr,
         )
+    finish_output(output)
     log(args, f"done in {time.perf_counter() - started:.0f} s")
     for path in files:
         log(args, f"wrote {path}")

@@ -80,10 +80,12 @@ class Arm:
         return runs
 
     def metric(self, name: str) -> str:
+        """The cell metric this arm reads: `name`, or `<calibration>:name` for a calibrated arm."""
         return name if self.calibration is None else f"{self.calibration}:{name}"
 
 
 def arm_name(calibration: str | None = None, control: str | None = None, pruned: bool = False) -> str:
+    """The arm's display name, e.g. `pruned + batch` or `random subspace + contextual`."""
     base = control or ("pruned" if pruned else "unpruned")
     return base if calibration is None else f"{base} + {calibration}"
 

@@ -195,14 +195,23 @@ def write_conditions(
     fingerprint: str = "",
     top_k: int = 3,
 ) -> list[Path]:
-    """conditions.csv (one row per matrix) and conditions.json (rows, per-layer group values, top-k layers)."""
+    """conditions.csv (one row per matrix) and conditions.json (rows, per-layer group values, top-k layers).
+
+    Rows already there for the same weights (fingerprint) are kept, those of the matrices given
+    replaced: `svdicl condition --layers 0-1` into a search's folder adds to its every-layer rows.
+    """
     folder = Path(directory)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, json_path = folder / CSV_FILE, folder / JSON_FILE
-    with open(csv_path, "w", newline="", encoding="utf-8") as handle:
+    given = {c.module for c in conditions}
+    kept = [c for c in stored_conditions(folder, fingerprint) if c.module not in given]
+    conditions = sorted([*kept, *conditions], key=lambda c: (c.layer is None, c.layer or 0))  # stable: by layer
+    partial = csv_path.with_name(CSV_FILE + ".partial")
+    with open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(c.to_row() for c in conditions)
+    partial.replace(csv_path)
     groups = sorted({c.group for c in conditions if c.group and c.layer is not None})
     summary = {
         "format": "svdicl.conditions/1",
@@ -215,8 +224,19 @@ def write_conditions(
         "top_layers": {g: top_layers(conditions, g, top_k) for g in groups},
         "top_k": top_k,
     }
-    json_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    partial = json_path.with_name(JSON_FILE + ".partial")
+    partial.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    partial.replace(json_path)
     return [csv_path, json_path]
+
+
+def stored_conditions(folder: Path, fingerprint: str) -> list[MatrixCondition]:
+    """The rows of DIR/conditions.csv when conditions.json says they are of these weights, else none."""
+    try:
+        same = fingerprint and json.loads((folder / JSON_FILE).read_text())["model"]["fingerprint"] == fingerprint
+        return read_conditions(folder / CSV_FILE) if same else []
+    except (OSError, ValueError, KeyError, TypeError, SvdiclError):
+        return []  # nothing readable of these weights: the new rows stand alone
 
 
 def _json_number(value: float) -> float | None:

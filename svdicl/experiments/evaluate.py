@@ -27,7 +27,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -61,6 +61,7 @@ from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, content_digest, load_splits
 
 RESULTS_FILE = "results.json"
+RESULTS_FORMAT = "svdicl-eval/1"
 SAMPLES_FILE = "samples.jsonl"
 PROGRESS_FILE = "progress.json"  # present only while a run is unfinished; holds its config
 LIMIT_RULE = "the first N examples of the split after a shuffle fixed by the task's split_seed (same for every seed and edit)"
@@ -118,14 +119,18 @@ def prepare_run(
     data_dir: str | Path | None = None,
     splits: TaskSplits | None = None,
     calibration: Sequence[str] = (),
+    progress: bool = False,
 ) -> EvalRun:
     """Draw the demonstrations for `seed`, render every prompt and tokenize it into Requests.
 
     `shots` counts demonstrations per class (default: the paper's, `task.shots`).  Pass
     `splits` to reuse data already loaded for another seed.  `calibration` names methods of
     svdicl.calibration (those that apply to the task): their queries become extra requests
-    after the same demonstrations.
+    after the same demonstrations.  Only the `limit` examples are tokenized;
+    `progress` shows a bar on stderr while they are (a whole split takes a while).
     """
+    from tqdm.auto import tqdm
+
     loaded = as_loaded(loaded, "prepare_run")
     task = get_task(task) if isinstance(task, str) else task
     splits = splits if splits is not None else load_splits(task, data_dir)
@@ -134,14 +139,17 @@ def prepare_run(
     demonstrations = sample_demonstrations(task, splits.demonstrations, shots, seed)
     block = demonstrations_text(task, demonstrations)
     prompts = tuple(build_prompt(task, block, e) for e in examples)
-    requests = build_requests(
-        loaded.tokenizer,
-        block,
-        [p.query for p in prompts],
-        [p.candidates for p in prompts],
-        ids=[e.id for e in examples],
-        max_length=context_length(loaded.model, loaded.tokenizer),
-    )
+    desc = f"tokenizing {task.name} {split} seed {seed}"
+    with tqdm(total=len(prompts), desc=desc, unit="ex", file=sys.stderr, disable=not progress, leave=False) as bar:
+        requests = build_requests(
+            loaded.tokenizer,
+            block,
+            [p.query for p in prompts],
+            [p.candidates for p in prompts],
+            ids=[e.id for e in examples],
+            max_length=context_length(loaded.model, loaded.tokenizer),
+            progress=bar,
+        )
     methods = cal.applicable(task, cal.parse_calibration(calibration))
     probes = tuple((m, q) for m in methods for q in cal.probe_queries(task, m, splits.demonstrations, seed))
     probe_requests = build_requests(
@@ -165,6 +173,12 @@ class CalibratedRun:
     calibrated: cal.Calibrated
     accuracy: Estimate
     macro_f1: Estimate
+
+
+def scored_seeds(shots: int, seeds: Sequence[int], calibration: Sequence[str] = ()) -> tuple[int, ...]:
+    """The seeds whose runs are scored: with no demonstrations every seed has the same prompts, so the first stands
+    for all; calibration (its domain queries are drawn per seed) keeps every seed."""
+    return tuple(seeds[:1]) if shots == 0 and not calibration else tuple(seeds)
 
 
 @dataclass(frozen=True)
@@ -249,6 +263,13 @@ class RunResult:
             _sample(self.run, i, s, self.length_normalize, {c.calibrated.method: c.calibrated for c in self.calibrated})
             for i, s in enumerate(self.scores)
         ]
+
+    def reused_for(self, seed: int) -> RunResult:
+        """This zero-shot result as the run of `seed`, which has the same prompts: nothing rescored, the reuse recorded."""
+        if self.run.demonstrations:
+            raise SvdiclError("only a run without demonstrations is the same for every seed")
+        timing = {**self.timing, "wall_s": 0.0, "examples_scored": 0, "examples_reused": len(self.scores)}
+        return replace(self, run=replace(self.run, seed=seed), timing={**timing, "reused_from_seed": self.run.seed})
 
 
 BIAS_METRICS = ("balanced_accuracy", "top_answer_share", "auc")
@@ -597,8 +618,11 @@ def evaluate(
 
     Returns the content of results.json.  An unfinished output folder of the same
     configuration (model, task definition, data digest, ...) is resumed (finished examples
-    are read back from samples.jsonl); one of another configuration is refused.  The
-    scoring path is chosen per seed before any forward pass and recorded in the config.
+    are read back from samples.jsonl); one of another configuration is refused; a finished
+    one is returned without tokenizing anything.  The scoring path is chosen per seed before
+    any forward pass and recorded in the config.  With 0 shots (and no calibration) the seeds
+    share their prompts: the first seed's run is scored once and reused for the others
+    (`reused_from_seed` in their timing).
     """
     from tqdm.auto import tqdm
 
@@ -614,11 +638,7 @@ def evaluate(
     with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
         shots = task.shots if shots is None else shots
         methods = cal.applicable(task, cal.parse_calibration(calibration))
-        prepared = [
-            prepare_run(loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits, calibration=methods)
-            for seed in seeds
-        ]
-        paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
+        examples = limit_examples(splits.split(split), limit, task.split_seed)  # what prepare_run scores
         config = {
             "model": {
                 "source": loaded.source,
@@ -628,7 +648,7 @@ def evaluate(
             },
             "task": task.to_dict(),
             "data": splits.origin,
-            "data_digest": content_digest(task, prepared[0].examples, splits.demonstrations),  # what is scored, by content
+            "data_digest": content_digest(task, examples, splits.demonstrations),  # what is scored, by content
             "split": split,
             "shots_per_class": shots,
             "shots_total": shots * task.num_classes,
@@ -638,13 +658,24 @@ def evaluate(
             "edit": record.to_dict(),
             "batch_size": batch_size,
             "scoring": {
-                **_paths_used(paths),
                 "padding_side": padding_side,
                 "length_normalize": length_normalize,
                 "calibration": list(methods),
             },
             "statistics": INTERVALS,
         }
+        finished = _finished(output, config) if output is not None and not overwrite else None
+        if finished is not None:
+            return finished  # the same evaluation, done: nothing to tokenize or score
+        prepared = [
+            prepare_run(
+                loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits, calibration=methods,
+                progress=not quiet,
+            )
+            for seed in scored_seeds(shots, seeds, methods)
+        ]  # fmt: skip
+        paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
+        config["scoring"] = {**_paths_used(paths), **config["scoring"]}
         config = json.loads(json.dumps(config))
         folder, known = _open_output(output, config, overwrite) if output is not None else (None, {})
         if folder is not None and (folder / RESULTS_FILE).is_file():
@@ -657,8 +688,9 @@ def evaluate(
                 runs.append(
                     _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known.get(run.seed), write, bar)
                 )
+        runs += [runs[0].reused_for(seed) for seed in seeds[len(runs) :]]  # zero-shot: the other seeds' prompts are the same
     results = {
-        "format": "svdicl-eval/1",
+        "format": RESULTS_FORMAT,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "config": config,
         "versions": versions(),
@@ -687,6 +719,18 @@ def _paths_used(paths: Sequence[ExecutionPath]) -> dict:
     return {"path": names[0] if len(names) == 1 else names, "fallback": "; ".join(reasons) or None}
 
 
+def _finished(output: str | Path, config: dict) -> dict | None:
+    """results.json in `output` if it holds `config`'s evaluation, whichever scoring path it took (that moves
+    scores by float rounding at most, and knowing it needs every prompt tokenized)."""
+    results = Path(output) / RESULTS_FILE
+    if not results.is_file():
+        return None
+    stored = _read_json(results)
+    previous = dict(stored.get("config", {}))
+    previous["scoring"] = {k: v for k, v in previous.get("scoring", {}).items() if k not in ("path", "fallback")}
+    return stored if previous == json.loads(json.dumps(config)) else None
+
+
 def _open_output(output: str | Path, config: dict, overwrite: bool) -> tuple[Path, dict[int, dict[str, Scores]]]:
     """Create or reopen the output folder; return finished scores of an interrupted run, by seed and id."""
     folder = Path(output)
@@ -694,7 +738,12 @@ def _open_output(output: str | Path, config: dict, overwrite: bool) -> tuple[Pat
         raise SvdiclError(f"output {folder} is a file; choose a folder path")
     folder.mkdir(parents=True, exist_ok=True)
     results, progress, samples = folder / RESULTS_FILE, folder / PROGRESS_FILE, folder / SAMPLES_FILE
-    previous = _read_json(results).get("config") if results.is_file() else _read_json(progress) if progress.is_file() else None
+    written = _read_json(results) if results.is_file() else None
+    if written is not None and (not isinstance(written, dict) or written.get("format") != RESULTS_FORMAT):
+        raise SvdiclError(f"{results} was not written by svdicl eval, so svdicl will not replace it; choose another --output")
+    previous = written.get("config") if written is not None else _read_json(progress) if progress.is_file() else None
+    if previous is None and samples.is_file():  # ours always has results.json or progress.json beside it
+        raise SvdiclError(f"{samples} was not written by svdicl eval, so svdicl will not replace it; choose another --output")
     if previous is not None and previous != config and not overwrite:
         raise SvdiclError(f"output folder {folder} holds a different evaluation; choose a new --output or pass --overwrite")
     if previous != config or overwrite:

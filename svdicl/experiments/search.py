@@ -37,16 +37,14 @@ from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
-    JSON_FILE,
     MatrixCondition,
     condition_numbers,
     layer_conditions,
-    read_conditions,
+    stored_conditions,
     top_layers,
     write_conditions,
 )
-from svdicl.experiments.condition import CSV_FILE as CONDITIONS_CSV
-from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run
+from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.sweep import (
     PAPER_RATES,
     Progress,
@@ -58,6 +56,7 @@ from svdicl.experiments.sweep import (
     module_lines,
     note_other_data,
     parse_rates,
+    reuse_cells,
     run_key,
 )
 from svdicl.models import LoadedModel
@@ -131,7 +130,7 @@ def conditions_for(
     if family_of(loaded.model) is None:
         raise SvdiclError(f"search needs a model family svdicl knows (got {loaded.model_type!r}); fix the layer with --layer")
     folder = Path(directory) if directory is not None else None
-    found = _stored_conditions(loaded, folder) if folder is not None else []
+    found = stored_conditions(folder, loaded.fingerprint) if folder is not None else []
     layers = set(range(len(layer_stack(loaded.model)[1])))
     missing = [m for m in dict.fromkeys(modules) if not _covers(found, m, layers)]
     for module in missing:
@@ -142,17 +141,6 @@ def conditions_for(
     if missing and folder is not None:
         write_conditions(found, folder, model_name=loaded.source, fingerprint=loaded.fingerprint)
     return found
-
-
-def _stored_conditions(loaded: LoadedModel, folder: Path) -> list[MatrixCondition]:
-    """The rows of DIR/conditions.csv if conditions.json says they are of these weights, else none."""
-    if not (folder / JSON_FILE).is_file() or not (folder / CONDITIONS_CSV).is_file():
-        return []
-    try:
-        same = json.loads((folder / JSON_FILE).read_text())["model"]["fingerprint"] == loaded.fingerprint
-    except (ValueError, KeyError, TypeError):
-        return []
-    return read_conditions(folder / CONDITIONS_CSV) if same else []
 
 
 def _covers(conditions: Sequence[MatrixCondition], module: str, layers: set[int]) -> bool:
@@ -200,8 +188,10 @@ class SearchConfig:
         task = splits.task
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
-        controls = 2 * ("controls" in self.arms)
-        return len(self.seeds) * (validation * len(self.rates) + (2 + controls) * test)
+        calibration = applicable(task, calibration_methods((), self.arms))  # with it, every seed is scored
+        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds, calibration)
+        controls = 2 * len(self.seeds) * ("controls" in self.arms)  # null controls are seeded per seed
+        return len(seeds) * (validation * len(self.rates) + 2 * test) + controls * test
 
 
 def search(
@@ -241,7 +231,8 @@ def search(
     sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
-    before = len(store)
+    scored = 0  # cells scored by this search (not those read back, nor those another process stored)
+    bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
 
     def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
         """The cells of `rates` on `split` for every seed (with `control`, that null control's edit instead of the
@@ -254,14 +245,20 @@ def search(
             def prepare(seed: int = seed) -> EvalRun:
                 return prepare_run(
                     loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits,
-                    calibration=scoring.calibration,
+                    calibration=scoring.calibration, progress=bar,
                 )  # fmt: skip
 
             calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
         note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
-        evaluate_lines(
-            loaded, calls.values(), store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        # 0 shots: the first seed stands for all, unless a null control (seeded per seed) is evaluated
+        nonlocal scored
+        seeds = scored_seeds(shots, config.seeds, scoring.calibration) if control is None else tuple(config.seeds)
+        todo = [calls[seed] for seed in seeds]
+        scored += evaluate_lines(
+            loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
+        for seed in config.seeds[len(seeds) :]:
+            reuse_cells(store, [key for key, _ in calls[seed][1]], seeds[0])
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
     validation = evaluate("validation", config.rates)
@@ -271,7 +268,8 @@ def search(
     calibrated = {m: _seed_means(validation, metric_key(m, metric)) for m in scoring.calibration}
     stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
     if rate_star == 0 and progress is not None:
-        progress.add(len(config.seeds) * sizes["test"])  # the pruned test cell is the unpruned one
+        once = scored_seeds(shots, config.seeds, scoring.calibration)
+        progress.add(len(once) * sizes["test"])  # the pruned test cell is the unpruned one
     test_rates = sorted({0.0, rate_star, *stars.values()})
     test = evaluate("test", test_rates)
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
@@ -326,7 +324,7 @@ def search(
             "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
             "fallbacks": sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")}),
         },
-        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": len(store) - before},
+        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": scored},
     }
 
 
@@ -396,6 +394,31 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
 def result_stem(result: dict) -> str:
     """`sst2-mlp`, `rte-q+k`: the file name of a search result, without suffix."""
     return f"{result['task']}-{result['module'].replace(',', '+')}"
+
+
+def card_notes(result: dict) -> str:
+    """The model card's account of a search's export: how Algorithm 1 chose the edit and what it measured."""
+    test, metric = result["test"], result["metric"]
+    layer = (
+        f"layer {result['layer']}, the largest condition number among the top {result['top_k']} ({result['top_layers']})"
+        if result["top_layers"]
+        else f"layer {result['layer']} (given)"
+    )
+    curve = ", ".join(f"{r:g}: {v:.4f}" for r, v in zip(result["rates"], result["validation"]["values"], strict=True))
+    return (
+        f"Algorithm 1 (svdicl search) on task `{result['task']}`, module `{result['module']}`, "
+        f"{result['shots_total']} demonstrations, seeds {[s['seed'] for s in result['seeds']]}, model "
+        f"`{result['model']['name']}`:\n\n"
+        f"- {layer};\n"
+        f"- validation {metric} per clipping rate (n = {result['validation']['n']}): {curve};\n"
+        f"- rate* = {result['rate_star']:g} (the validation argmax, ties to the smaller rate);\n"
+        f"- test {metric} (n = {test['n']}): unpruned {_card_estimate(test['baseline'])}, this model "
+        f"{_card_estimate(test['pruned'])}, paired p = {test['p_value']:.3g} ({test['paired'].get('method', 'paired test')}).\n"
+    )
+
+
+def _card_estimate(entry: dict) -> str:
+    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 
 
 def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | None = None) -> list[Path]:

@@ -28,7 +28,7 @@ from pathlib import Path
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
-from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run
+from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
 from svdicl.prompts import sample_demonstrations, shots_per_class
@@ -185,6 +185,7 @@ class RunCells:
     seed: int
     examples: int  # examples per cell
     calls: tuple[tuple[tuple[CellKey, tuple[PruneSpec, ...]], ...], ...]
+    reuse_from: int | None = None  # 0 shots: the seed whose cells these copy (same prompts), else None
 
     @property
     def cells(self) -> list[tuple[CellKey, tuple[PruneSpec, ...]]]:
@@ -228,9 +229,14 @@ def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
     others = store.other_data(keys)
     if others:
         tasks = ", ".join(sorted({c.key.task for c in others}))
+        why = (
+            "written before svdicl keyed cells on their data"
+            if all(not c.key.data for c in others)
+            else "scored on other data or under another definition of the task (another data digest)"
+        )
         warnings.warn(
-            f"{store.root} holds {len(others)} cell(s) of task {tasks} scored on other data or under another definition of "
-            "the task (another data digest); they are kept apart and not reused, so these cells are scored anew",
+            f"{store.root} holds {len(others)} cell(s) of task {tasks} {why}; they are kept apart and not reused, "
+            "so these cells are scored anew",
             stacklevel=2,
         )
     return len(others)
@@ -266,6 +272,7 @@ def plan_sweep(
         data = data_digest(task_splits, grid.split, grid.limit)
         for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
             sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
+            scored = scored_seeds(shots, grid.seeds, scoring.calibration)
             for seed in grid.seeds:
                 base = run_key(loaded, task_splits, grid.split, shots, seed, grid.limit, scoring, data)
                 calls = []
@@ -274,7 +281,8 @@ def plan_sweep(
                     if index == 0:
                         rates.insert(0, 0.0)  # the unpruned cell rides along with the first line's call
                     calls.append(tuple(edit_cell(base, layers, modules, rate) for rate in rates))
-                plan.append(RunCells(task, shots, seed, examples, tuple(calls)))
+                reuse = None if seed in scored else scored[0]
+                plan.append(RunCells(task, shots, seed, examples, tuple(calls), reuse))
     return plan
 
 
@@ -380,29 +388,75 @@ def evaluate_lines(
     model_name: str = "",
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> None:
+) -> int:
     """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line."""
+    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
+    waited for after the rest, and scored here only if that process died before storing it.
+    Returns the number of cells scored here."""
     scoring = scoring or Scoring()
+    deferred: list[Call] = []
+    scored = 0
 
     def lines() -> Iterator[Line]:
         for prepare, cells in calls:
-            todo = tuple((key, tuple(specs)) for key, specs in dict(cells).items() if not store.has(key))
+            cells = dict(cells)
+            todo, waiting = [], []
+            for key, specs in cells.items():
+                if store.has(key):
+                    continue
+                if store.claim(key):
+                    todo.append((key, tuple(specs)))
+                elif not store.has(key):
+                    waiting.append((key, specs))
+            if waiting:
+                deferred.append((prepare, waiting))
             if progress is not None:
-                progress.add(sum(store.get(key).n for key in dict(cells) if store.has(key)))
+                progress.add(sum(store.get(key).n for key in cells if store.has(key)))
             if todo:
                 run = prepare()
                 if progress is not None:
                     progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, todo)
+                yield Line(run, tuple(todo))
 
     work = functools.partial(score_line, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
-    for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
-        store.put(key, result, seconds=seconds)
-        if progress is not None:
-            progress.add(result.n)
+    try:
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+            store.put(key, result, seconds=seconds)
+            scored += 1
+            if progress is not None:
+                progress.add(result.n)
+    finally:
+        store.release()  # claims of cells not stored (an error, an interrupt): free for the next run at once
+    for _, cells in deferred:
+        for key, _ in cells:
+            store.wait(key)
+    if deferred:
+        scored += evaluate_lines(
+            loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )  # fmt: skip
+    return scored
+
+
+def reuse_cells(store: Store, keys: Iterable[CellKey], seed: int) -> None:
+    """Store each missing zero-shot cell of `keys` as a copy of the same cell of `seed`: with no demonstrations
+    the seed changes no prompt, so the scores are the same.  The copy records `reused_from` (that cell's id)."""
+    for key in keys:
+        source = store.get(replace(key, seed=seed))
+        if store.has(key) or source is None:
+            continue
+        samples = [{**sample, "seed": key.seed} for sample in store.samples(source)]
+        copy = Result(
+            metrics=source.metrics,
+            n=source.n,
+            samples=samples,
+            ties=source.ties,
+            model_name=source.model_name,
+            info={**source.info, "reused_from": source.id},
+        )
+        store.put(key, copy, seconds=0.0)
 
 
 @dataclass(frozen=True)
@@ -432,26 +486,29 @@ def sweep(
     splits = load_task_splits(grid.tasks, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
-    before = len(store)
-    bar = Progress(sum(group.examples * len(group.cells) for group in plan), "sweep", enabled=progress)
+    scored = [group for group in plan if group.reuse_from is None]
+    bar = Progress(sum(group.examples * len(group.cells) for group in scored), "sweep", enabled=progress)
 
     def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
-        for group in plan:
+        for group in scored:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
-                    splits=splits[group.task.name], calibration=scoring.calibration,
+                    splits=splits[group.task.name], calibration=scoring.calibration, progress=progress,
                 )
             )  # fmt: skip
             for call in group.calls:
                 yield prepare, call
 
     try:
-        evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
+    for group in plan:
+        if group.reuse_from is not None:
+            reuse_cells(store, [key for key, _ in group.cells], group.reuse_from)
     cells = tuple(store.get(key) for group in plan for key, _ in group.cells)
-    return SweepResult(cells=cells, computed=len(store) - before, wall_s=time.perf_counter() - started)
+    return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
 
 def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
