@@ -201,6 +201,23 @@ class Bound:
         self.compared += len(change)
 
 
+def _prior_undecided(values: np.ndarray, bound: float, exact: set[int]) -> bool:
+    """Whether a re-scored example's batch-calibrated decision still rests on the prior's own error.
+
+    Its scores are float32, but batch calibration's prior averages the label distributions of every
+    example, and those not re-scored may each be off by a factor e^{+-b}: log p_y is then off by up
+    to log(1 + (e^b - 1) w_y), w_y their share of the mass of label y, and a margin by twice that.
+    """
+    q = cal.label_distribution(values)
+    loose = np.array([i not in exact for i in range(len(values))])
+    share = (q[loose].sum(axis=0) / q.sum(axis=0)).max() if loose.any() else 0.0
+    reach_prior = 2 * np.log1p(np.expm1(bound) * share)
+    fixed = [i for i in sorted(exact) if i < len(values)]
+    if not fixed or reach_prior <= 0:
+        return False
+    return bool((margins(cal.calibrate(values[fixed], cal.prior(values))) <= reach_prior).any())
+
+
 def ranking(scores: Sequence[Scores], length_normalize: bool) -> np.ndarray:
     """The values candidates are ranked by (summed log-probs, or per token), examples x candidates."""
     return np.array([[lp / n if length_normalize else lp for lp, n in zip(s.logprobs, s.n_tokens, strict=True)] for s in scores])
@@ -245,6 +262,8 @@ def resolve(
                   for m in set(probe_methods)}  # fmt: skip
         before = len(done)
         rescore([int(i) for i in uncertain(values, bound.value, methods, probes)])
+        if len(done) == before and "batch" in methods and _prior_undecided(values, bound.value, done):
+            rescore(range(examples))  # only the exact prior decides these: every example in float32
         if len(done) == before:
             break
     record = PrecisionRecord("mixed", round(bound.value, 6), round(bound.observed, 6), len([i for i in done if i < examples]))

@@ -143,3 +143,16 @@ def test_mixed_predictions_equal_float32_on_real_smollm2(real_model, data_dir, t
         assert b.timing["precision"] == "mixed"
         assert a.predictions == b.predictions and a.ties == b.ties
         assert b.timing["precision_observed"] > 0  # the bfloat16 copy really ran: its scores differ
+
+
+def test_a_batch_calibrated_decision_that_rests_on_the_prior_rescoring_everything():
+    rng = np.random.default_rng(2)
+    values = rng.normal(size=(40, 2))
+    calibrated = cal.calibrate(values, cal.prior(values))
+    near = int(np.argmin(px.margins(calibrated)))  # the closest batch-calibrated call
+    assert px._prior_undecided(values, 0.1, {near})  # its own scores are float32, its prior is not
+    assert not px._prior_undecided(values, 0.1, set(range(40)))  # every example float32: the prior is exact
+    low = [Scores(tuple(v), (1, 1)) for v in values]
+    moved = [Scores((v[0] + 0.05, v[1]), (1, 1)) for v in values]  # float32 = bfloat16 + 0.05 on one label
+    _, record = px.resolve(low, lambda ix: [moved[i] for i in ix], px.Bound(), examples=40, methods=("batch",))
+    assert record.rescored == 40
