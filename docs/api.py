@@ -26,6 +26,7 @@ MODULES = [
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),
+    ("svdicl.precision", ["LowPrecision", "uncertain", "resolve", "PrecisionRecord"]),
     ("svdicl.stats", ["Estimate", "accuracy_ci", "macro_f1_ci", "compare"]),
     ("svdicl.experiments.compare", ["compare_evals", "compare_tasks", "read_eval", "Comparison"]),
     ("svdicl.store", ["Store", "CellKey", "Cell"]),

@@ -186,3 +186,12 @@ def write_tiny_gguf(path: Path, seed: int = 0, layers: int = 2, d: int = 32, ff:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny random llama saved as a Hugging Face folder with the character tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder

@@ -232,6 +232,7 @@ def test_an_unpruned_export_says_nothing_was_truncated(tmp_path):
 
 def test_lm_eval_scores_a_factorized_export_through_hflm(tmp_path):
     """docs/lm-eval.md: lm-eval's HFLM, handed the model object, gives the pruned model's log-likelihoods."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is the optional extra svdicl[lm-eval]")
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 

@@ -201,14 +201,6 @@ def test_concurrent_writers_store_each_cell_once_and_never_mix_them(tmp_path):
 # ----- the command line: one line naming the problem and the fix -----
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def one_line_error(capsys, *argv: str) -> str:
     code = main(["--quiet", *argv])
     err = capsys.readouterr().err

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model, tiny_tokenizer, write_tiny_gguf
+from conftest import write_tiny_gguf
 
 from svdicl import models
 from svdicl.errors import SvdiclError
@@ -75,15 +75,6 @@ def test_missing_gguf_file_is_named():
 
 
 # ----- bad sources and devices: one line naming the problem and the fix -----
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random llama saved as a Hugging Face folder with the character tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("llama").save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def broken_copy(tiny_dir: Path, tmp_path: Path, break_it) -> str:

@@ -159,17 +159,21 @@ def prune_specs(args: argparse.Namespace, required: bool):
     return specs
 
 
-def positive_int(text: str) -> int:
-    """argparse type of a count of things (--limit, --batch-size): a whole number >= 1, never lm-eval's 0.1 or auto."""
+def _whole_number(text: str, least: int, hint: str = "") -> int:
+    """`text` as an int >= `least`, else argparse's error (argparse prints it as one usage line)."""
     try:
         number = int(text)
     except ValueError:
-        hint = "; a fraction of the examples (lm-eval's --limit 0.1) has no svdicl form" if _fraction(text) else ""
-        hint = "; svdicl has no automatic batch size" if text.startswith("auto") else hint
-        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}{hint}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"takes a whole number >= 1, not {text!r}")
+        raise argparse.ArgumentTypeError(f"takes a whole number >= {least}, not {text!r}{hint}") from None
+    if number < least:
+        raise argparse.ArgumentTypeError(f"takes a whole number >= {least}, not {text!r}")
     return number
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count of things (--limit, --batch-size): a whole number >= 1, never lm-eval's 0.1 or auto."""
+    hint = "; a fraction of the examples (lm-eval's --limit 0.1) has no svdicl form" if _fraction(text) else ""
+    return _whole_number(text, 1, "; svdicl has no automatic batch size" if text.startswith("auto") else hint)
 
 
 def _fraction(text: str) -> bool:
@@ -181,13 +185,7 @@ def _fraction(text: str) -> bool:
 
 def non_negative_int(text: str) -> int:
     """argparse type of a number of demonstrations: a whole number >= 0."""
-    try:
-        number = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, not {text!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, not {text!r}")
-    return number
+    return _whole_number(text, 0)
 
 
 def one_seed(text: str) -> str:

@@ -73,8 +73,16 @@ def add(sub) -> None:
 
 
 def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
-    """Scoring flags shared by sweep and search: every path, and the SVD's."""
-    add_svd_args(add_scoring_args(p, paths=("layer", "prefix", "plain")))
+    """Scoring flags shared by sweep and search: every path, the precision, and the SVD's."""
+    group = add_scoring_args(p, paths=("layer", "prefix", "plain"))
+    group.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "mixed"],
+        help="float32 = the reference; mixed = decoder matmuls in bfloat16, every example whose decision could differ "
+        "re-scored in float32 (experimental: see docs/fast-paths.md; default: float32)",
+    )
+    add_svd_args(group)
 
 
 def add_executor_args(p: argparse.ArgumentParser) -> None:
@@ -149,6 +157,7 @@ def scoring_from(args: argparse.Namespace):
         allow_tied=args.allow_tied,
         path=args.path,
         cache_memory=parse_memory(args.cache_memory),
+        precision=args.precision,
         calibration=args.calibration,
     )
 

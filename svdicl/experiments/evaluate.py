@@ -20,6 +20,7 @@ are in each result's `timing` (`path`, `fallback`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from svdicl import calibration as cal
+from svdicl import precision as px
 from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
@@ -311,17 +313,61 @@ def evaluate_run(
     progress=None,
     path: str = "auto",
     cache_memory: int | None = None,
+    precision: str = "float32",
 ) -> RunResult:
     """Score `run` under the model's current weights and compute its metrics.
 
     `known` maps example ids to scores from an interrupted earlier attempt (they are not
     rescored); `on_scored(indices, scores)` is called after every chunk of new scores.
     `path` auto takes the shared-prefix path where the model has one and `cache_memory`
-    (bytes; None: 4 GiB) holds it, else the plain path.
+    (bytes; None: 4 GiB) holds it, else the plain path.  `precision` mixed scores in bfloat16 and
+    re-scores in float32 every example whose decision could differ (svdicl.precision).
     """
     loaded = as_loaded(loaded, "evaluate_run")
     chosen = _choose(loaded, run, _single(path), batch_size, cache_memory)
-    return _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress)
+    low, record = _low(loaded, precision)
+    result = _score_run(loaded, run, chosen, batch_size, padding_side, length_normalize, known, on_scored, progress, low)
+    return _exact(loaded, run, chosen, batch_size, length_normalize, result, low, record, px.Bound())
+
+
+def _low(loaded: LoadedModel, precision: str) -> tuple[px.LowPrecision | None, px.PrecisionRecord]:
+    """The bfloat16 copy for the mixed path, or None and why float32 runs alone."""
+    if px.check_precision(precision) == "float32":
+        return None, px.PrecisionRecord("float32")
+    reason = px.unsupported_reason(loaded.model)
+    if reason is not None:
+        return None, px.PrecisionRecord("float32", fallback=reason)
+    return px.low_precision(loaded.model), px.PrecisionRecord("mixed")
+
+
+def _exact(loaded, run, chosen, batch_size, length_normalize, result, low, record, bound, offset=0, rows=None) -> RunResult:
+    """On the mixed path, `result` (bfloat16) with every example whose decision could differ re-scored in float32."""
+    if low is None:
+        return dataclasses.replace(result, timing={**result.timing, **record.to_dict()})
+    started = time.perf_counter()
+    requests = run.scored_requests
+    cached: list[SharedPrefix] = []
+
+    def exact(indices: list[int]) -> list[Scores]:
+        if rows is not None:
+            return rows(indices)
+        if chosen.plan is not None and not cached:
+            cached.append(SharedPrefix(loaded.model, chosen.plan.prefix))
+        chunk = [requests[i] for i in indices]
+        return score(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
+
+    scores, record = px.resolve(
+        result.scores + result.probe_scores,
+        exact,
+        bound,
+        examples=len(run.examples),
+        probe_methods=[method for method, _ in run.probes],
+        methods=run.calibration,
+        length_normalize=length_normalize,
+        offset=offset,
+    )
+    timing = {**result.timing, **record.to_dict(), "rescore_s": round(time.perf_counter() - started, 3)}
+    return finish_run(run, scores, length_normalize, timing)
 
 
 def _single(path: str) -> str:
@@ -359,8 +405,11 @@ def _score_run(
     known: Mapping[str, Scores] | None = None,
     on_scored: Callable[[list[int], list[Scores]], None] | None = None,
     progress=None,
+    low: px.LowPrecision | None = None,
 ) -> RunResult:
-    """`run` on the plain or the prefix path (the prefix's keys/values computed once, under the current weights)."""
+    """`run` on the plain or the prefix path (the prefix's keys/values computed once, under the current weights);
+    with `low`, on its bfloat16 copy of the weights."""
+    model = loaded.model if low is None else low.sync()
     known = known or {}
     scores: list[Scores | None] = [known.get(e.id) for e in run.examples] + [None] * len(run.probe_requests)
     pending = [i for i, s in enumerate(scores) if s is None]
@@ -368,11 +417,11 @@ def _score_run(
     if progress is not None:
         progress.update(len(scores) - len(pending))
     started = time.perf_counter()
-    prefix = SharedPrefix(loaded.model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
+    prefix = SharedPrefix(model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
         new = score(
-            loaded.model,
+            model,
             [requests[i] for i in chunk],
             batch_size=batch_size,
             pad_id=_pad_id(loaded),
@@ -403,6 +452,7 @@ def evaluate_edits(
     progress=None,
     cache_memory: int | None = None,
     path: str = "auto",
+    precision: str = "float32",
 ) -> Iterator[tuple[EditRecord, RunResult]]:
     """Score one prepared run under each edit in turn (an empty edit = the unpruned model).
 
@@ -412,16 +462,29 @@ def evaluate_edits(
     decoder layers) the layers below the lowest edited one run once for the whole call, and
     per edit only the layers above; when that cache would exceed `cache_memory` the examples
     are cached and swept in several passes, and the results come after the last pass.
+    `precision` mixed scores on a bfloat16 copy that follows each edit, then re-scores in
+    float32 every example whose decision could differ (svdicl.precision), under the edit.
     """
     edits = [tuple(specs) for specs in edits]
     start = _lowest_layer(loaded, edits, allow_tied) if check_path(path) in ("auto", "layer") else None
     chosen = _choose(loaded, run, path, batch_size, cache_memory, start)
+    low, record = _low(loaded, precision)
+    rows = None
+    if chosen.name == "layer" and low is not None:
+        rows = px.ExactRows(loaded.model, run.scored_requests, chosen.plan.prefix, chosen.start, _pad_id(loaded))
     if chosen.name == "layer":
-        yield from _sweep_layers(loaded, run, edits, chosen, svd, allow_tied, length_normalize, progress)
-        return
+        results = _sweep_layers(loaded, run, edits, chosen, svd, allow_tied, length_normalize, progress, low)
+    else:
+        results = _each_edit(loaded, run, edits, chosen, svd, allow_tied, batch_size, length_normalize, progress, low)
+    for e, (edit, result) in enumerate(results):  # the edit is still applied here: the float32 re-scores see it
+        bound = px.Bound()  # per edit: the error depends on it (SmolLM2's last MLP at rate 0.995: 4x that of the others)
+        yield edit, _exact(loaded, run, chosen, batch_size, length_normalize, result, low, record, bound, e * px.SAMPLE, rows)
+
+
+def _each_edit(loaded, run, edits, chosen, svd, allow_tied, batch_size, length_normalize, progress, low):
     for specs in edits:
         with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
-            yield record, _score_run(loaded, run, chosen, batch_size, "left", length_normalize, progress=progress)
+            yield record, _score_run(loaded, run, chosen, batch_size, "left", length_normalize, progress=progress, low=low)
 
 
 def _lowest_layer(loaded: LoadedModel, edits: Sequence[Sequence[PruneSpec]], allow_tied: bool) -> int | str | None:
@@ -447,8 +510,11 @@ def _sweep_layers(
     allow_tied: bool,
     length_normalize: bool,
     progress,
+    low: px.LowPrecision | None = None,
 ) -> Iterator[tuple[EditRecord, RunResult]]:
-    """The layer path: per pass, cache the inputs of layer `start` once, then run layers start..L under each edit."""
+    """The layer path: per pass, cache the inputs of layer `start` once, then run layers start..L under each edit
+    (with `low`, on its bfloat16 copy, synced after each edit)."""
+    model = loaded.model if low is None else low.sync()
     plan = chosen.plan
     logprobs: list[list] = [[None] * len(plan.batches) for _ in edits]
     walls = [0.0] * len(edits)
@@ -457,11 +523,13 @@ def _sweep_layers(
     tokens = forwarded_tokens(run.scored_requests, len(plan.prefix))
     for number, batches in enumerate(chosen.passes):
         started = time.perf_counter()
-        scorer = LayerScorer(loaded.model, plan, chosen.start, batches)
+        scorer = LayerScorer(model, plan, chosen.start, batches)
         shared += time.perf_counter() - started
         for e, specs in enumerate(edits):
             with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
                 started = time.perf_counter()
+                if low is not None:
+                    low.sync()
                 for i, values in zip(batches, scorer.logprobs(progress), strict=True):
                     logprobs[e][i] = values
                 walls[e] += time.perf_counter() - started

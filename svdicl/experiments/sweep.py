@@ -30,6 +30,7 @@ from svdicl.errors import SvdiclError
 from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
+from svdicl.precision import check_precision
 from svdicl.prompts import sample_demonstrations, shots_per_class
 from svdicl.prune import EditRecord, PruneSpec
 from svdicl.scoring import check_path
@@ -48,7 +49,9 @@ SAMPLE_FIELDS = ("seed", "id", "gold", "prediction", "correct", "tie", "logprobs
 @dataclass(frozen=True)
 class Scoring:
     """How cells are scored.  Only `key_options` change answers, so only they enter cell keys;
-    the rest (batch size, execution path, cache budget) move scores by float rounding at most."""
+    the rest (batch size, execution path, cache budget) move scores by float rounding at most, and
+    `precision` mixed moves the scores of examples far from a decision by at most its recorded bound
+    but never a decision (svdicl.precision; each cell's timing records which precision ran)."""
 
     batch_size: int = 8
     length_normalize: bool = False
@@ -56,12 +59,14 @@ class Scoring:
     allow_tied: bool = False
     path: str = "auto"
     cache_memory: int | None = None
+    precision: str = "float32"
     calibration: tuple[str, ...] = ()  # methods of svdicl.calibration, each cell scored under every one
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise SvdiclError(f"--batch-size must be at least 1, got {self.batch_size}")
         check_path(self.path)
+        check_precision(self.precision)
         object.__setattr__(self, "calibration", parse_calibration(self.calibration))
 
     def key_options(self) -> dict[str, object]:
@@ -78,6 +83,7 @@ class Scoring:
             "length_normalize": self.length_normalize,
             "path": self.path,
             "cache_memory": self.cache_memory,
+            "precision": self.precision,
         }
 
 
