@@ -373,3 +373,19 @@ def test_calibrated_pruned_arms_are_also_paired_with_the_unpruned_model_under_th
     raw = [entries[1]["paired"]["p_value"], entries[2]["paired"]["p_value"], versus["p_value"]]
     adjusted = [entries[1]["paired"]["p_holm"], entries[2]["paired"]["p_holm"], versus["p_holm"]]
     assert adjusted == pytest.approx(holm(raw))
+
+
+def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_test_cells(toy, monkeypatch):
+    """Calibrated rates* and the null controls at each pruned arm's rate are known only after validation: the bar's
+    total grows by exactly what they add, so it neither stops short nor runs past 100%."""
+    import svdicl.experiments.search as searching
+
+    picks = iter([0.9, 0.5, 0.5, 0.9])  # raw rate* 0.9; contextual and domain 0.5; batch 0.9
+    monkeypatch.setattr(searching, "choose_rate", lambda rates, values: next(picks))
+    loaded, out = planted_loaded(), toy.parent / "out"
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
+    splits = next(iter(sweeping.load_task_splits([str(toy)], toy.parent / "data").values()))
+    progress = sweeping.Progress(config.examples(splits), "search", enabled=False)
+    result = search(loaded, config, Store(out), splits=splits, progress=progress)
+    assert sorted({a["rate"] for a in result["arms"]}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
+    assert progress.done == progress.bar.total > config.examples(splits)

@@ -273,6 +273,9 @@ def search(
         once = scored_seeds(shots, config.seeds, scoring.calibration)
         progress.add(len(once) * sizes["test"])  # the pruned test cell is the unpruned one
     test_rates = sorted({0.0, rate_star, *stars.values()})
+    if progress is not None:  # `SearchConfig.examples` counted two test cells; the calibrated rates* may add more
+        scored = len(scored_seeds(shots, config.seeds, scoring.calibration))
+        progress.grow((len(test_rates) - 2 + (rate_star == 0)) * scored * sizes["test"])
     test = evaluate("test", test_rates)
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
     pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
@@ -284,6 +287,8 @@ def search(
     control_rates = sorted({arm.rate for arm in pruned_arms}) if "controls" in config.arms else []
     if "controls" in config.arms and not control_rates and progress is not None:
         progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
+    elif control_rates and progress is not None:  # counted at one rate; they run at every pruned arm's rate
+        progress.grow(2 * len(config.seeds) * (len(control_rates) - 1) * sizes["test"])
     for control in CONTROLS if control_rates else ():
         cells = evaluate("test", control_rates, control)
         for arm in pruned_arms:

@@ -348,6 +348,11 @@ class Progress:
         self.bar = tqdm(total=total, initial=done, desc=desc, unit="ex", file=sys.stderr, disable=not enabled, smoothing=0.1)
         self.done = done
 
+    def grow(self, examples: int) -> None:
+        """Count `examples` more to do: work that is known only once earlier cells are scored (a search's test arms)."""
+        self.bar.total += examples
+        self.bar.refresh()
+
     def add(self, examples: int) -> None:
         """Count `examples` more as done."""
         self.done += examples
