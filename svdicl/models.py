@@ -375,7 +375,8 @@ def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path |
     _check_gguf_support()
     if cache is None:
         return _dequantise(path, dtype, placement)
-    copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{str(dtype).removeprefix('torch.')}"
+    dtype_name = str(dtype).removeprefix("torch.")
+    copy = cache / "models" / f"{(sha256 or sha256_file(path))[:16]}-{dtype_name}-{_converter()}"
     with cache_entry(copy) as partial:
         if (copy / "config.json").is_file():
             try:
@@ -387,6 +388,15 @@ def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path |
             _write_copy(model, tokenizer, partial, copy)
             return model, tokenizer
     return _load_pretrained(str(copy), dtype, False, placement)
+
+
+def _converter() -> str:
+    """Which transformers and tokenizers turned the GGUF into the cached copy: another version may convert it (its
+    tokenizer above all) differently, so each gets its own copy (a copy by transformers 5.4 read by 5.18 mis-tokenized)."""
+    import tokenizers
+    import transformers
+
+    return f"transformers{transformers.__version__}-tokenizers{tokenizers.__version__}"
 
 
 def _dequantise(path: Path, dtype: torch.dtype, placement: dict):

@@ -257,10 +257,26 @@ def test_a_damaged_cache_copy_is_rebuilt_and_a_file_as_cache_is_named(tmp_path):
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
     cache = tmp_path / "cache"
     first = load_model(str(gguf), cache_dir=cache)
-    (copy,) = (cache / "models").glob("*-float32")
+    (copy,) = [p for p in (cache / "models").glob("*-float32-*") if p.is_dir()]
     truncate(copy / "model.safetensors")  # a disk error or a stray edit since it was written
     assert load_model(str(gguf), cache_dir=cache).fingerprint == first.fingerprint
     models.check_safetensors(copy / "model.safetensors")  # written again, whole
     (tmp_path / "file").write_text("")
     with pytest.raises(SvdiclError, match=r"cannot make the model cache folder .*file/models \(Not a directory\)"):
         load_model(str(gguf), cache_dir=tmp_path / "file")
+
+
+def test_a_cache_copy_made_by_another_transformers_or_tokenizers_is_not_reused(tmp_path, monkeypatch):
+    """The copy holds what this transformers + tokenizers made of the GGUF (its tokenizer above all): a copy written by
+    transformers 5.4 and read by 5.18 mis-tokenized SmolLM2's label words, so each version pair gets its own copy."""
+    import tokenizers
+    import transformers
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    cache = tmp_path / "cache"
+    first = load_model(str(gguf), cache_dir=cache)
+    (copy,) = [p for p in (cache / "models").glob("*-float32-*") if p.is_dir()]
+    assert copy.name.endswith(f"-transformers{transformers.__version__}-tokenizers{tokenizers.__version__}")
+    monkeypatch.setattr(tokenizers, "__version__", "0.0.1")
+    assert load_model(str(gguf), cache_dir=cache).fingerprint == first.fingerprint
+    assert len([p for p in (cache / "models").glob("*-float32-*") if p.is_dir()]) == 2
