@@ -586,12 +586,7 @@ def file_digest(path: Path, cache: Path | None) -> str:
         return sha256_file(path)
     stat = path.resolve().stat()
     key = f"{path.resolve()}|{stat.st_size}|{stat.st_ino}|{stat.st_mtime_ns}"
-    entry = cache / "digests" / hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-    known = _read_entry(entry)
-    if known is None:
-        known = sha256_file(path)
-        _write_entry(entry, known)
-    return known
+    return _memo(cache / "digests", key, lambda: sha256_file(path))
 
 
 def _folder_files(folder: Path, cache: Path | None) -> dict[str, str] | None:
@@ -614,10 +609,15 @@ def _remembered_fingerprint(model: torch.nn.Module, files: dict[str, str] | None
     import transformers
 
     key = json.dumps([files, dtype, torch.__version__, transformers.__version__, _FINGERPRINT_VERSION], sort_keys=True)
-    entry = cache / "fingerprints" / hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
+    return _memo(cache / "fingerprints", key, lambda: fingerprint(model))
+
+
+def _memo(folder: Path, key: str, compute) -> str:
+    """The value remembered under `key` in `folder`, else `compute()`, remembered."""
+    entry = folder / hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
     known = _read_entry(entry)
     if known is None:
-        known = fingerprint(model)
+        known = compute()
         _write_entry(entry, known)
     return known
 
