@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import multiprocessing
 import pickle
-import queue as queues
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -301,28 +301,30 @@ class RayExecutor:
 def _serve(model: Mapping[str, Any], fingerprint: str, threads: int, inbox: Any, outbox: Any) -> None:
     """A local worker process: load the model once, then score each (job, work, line) from `inbox` until None.
 
-    Every message to the driver is (job, kind, payload): "out" per cell, "end" per line, "error"
-    with the exception (or its traceback as text where it does not pickle)."""
+    Every message to the driver, on this worker's own pipe `outbox`, is (job, kind, payload): "out"
+    per cell, "end" per line, "error" with the exception (or its traceback as text where it does not
+    pickle)."""
     worker = _Worker(model, fingerprint, threads)
     while (message := inbox.get()) is not None:
         job, work, line = message
         try:
             for output in worker.score(work, line):
-                outbox.put((job, "out", output))
+                outbox.send((job, "out", output))
         except Exception as exc:
             try:
                 pickle.dumps(exc)
             except Exception:
                 exc = RuntimeError(traceback.format_exc())
-            outbox.put((job, "error", exc))
+            outbox.send((job, "error", exc))
             continue
-        outbox.put((job, "end", None))
+        outbox.send((job, "end", None))
 
 
 @dataclass(eq=False)
 class _Process:
     process: Any
     inbox: Any
+    outbox: Any  # the read end of this worker's own result pipe
 
 
 @dataclass
@@ -343,17 +345,20 @@ class ProcessExecutor:
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
-        self._outbox = self._context.Queue()
         self._jobs = iter(range(1 << 62))
         self.workers = [self._start() for _ in range(self.plan.workers)]
 
     def _start(self) -> _Process:
+        """A worker with its own result pipe: one shared queue could be left locked or torn by a worker killed
+        mid-write, stalling the driver for good; a pipe of its own only ends, and its end reads as EOF here."""
         inbox = self._context.Queue()
+        reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
-            target=_serve, args=(dict(self.model), self.fingerprint, self.plan.threads, inbox, self._outbox), daemon=True
+            target=_serve, args=(dict(self.model), self.fingerprint, self.plan.threads, inbox, writer), daemon=True
         )
         process.start()
-        return _Process(process, inbox)
+        writer.close()  # the worker holds the only write end
+        return _Process(process, inbox, reader)
 
     def _busy(self) -> set[int]:
         return {id(task.actor) for task in self.running.values()}
@@ -373,28 +378,36 @@ class ProcessExecutor:
         for worker in self.workers:
             submit(worker)
         while self.running:
-            try:
-                job, kind, payload = self._outbox.get(timeout=0.5)
-            except queues.Empty:
+            ready = connection.wait([worker.outbox for worker in self.workers], timeout=0.5)
+            if not ready:
                 self._replace_dead(todo, submit)
-                continue
-            task = self.running.get(job)
-            if task is None:  # from a worker given up as dead, or from an abandoned call
-                continue
-            if kind == "error":
-                raise payload
-            if kind == "end":
-                del self.running[job]
-                submit(task.actor)
-                continue
-            task.received += 1
-            yield payload
+            for outbox in ready:
+                try:
+                    job, kind, payload = outbox.recv()
+                except (EOFError, OSError):  # its worker died, perhaps mid-message: let it finish exiting
+                    for worker in self.workers:
+                        if worker.outbox is outbox:
+                            worker.process.join(timeout=5)
+                    self._replace_dead(todo, submit)
+                    continue
+                task = self.running.get(job)
+                if task is None:  # from a worker given up as dead, or from an abandoned call
+                    continue
+                if kind == "error":
+                    raise payload
+                if kind == "end":
+                    del self.running[job]
+                    submit(task.actor)
+                    continue
+                task.received += 1
+                yield payload
 
     def _replace_dead(self, todo: _Redo, submit: Callable[[_Process], None]) -> None:
         """Each worker that died: its unfinished cells go back to `todo`, a fresh worker takes its place."""
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
+            worker.outbox.close()
             for job, task in list(self.running.items()):
                 if task.actor is worker:
                     del self.running[job]
@@ -415,7 +428,7 @@ class ProcessExecutor:
                 worker.process.kill()
                 worker.process.join()
             worker.inbox.close()
-        self._outbox.close()
+            worker.outbox.close()
         self.workers, self.running = [], {}
 
 
