@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
+
+from svdicl.store import Store
 
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
@@ -195,3 +198,20 @@ def tiny_dir(tmp_path_factory) -> Path:
     tiny_model("llama").save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder
+
+
+class KillingStore(Store):
+    """Counts every put; after the first, kills (by `kill(task)`) the worker whose line still has cells to score:
+    an executor must redo that line's unfinished cells on a fresh worker and lose none."""
+
+    def __init__(self, path, executor, kill) -> None:
+        super().__init__(path)
+        self.executor, self.kill, self.puts, self.killed = executor, kill, Counter(), None
+
+    def put(self, key, result, seconds=0.0):
+        self.puts[key.id] += 1
+        if self.killed is None:
+            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.line.cells))
+            self.killed = (task.received, len(task.line.cells))
+            self.kill(task)
+        return super().put(key, result, seconds)

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections import Counter
 
 import pytest
-from conftest import write_toy_task
+from conftest import KillingStore, write_toy_task
 from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
 
 from svdicl.cli import main
@@ -72,28 +71,10 @@ def test_cli_sweep_on_ray_fills_the_store_the_local_executor_fills(toy, ray_clus
     assert "18 cells, 0 scored now and 18 from the store" in capsys.readouterr().out
 
 
-class KillingStore(Store):
-    """Counts every put; after the first, kills the worker whose line still has cells to score."""
-
-    def __init__(self, path, executor: RayExecutor) -> None:
-        super().__init__(path)
-        self.executor, self.puts, self.killed = executor, Counter(), None
-
-    def put(self, key, result, seconds=0.0):
-        self.puts[key.id] += 1
-        if self.killed is None:
-            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.line.cells))
-            self.killed = (task.received, len(task.line.cells))
-            import ray
-
-            ray.kill(task.actor, no_restart=True)
-        return super().put(key, result, seconds)
-
-
 def test_a_worker_killed_mid_line_loses_no_finished_cell_and_the_sweep_completes(toy, workers, tmp_path):
     task, folder = toy
     changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # lines of 3-4 cells, so the kill lands mid-line
-    store = KillingStore(tmp_path / "ray", workers)
+    store = KillingStore(tmp_path / "ray", workers, kill=_kill_ray_actor)
     restarts = workers.restarts
     loaded = load_model(str(folder))
     result = sweep(loaded, grid(task, **changes), store, data_dir=task.parent / "data", progress=False, executor=workers)
@@ -162,3 +143,9 @@ def test_a_missing_ray_and_ray_flags_without_ray_are_one_line_errors(toy, monkey
     assert "--threads-per-worker is for the local executor" in one_line_error(
         capsys, *argv, "--executor", "ray", "--threads-per-worker", "2"
     )
+
+
+def _kill_ray_actor(task) -> None:
+    import ray
+
+    ray.kill(task.actor, no_restart=True)

@@ -3,10 +3,8 @@ unfinished cells redone, and the thread policy (free cores = cores - load averag
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
-from conftest import write_toy_task
+from conftest import KillingStore, write_toy_task
 from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
 
 from svdicl.errors import SvdiclError
@@ -50,27 +48,10 @@ def test_worker_processes_fill_the_store_the_sequential_executor_fills(toy, proc
     assert_same_contents(sequential(toy, tmp_path), contents(store))
 
 
-class KillingStore(Store):
-    """Counts every put; after the first, kills the worker process whose line still has cells to score."""
-
-    def __init__(self, path, executor: ProcessExecutor) -> None:
-        super().__init__(path)
-        self.executor, self.puts, self.killed = executor, Counter(), None
-
-    def put(self, key, result, seconds=0.0):
-        self.puts[key.id] += 1
-        if self.killed is None:
-            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.line.cells))
-            self.killed = (task.received, len(task.line.cells))
-            task.actor.process.kill()
-            task.actor.process.join()
-        return super().put(key, result, seconds)
-
-
 def test_a_killed_worker_process_loses_no_finished_cell_and_its_cells_are_redone(toy, processes, tmp_path):
     task, folder = toy
     changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # lines of 3-4 cells, so the kill lands mid-line
-    store = KillingStore(tmp_path / "killed", processes)
+    store = KillingStore(tmp_path / "killed", processes, kill=_kill_process)
     restarts = processes.restarts
     result = sweep(load_model(str(folder)), grid(task, **changes), store, data_dir=task.parent / "data", progress=False,
                    executor=processes)  # fmt: skip
@@ -161,3 +142,8 @@ def test_the_worker_flags_come_from_the_command_line_or_a_config(toy, capsys, tm
     config = tmp_path / "sweep.yaml"
     config.write_text("workers: 0\nthreads_per_worker: 1\n")
     assert "--workers must be at least 1, got 0" in one_line_error(capsys, *base, "--config", str(config))
+
+
+def _kill_process(task) -> None:
+    task.actor.process.kill()
+    task.actor.process.join()
