@@ -389,3 +389,4 @@ def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_tes
     result = search(loaded, config, Store(out), splits=splits, progress=progress)
     assert sorted({a["rate"] for a in result["arms"]}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
     assert progress.done == progress.bar.total > config.examples(splits)
+    assert result["timing"]["cells_scored"] == len(Store(out))  # a fresh store: every cell in it was scored now

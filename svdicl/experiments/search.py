@@ -269,13 +269,12 @@ def search(
     rate_star = choose_rate(config.rates, values)
     calibrated = {m: _seed_means(validation, metric_key(m, metric)) for m in scoring.calibration}
     stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
-    if rate_star == 0 and progress is not None:
-        once = scored_seeds(shots, config.seeds, scoring.calibration)
-        progress.add(len(once) * sizes["test"])  # the pruned test cell is the unpruned one
     test_rates = sorted({0.0, rate_star, *stars.values()})
-    if progress is not None:  # `SearchConfig.examples` counted two test cells; the calibrated rates* may add more
-        scored = len(scored_seeds(shots, config.seeds, scoring.calibration))
-        progress.grow((len(test_rates) - 2 + (rate_star == 0)) * scored * sizes["test"])
+    if progress is not None:  # `SearchConfig.examples` counted two test cells per scored seed
+        per_cell = len(scored_seeds(shots, config.seeds, scoring.calibration)) * sizes["test"]
+        if rate_star == 0:
+            progress.add(per_cell)  # the pruned test cell is the unpruned one
+        progress.grow((len(test_rates) - 2 + (rate_star == 0)) * per_cell)  # the calibrated rates* may add cells
     test = evaluate("test", test_rates)
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
     pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
