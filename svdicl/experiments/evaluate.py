@@ -21,6 +21,7 @@ are in each result's `timing` (`path`, `fallback`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -201,8 +202,10 @@ class RunResult:
         """Whether each example's prediction equals its gold class."""
         return tuple(p == g for p, g in zip(self.predictions, self.run.gold, strict=True))
 
+    @functools.cached_property
     def bias(self) -> dict:
-        """Bias-aware metrics of the uncalibrated predictions, then of each calibration's (by method)."""
+        """Bias-aware metrics of the uncalibrated predictions, then of each calibration's (by method); computed once,
+        though results, metrics and the calibration summary all read them."""
         k, gold = self.run.task.num_classes, self.run.gold
         found = {None: bias_metrics(gold, self.predictions, ranking_scores(self.scores, self.length_normalize), k)}
         for c in self.calibrated:
@@ -212,7 +215,7 @@ class RunResult:
     def metrics(self) -> dict:
         """Every metric as {"value", ...}: accuracy and macro-F1 with CIs, the bias-aware ones, each
         again per calibration method as `<method>:<metric>`."""
-        bias = self.bias()
+        bias = self.bias
         found = {}
         for method, accuracy, macro in [(None, self.accuracy, self.macro_f1)] + [
             (c.calibrated.method, c.accuracy, c.macro_f1) for c in self.calibrated
@@ -236,7 +239,7 @@ class RunResult:
             "n_examples": len(self.predictions),
             "n_ties": sum(self.ties),
             "metrics": self.metrics(),
-            "prediction_counts": self.bias()[None]["prediction_counts"],
+            "prediction_counts": self.bias[None]["prediction_counts"],
             "confusion": {"labels": list(self.run.task.labels), "rows_gold_columns_predicted": confusion},
             "calibration": self.calibration_summary(),
             "timing": self.timing,
@@ -244,7 +247,7 @@ class RunResult:
 
     def calibration_summary(self) -> dict:
         """Per method: its prior p_cf, its prediction counts and (contextual, domain) the queries with their raw scores."""
-        bias = self.bias()
+        bias = self.bias
         found = {}
         for c in self.calibrated:
             method = c.calibrated.method

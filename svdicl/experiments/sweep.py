@@ -321,7 +321,7 @@ def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring:
             "shots_total": run.shots * run.task.num_classes,
             "demonstrations": [e.id for e in run.demonstrations],
             "data": run.data,
-            "prediction_counts": result.bias()[None]["prediction_counts"],
+            "prediction_counts": result.bias[None]["prediction_counts"],
             "calibration": result.calibration_summary(),
             "matrices": [
                 {"name": m.name, "kept_rank": m.kept_rank, "rank": m.rank, "relative_error": m.relative_error}
