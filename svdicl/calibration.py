@@ -26,6 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import special
 
 from svdicl.errors import SvdiclError
 from svdicl.tasks import TaskConfig
@@ -61,10 +62,7 @@ def applicable(task: TaskConfig, methods: Sequence[str]) -> tuple[str, ...]:
 
 def label_distribution(scores: np.ndarray) -> np.ndarray:
     """Rows of label scores (log space, examples x labels) -> probabilities normalised over the labels."""
-    scores = np.asarray(scores, dtype=np.float64)
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    weights = np.exp(shifted)
-    return weights / weights.sum(axis=1, keepdims=True)
+    return special.softmax(np.asarray(scores, dtype=np.float64), axis=1)
 
 
 def prior(scores: np.ndarray) -> np.ndarray:
@@ -77,7 +75,7 @@ def prior(scores: np.ndarray) -> np.ndarray:
 
 def calibrate(scores: np.ndarray, p_cf: np.ndarray) -> np.ndarray:
     """log p(y|x) - log p_cf(y), p normalised over the labels: argmax of a row = argmax p(y|x) / p_cf(y)."""
-    return np.log(label_distribution(scores)) - np.log(np.asarray(p_cf, dtype=np.float64))[None]
+    return special.log_softmax(np.asarray(scores, dtype=np.float64), axis=1) - np.log(np.asarray(p_cf, dtype=np.float64))[None]
 
 
 def predict(calibrated: np.ndarray) -> np.ndarray:
