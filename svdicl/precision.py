@@ -69,7 +69,10 @@ class LowPrecision:
     which keeps the error small (bfloat16 everywhere moved label-score differences by up to ~0.6
     nats on SmolLM2).  `sync()` re-casts every weight whose storage or version changed since the
     last sync (a `pruned` swap, its undo, an in-place edit), so the copy always holds the cast of
-    the float32 weights: edits are made once, in float32.  Memory: half the decoder layers' weights.
+    the float32 weights: edits are made once, in float32.  The last synced tensor is held, so its
+    memory cannot be reused by the next edit's tensor at the same address (which a stamp of
+    address and version alone mistook for "unchanged": the copy then ran one edit behind).
+    Memory: half the decoder layers' weights.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = LOW) -> None:
@@ -81,15 +84,15 @@ class LowPrecision:
             if isinstance(module, nn.Linear):
                 module.__class__ = _LowLinear
         self._pairs = [(p, q) for p, q in zip(model.parameters(), self.model.parameters(), strict=True) if p is not q]
-        self._stamps = [(p.data_ptr(), p._version) for p, _ in self._pairs]
+        self._synced = [p.detach() for p, _ in self._pairs]
+        self._versions = [p._version for p, _ in self._pairs]
 
     def sync(self) -> nn.Module:
         """The copy, with every changed float32 weight re-cast."""
         for i, (source, low) in enumerate(self._pairs):
-            stamp = (source.data_ptr(), source._version)
-            if stamp != self._stamps[i]:
+            if not source.detach().is_set_to(self._synced[i]) or source._version != self._versions[i]:
                 low.data = source.detach().to(low.dtype)
-                self._stamps[i] = stamp
+                self._synced[i], self._versions[i] = source.detach(), source._version
         return self.model
 
 
