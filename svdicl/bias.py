@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.stats import mannwhitneyu
 
 
 def prediction_counts(predicted: Sequence[int], num_classes: int) -> list[int]:
@@ -36,25 +37,12 @@ def balanced_accuracy(gold: Sequence[int], predicted: Sequence[int], num_classes
 
 
 def margin_auc(gold: Sequence[int], margin: Sequence[float]) -> float | None:
-    """Ranking AUC of `margin` for gold class 1 against class 0 (Mann-Whitney, ties 1/2); None if a class is absent."""
+    """Ranking AUC of `margin` for gold class 1 against class 0 (Mann-Whitney U / n1 n0, ties 1/2); None if a class is absent."""
     gold_a, margin_a = np.asarray(gold), np.asarray(margin, dtype=np.float64)
     positive, negative = margin_a[gold_a == 1], margin_a[gold_a == 0]
     if len(positive) == 0 or len(negative) == 0:
         return None
-    ranks = _average_ranks(np.concatenate([positive, negative]))
-    u = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
-    return float(u / (len(positive) * len(negative)))
-
-
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, tied values sharing their mean rank."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    unique, inverse = np.unique(values, return_inverse=True)
-    sums = np.bincount(inverse, weights=ranks, minlength=len(unique))
-    counts = np.bincount(inverse, minlength=len(unique))
-    return (sums / counts)[inverse]
+    return float(mannwhitneyu(positive, negative).statistic / (len(positive) * len(negative)))
 
 
 def bias_metrics(gold: Sequence[int], predicted: Sequence[int], scores: Sequence[Sequence[float]], num_classes: int) -> dict:

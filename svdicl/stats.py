@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -130,6 +129,11 @@ def bootstrap_ci(
     (bias-corrected and accelerated, Efron 1987: the quantile levels are shifted by the bias
     z0 = Φ⁻¹(share of draws below the estimate, ties counted half) and the jackknife
     acceleration a) or PERCENTILE (the plain quantiles).
+
+    This is `scipy.stats.bootstrap(..., paired=True, method="BCa")` fed the same generator (a test
+    compares them), kept because scipy's interval is NaN where every draw or every leave-one-out
+    value is equal (two examples, a perfect run) and it refuses one example, and because its
+    jackknife scores n samples of n - 1 examples where `_jackknife` scores one per distinct pair.
     """
     if method not in (BCA, PERCENTILE):
         raise SvdiclError(f"unknown bootstrap method {method!r}; use {BCA!r} or {PERCENTILE!r}")
@@ -240,20 +244,15 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> McNemar:
     Several seeds' answers on the same examples are not independent pairs: compare them with
     `paired_comparison`, which averages the seeds per example first.
 
-    Under the null each discordant pair favours A with probability 1/2, so the p-value is
-    min(1, 2 * P(Binomial(b + c, 1/2) <= min(b, c))).
+    Under the null each discordant pair favours A with probability 1/2: the p-value is the
+    two-sided exact binomial test of only_a successes in only_a + only_b trials (1 when none differ).
     """
     a, b = np.asarray(correct_a, dtype=bool), np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
         raise SvdiclError(f"paired runs differ in length ({len(a)} vs {len(b)}); compare runs on the same examples")
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n, k = only_a + only_b, min(only_a, only_b)
-    tail, term = 0, 1  # sum of C(n, i) for i <= k, built term by term in integers
-    for i in range(k + 1):
-        tail += term
-        term = term * (n - i) // (i + 1)
-    p = min(Fraction(1), Fraction(2 * tail, 2**n)) if n else Fraction(1)
-    return McNemar(only_a, only_b, float(p))
+    p = float(scipy_stats.binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    return McNemar(only_a, only_b, p)
 
 
 def spread(values: Sequence[float]) -> dict:

@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import binomtest
 from scipy.stats import bootstrap as scipy_bootstrap
+from sklearn.metrics import f1_score
 
 from svdicl.errors import SvdiclError
 from svdicl.stats import (
     BCA,
     PERCENTILE,
+    _macro_f1,
     accuracy,
     accuracy_ci,
     bootstrap_ci,
@@ -54,6 +56,8 @@ def test_accuracy_and_macro_f1_match_reference(case):
     gold, predicted = [g for g, _ in pairs], [p for _, p in pairs]
     assert accuracy(gold, predicted) == pytest.approx(sum(g == p for g, p in pairs) / len(pairs))
     assert macro_f1(gold, predicted, k) == pytest.approx(reference_macro_f1(gold, predicted, k))
+    reference = f1_score(gold, predicted, labels=range(k), average="macro", zero_division=0)
+    assert macro_f1(gold, predicted, k) == pytest.approx(reference)
 
 
 def test_accuracy_ci_is_the_wilson_interval_and_matches_normal_theory_for_large_n():
@@ -92,6 +96,25 @@ def test_bca_bootstrap_matches_scipy(n):
     assert ours.high == pytest.approx(reference.confidence_interval.high, abs=0.05 * scale)
     percentile = bootstrap_ci(order, order, lambda g, _: values[g].mean(axis=1), resamples=40_000, seed=3, method=PERCENTILE)
     assert ours.high - percentile.high > 0.05 * scale  # right skew: BCa moves the interval up
+
+
+@pytest.mark.parametrize("n", [40, 600])
+def test_bca_macro_f1_interval_is_scipys_with_the_same_draws(n):
+    """Ties are common in a discrete metric's draws: both count them half towards the bias z0."""
+    rng = np.random.default_rng(n)
+    gold = rng.integers(0, 3, n)
+    predicted = np.where(rng.random(n) < 0.6, gold, rng.integers(0, 3, n))
+    ours = macro_f1_ci(gold, predicted, 3, seed=5)
+    reference = scipy_bootstrap(
+        (gold, predicted),
+        lambda g, p, axis: _macro_f1(np.atleast_2d(g), np.atleast_2d(p), 3),
+        paired=True,
+        vectorized=True,
+        n_resamples=ours.resamples,
+        method="BCa",
+        rng=np.random.default_rng(5),
+    )
+    assert [ours.low, ours.high] == pytest.approx(np.ravel(reference.confidence_interval), abs=1e-12)
 
 
 def test_bootstrap_of_a_constant_metric_is_a_point():
@@ -170,7 +193,7 @@ def test_seed_mean_ci_is_the_single_seed_interval_for_one_seed_and_the_seed_mean
 
 
 def test_jackknife_of_bca_matches_leaving_each_example_out():
-    from svdicl.stats import _jackknife, _macro_f1
+    from svdicl.stats import _jackknife
 
     rng = np.random.default_rng(12)
     gold, predicted = rng.integers(0, 3, 30), rng.integers(0, 3, 30)  # many repeated (gold, predicted) pairs
