@@ -31,7 +31,7 @@ from torch import nn
 
 from svdicl.card import CARD_FILE, CONFIG_KEY, config_entry, model_card
 from svdicl.errors import SvdiclError, write_error
-from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
+from svdicl.lowrank import LowRankLinear, saves_parameters
 from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
 from svdicl.outputs import finish_output, prepare_output
@@ -290,7 +290,7 @@ def load_pruned(path: str | Path, *, dtype: str | None = None, device: str = "cp
     for spec in info["factorized"]["modules"]:
         out_features, in_features = spec["shape"]
         module = LowRankLinear(in_features, out_features, spec["rank"], spec["bias"], dtype=DTYPES[dtype])
-        replace_module(model, spec["name"], module)
+        model.set_submodule(spec["name"], module)
     file = folder / info["factorized"]["file"]
     check_safetensors(file)
     tensors = load_file(file)

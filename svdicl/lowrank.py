@@ -62,8 +62,3 @@ def saves_parameters(shape: tuple[int, int], rank: int) -> bool:
     m, n = shape
     return rank * (m + n) < m * n
 
-
-def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Put `module` at dotted path `name` inside `model`."""
-    parent_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), leaf, module)
