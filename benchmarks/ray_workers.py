@@ -21,7 +21,8 @@ import ray
 import torch
 
 from svdicl.executors import RayExecutor, RaySettings
-from svdicl.experiments.sweep import SweepGrid, sweep
+from svdicl.experiments.grid import SweepGrid
+from svdicl.experiments.sweep import sweep
 from svdicl.models import load_model
 from svdicl.store import Store
 

@@ -31,8 +31,8 @@ import model_flags
 import torch
 
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
+from svdicl.experiments.grid import PAPER_RATES
 from svdicl.experiments.search import choose_rate
-from svdicl.experiments.sweep import PAPER_RATES
 from svdicl.prune import PruneSpec, pruned
 from svdicl.targets import layer_stack
 

@@ -36,8 +36,9 @@ import measure
 import model_flags
 import torch
 
+from svdicl.experiments.cells import Scoring
 from svdicl.experiments.evaluate import EvalRun, evaluate_edits, prepare_run
-from svdicl.experiments.sweep import PAPER_RATES, Scoring, parse_rates
+from svdicl.experiments.grid import PAPER_RATES, parse_rates
 from svdicl.forward import DEFAULT_CACHE_MEMORY, parse_memory
 from svdicl.prune import PruneSpec
 from svdicl.scoring import Request

@@ -228,11 +228,13 @@ def search(
     `output`, the result store, conditions.csv and search/<task>-<module>.json go there, as `svdicl
     search --output` writes them, and a rerun resumes; without it they live in a temporary folder.
     Other keywords (batch_size, length_normalize, svd, allow_tied, path, cache_memory) make the
-    svdicl.experiments.sweep.Scoring that `svdicl search` builds from its flags.
+    svdicl.experiments.cells.Scoring that `svdicl search` builds from its flags.
     """
+    from svdicl.experiments.cells import Scoring
+    from svdicl.experiments.grid import PAPER_RATES
+    from svdicl.experiments.lines import Progress
     from svdicl.experiments.search import SearchConfig, conditions_for, write_search
     from svdicl.experiments.search import search as run_search
-    from svdicl.experiments.sweep import PAPER_RATES, Progress, Scoring
     from svdicl.store import Store
     from svdicl.tasks import get_task
     from svdicl.tasks.data import load_splits

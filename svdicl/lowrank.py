@@ -61,4 +61,3 @@ def saves_parameters(shape: tuple[int, int], rank: int) -> bool:
     """Whether two thin factors are smaller than the dense matrix: r (m + n) < m n."""
     m, n = shape
     return rank * (m + n) < m * n
-

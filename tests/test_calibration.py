@@ -17,8 +17,10 @@ from svdicl import calibration as cal
 from svdicl.bias import balanced_accuracy, bias_metrics, margin_auc, prediction_counts, top_answer_share
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
+from svdicl.experiments.cells import Scoring
 from svdicl.experiments.evaluate import evaluate, evaluate_edits, evaluate_run, prepare_run
-from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
+from svdicl.experiments.grid import SweepGrid
+from svdicl.experiments.sweep import sweep
 from svdicl.prune import PruneSpec, pruned
 from svdicl.scoring import score
 from svdicl.store import Store

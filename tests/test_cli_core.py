@@ -15,7 +15,7 @@ from svdicl import models
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
-from svdicl.experiments.sweep import parse_list
+from svdicl.experiments.grid import parse_list
 from svdicl.models import ALIASES, Alias, load_model
 from svdicl.prompts import shots_per_class
 from svdicl.store import Store

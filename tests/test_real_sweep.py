@@ -8,7 +8,8 @@ import csv
 import pytest
 
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
-from svdicl.experiments.sweep import SweepGrid, sweep
+from svdicl.experiments.grid import SweepGrid
+from svdicl.experiments.sweep import sweep
 from svdicl.prune import PruneSpec, pruned
 from svdicl.report import build_report
 from svdicl.store import Store

@@ -15,12 +15,13 @@ import yaml
 from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
 import svdicl.experiments.condition as condition
-import svdicl.experiments.sweep as sweeping
+import svdicl.experiments.lines as scoring_lines
 from svdicl.calibration import METHODS
 from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import condition_numbers
 from svdicl.experiments.evaluate import evaluate_run, finish_run, prepare_run
+from svdicl.experiments.grid import parse_list
 from svdicl.experiments.search import (
     SearchConfig,
     candidate_rates,
@@ -31,6 +32,7 @@ from svdicl.experiments.search import (
     seed_mean_ci,
     write_search,
 )
+from svdicl.experiments.sweep import load_task_splits
 from svdicl.prune import EditRecord, PruneSpec, pruned
 from svdicl.report import build_report, read_search
 from svdicl.scoring import Scores
@@ -115,7 +117,7 @@ def test_rate_star_is_chosen_on_the_seed_mean(toy, monkeypatch):
             scores += [Scores((0.0, 0.0), (1, 1))] * len(run.probe_requests)
             yield EditRecord(tuple(specs), ()), finish_run(run, scores, False, {"path": "planted", "fallback": None})
 
-    monkeypatch.setattr(sweeping, "evaluate_edits", planted)
+    monkeypatch.setattr(scoring_lines, "evaluate_edits", planted)
     config = SearchConfig(
         str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20, arms="none"
     )
@@ -252,7 +254,7 @@ def test_cli_search_errors_are_one_line(toy, model_folder, capsys, tmp_path):
 def test_example_algorithm1_config_is_valid():
     argv = ["search", "--config", str(EXAMPLES / "algorithm1.yaml")]
     args = parse_args(argv)
-    tasks, modules = sweeping.parse_list(args.tasks), sweeping.parse_list(args.modules)
+    tasks, modules = parse_list(args.tasks), parse_list(args.modules)
     assert len(tasks) == 7 and modules == ["mlp", "attn"] and args.output
     configs = [SearchConfig(t, m, rates=args.rates, top_k=args.top_k, limit_test=args.limit_test) for t in tasks for m in modules]
     assert configs[0].rates == (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
@@ -384,8 +386,8 @@ def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_tes
     monkeypatch.setattr(searching, "choose_rate", lambda rates, values: next(picks))
     loaded, out = planted_loaded(), toy.parent / "out"
     config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
-    splits = next(iter(sweeping.load_task_splits([str(toy)], toy.parent / "data").values()))
-    progress = sweeping.Progress(config.examples(splits), "search", enabled=False)
+    splits = next(iter(load_task_splits([str(toy)], toy.parent / "data").values()))
+    progress = scoring_lines.Progress(config.examples(splits), "search", enabled=False)
     result = search(loaded, config, Store(out), splits=splits, progress=progress)
     assert sorted({a["rate"] for a in result["arms"]}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
     assert progress.done == progress.bar.total > config.examples(splits)

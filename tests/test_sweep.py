@@ -12,20 +12,13 @@ import transformers as tf
 import yaml
 from conftest import TINY_CONFIGS, tiny_tokenizer
 
-import svdicl.experiments.sweep as sweeping
+import svdicl.experiments.lines as scoring_lines
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
-from svdicl.experiments.sweep import (
-    SweepGrid,
-    layer_lines,
-    load_task_splits,
-    module_lines,
-    parse_rates,
-    plan_sweep,
-    sweep,
-)
+from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines, parse_ints, parse_list, parse_rates
+from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
 from svdicl.store import CELLS_FILE, Store
@@ -57,7 +50,7 @@ class Calls:
         self.cells: list[tuple[int, str]] = []  # (shots, edit) of every cell requested
         self.yielded = 0
         self.stop_after = stop_after
-        real = sweeping.evaluate_edits
+        real = scoring_lines.evaluate_edits
 
         def wrapped(loaded, run, edits, **options):
             self.edits.append([";".join(map(str, specs)) or "none" for specs in edits])
@@ -68,7 +61,7 @@ class Calls:
                 self.yielded += 1
                 yield item
 
-        monkeypatch.setattr(sweeping, "evaluate_edits", wrapped)
+        monkeypatch.setattr(scoring_lines, "evaluate_edits", wrapped)
 
     @property
     def requested(self) -> list[str]:
@@ -264,11 +257,11 @@ def test_cli_errors_are_one_line(toy, model_folder, capsys, tmp_path):
 def test_example_sweep_configs_are_valid(name):
     argv = ["sweep", "--config", str(EXAMPLES / name)]
     args = parse_args(argv)
-    shots = None if args.shots is None else sweeping.parse_ints(args.shots, "--shots")
+    shots = None if args.shots is None else parse_ints(args.shots, "--shots")
     chosen = SweepGrid(
-        tasks=tuple(sweeping.parse_list(args.tasks)),
-        layers=tuple(sweeping.parse_list(args.layers)),
-        modules=tuple(sweeping.parse_list(args.modules)),
+        tasks=tuple(parse_list(args.tasks)),
+        layers=tuple(parse_list(args.layers)),
+        modules=tuple(parse_list(args.modules)),
         rates=args.rates,
         shots=(None,) if shots is None else shots,
         seeds=seeds_from(args),

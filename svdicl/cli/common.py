@@ -228,7 +228,7 @@ def add_demonstration_args(group: argparse._ArgumentGroup, several: bool) -> Non
 
 def seeds_from(args: argparse.Namespace) -> tuple[int, ...]:
     """Every --seed and --seeds, in order, without repeats (default: 0)."""
-    from svdicl.experiments.sweep import parse_ints
+    from svdicl.experiments.grid import parse_ints
 
     return parse_ints(",".join(args.seeds or ["0"]), "--seeds")
 

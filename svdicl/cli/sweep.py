@@ -147,7 +147,7 @@ def executor_from(args: argparse.Namespace, loaded):
 
 def scoring_from(args: argparse.Namespace):
     """The Scoring that the shared scoring flags describe."""
-    from svdicl.experiments.sweep import Scoring
+    from svdicl.experiments.cells import Scoring
     from svdicl.forward import parse_memory
 
     return Scoring(
@@ -185,7 +185,8 @@ def paths_used(cells) -> str:
 def run(args: argparse.Namespace) -> int:
     """Score every cell of the grid into the store in --output (resuming), then draw the report."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.sweep import PAPER_RATES, SweepGrid, parse_ints, parse_list, sweep
+    from svdicl.experiments.grid import PAPER_RATES, SweepGrid, parse_ints, parse_list
+    from svdicl.experiments.sweep import sweep
     from svdicl.store import Store
 
     if not args.tasks:

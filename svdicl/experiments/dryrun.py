@@ -260,7 +260,7 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
     """What `svdicl search` would score per search: every candidate rate on validation, unpruned and rate* on test."""
     from svdicl import calibration as cal
     from svdicl.experiments.arms import calibration_methods
-    from svdicl.experiments.sweep import edit_cell, run_key
+    from svdicl.experiments.cells import edit_cell, run_key
     from svdicl.targets import layer_stack, parse_layers
     from svdicl.tasks import get_task
 

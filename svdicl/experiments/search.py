@@ -13,7 +13,7 @@
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
-evaluation is a store cell (experiments/sweep.py's `evaluate_lines`), so a search resumes after
+evaluation is a store cell (experiments/lines.py's `evaluate_lines`), so a search resumes after
 an interruption and shares cells with sweeps written to the same folder.
 """
 
@@ -35,6 +35,7 @@ from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
+from svdicl.experiments.cells import Scoring, cell_limit, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.condition import (
     AGGREGATE,
     MatrixCondition,
@@ -45,20 +46,8 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
-from svdicl.experiments.sweep import (
-    PAPER_RATES,
-    Progress,
-    Scoring,
-    cell_limit,
-    data_digest,
-    edit_cell,
-    evaluate_lines,
-    module_lines,
-    note_other_data,
-    parse_rates,
-    reuse_cells,
-    run_key,
-)
+from svdicl.experiments.grid import PAPER_RATES, module_lines, parse_rates
+from svdicl.experiments.lines import Progress, evaluate_lines
 from svdicl.models import LoadedModel, default_cache_dir
 from svdicl.prompts import sample_demonstrations
 from svdicl.prune import CONTROLS, PruneSpec

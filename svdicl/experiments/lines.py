@@ -1,0 +1,135 @@
+"""Scoring cells into the store a line at a time: each line is the cells of one prepared run that one
+evaluate_edits call scores (sharing its prefix and layer caches), run on an executor.
+
+`evaluate_lines` serves sweeps and Algorithm 1's searches alike: a run is prepared only when one
+of its cells is missing, each cell is stored the moment it arrives (so a killed run resumes where
+it stopped), and the driver alone writes the store, whatever the executor (svdicl.executors: this
+process, worker processes or Ray actors that hold the model).
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from svdicl.executors import Executor, Line, LocalExecutor
+from svdicl.experiments.cells import Scoring, cell_result
+from svdicl.experiments.evaluate import EvalRun, evaluate_edits
+from svdicl.models import LoadedModel
+from svdicl.prune import PruneSpec
+from svdicl.store import CellKey, Result, Store
+
+
+class Progress:
+    """One bar over the examples of many cells, with ETA.  It moves while the scorer works and is
+    set exact after every cell, whatever the scorer reported meanwhile; stored cells count at once."""
+
+    def __init__(self, total: int, desc: str, *, done: int = 0, enabled: bool = True) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit="ex", file=sys.stderr, disable=not enabled, smoothing=0.1)
+        self.done = done
+
+    def grow(self, examples: int) -> None:
+        """Count `examples` more to do: work that is known only once earlier cells are scored (a search's test arms)."""
+        self.bar.total += examples
+        self.bar.refresh()
+
+    def add(self, examples: int) -> None:
+        """Count `examples` more as done."""
+        self.done += examples
+        self.bar.n = self.done
+        self.bar.refresh()
+
+    def describe(self, text: str) -> None:
+        """Show `text` (the cell being scored) beside the bar."""
+        self.bar.set_postfix_str(text, refresh=False)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+
+Call = tuple[Callable[[], EvalRun], Sequence[tuple[CellKey, Sequence[PruneSpec]]]]  # prepare the run, its cells
+
+
+def score_line(
+    loaded: LoadedModel, line: Line, progress=None, *, scoring: Scoring, model_name: str = ""
+) -> Iterator[tuple[CellKey, Result, float]]:
+    """The cells of one line scored in one evaluate_edits call: each cell's key, stored result and seconds.
+
+    The work function of every executor (svdicl.executors): it runs wherever the model is."""
+    started = time.perf_counter()
+    scored = evaluate_edits(loaded, line.run, [specs for _, specs in line.cells], **scoring.edit_options(), progress=progress)
+    for (key, _), (record, result) in zip(line.cells, scored, strict=True):
+        yield key, cell_result(record, result, model_name, scoring), time.perf_counter() - started
+        started = time.perf_counter()
+
+
+def evaluate_lines(
+    loaded: LoadedModel,
+    calls: Iterable[Call],
+    store: Store,
+    *,
+    scoring: Scoring | None = None,
+    model_name: str = "",
+    progress: Progress | None = None,
+    executor: Executor | None = None,
+) -> int:
+    """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
+    this process), and store every cell the moment it arrives.  A call's run is prepared only when
+    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
+    waited for after the rest, and scored here only if that process died before storing it.
+    Returns the number of cells scored here."""
+    scoring = scoring or Scoring()
+    deferred: list[Call] = []
+    scored = 0
+
+    def lines() -> Iterator[Line]:
+        for prepare, cells in calls:
+            cells = dict(cells)
+            todo, waiting = [], []
+            for key, specs in cells.items():
+                if store.has(key):
+                    continue
+                if store.claim(key):
+                    todo.append((key, tuple(specs)))
+                elif not store.has(key):
+                    waiting.append((key, specs))
+            if waiting:
+                deferred.append((prepare, waiting))
+            if progress is not None:
+                progress.add(sum(store.get(key).n for key in cells if store.has(key)))
+            if todo:
+                run = prepare()
+                if progress is not None:
+                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
+                yield Line(run, tuple(todo))
+
+    work = functools.partial(score_line, scoring=scoring, model_name=model_name)
+    bar = progress.bar if progress is not None else None
+    try:
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+            store.put(key, result, seconds=seconds)
+            scored += 1
+            if progress is not None:
+                progress.add(result.n)
+    finally:
+        store.release()  # claims of cells not stored (an error, an interrupt): free for the next run at once
+    for _, cells in deferred:
+        for key, _ in cells:
+            store.wait(key)
+    if deferred:
+        scored += evaluate_lines(
+            loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
+        )  # fmt: skip
+    return scored
+
+
+def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
+    """`29:mlp` for the cells of one line, `unpruned` when only the baseline is left."""
+    specs = [specs[0] for _, specs in cells if specs]
+    return f"{specs[0].layers}:{specs[0].modules}" if specs else "unpruned"
