@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny random models built from each family's real config class, the real
-pretrained default model (SmolLM2-135M from its PyPI package, offline) and the data folder."""
+"""Shared fixtures and helpers: tiny random models built from each family's real config class, the real
+pretrained default model (SmolLM2-135M from its PyPI package, offline), the data folder, toy tasks,
+sweeps and stores.  Test files import helpers from here, never from each other."""
 
 from __future__ import annotations
 
@@ -9,11 +10,19 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers as tf
 
-from svdicl.store import Store
+import svdicl.experiments.lines as scoring_lines
+from svdicl.cli import main
+from svdicl.experiments.evaluate import EvalRun, prepare_run
+from svdicl.experiments.grid import SweepGrid
+from svdicl.models import LoadedModel, fingerprint
+from svdicl.prune import PruneSpec
+from svdicl.store import CellKey, Result, Store
+from svdicl.tasks import get_task
 
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
@@ -215,3 +224,247 @@ class KillingStore(Store):
             self.killed = (task.received, len(task.line.cells))
             self.kill(task)
         return super().put(key, result, seconds)
+
+
+# ----- tiny models of every family, with sliding windows (test_forward, test_fast_paths, test_cuda) -----
+
+WINDOWED = {
+    "mistral-window": ("mistral", dict(sliding_window=5)),
+    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
+    "gemma2-window": ("gemma2", dict(sliding_window=5)),
+    "gemma3_text-window": (
+        "gemma3_text",
+        dict(sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    ),
+}
+
+
+def build(case: str) -> torch.nn.Module:
+    """A 3-layer random model of the case's family; larger initial weights than the default, so edits show."""
+    family, tweaks = WINDOWED.get(case, (case, {}))
+    torch.manual_seed(0)
+    config = TINY_CONFIGS[family]()
+    if family == "qwen2" and tweaks:  # qwen2 derives its layer types from these at construction
+        settings = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
+        config = tf.Qwen2Config(**{**settings, **tweaks})
+    for key, value in dict(tweaks, initializer_range=0.1, bos_token_id=1, eos_token_id=1).items():
+        setattr(config, key, value)
+    return tf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def tiny_loaded(case: str) -> LoadedModel:
+    """`build(case)` with the character tokenizer, as a loaded model."""
+    model = build(case)
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source=case, fingerprint=fingerprint(model), dtype="float32")
+
+
+# ----- two label tasks on tiny data, scored through every path (test_fast_paths, test_prune, test_cuda) -----
+
+LABEL_TASKS = {  # label words of one token per character (words) and of one token (signs)
+    "words": 'labels: ["Yes", "No"]\ntemplate: "q: {text} a:"\n',
+    "signs": 'labels: ["+", "-"]\ntemplate: "{text}="\nanswer_delimiter: ""\n',
+}
+_LABEL_SPLITS = (
+    "shots: 2\nsplits: {demonstrations: {source: train}, validation: {source: test, size: 4}, test: {source: test, rest: true}}\n"
+)
+
+
+@pytest.fixture(scope="module")
+def label_tasks(tmp_path_factory) -> Path:
+    """A toy data folder (short random words, two classes) and a task YAML per label kind."""
+    root = tmp_path_factory.mktemp("labels")
+    rng = random.Random(0)
+    for name, head in LABEL_TASKS.items():
+        folder = root / "data" / name
+        folder.mkdir(parents=True)
+        for source, n in (("train", 12), ("test", 14)):
+            rows = [
+                {"text": " ".join(rng.choice(["ab", "cd", "ef"]) for _ in range(rng.randint(1, 6))), "label": i % 2}
+                for i in range(n)
+            ]
+            (folder / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / f"{name}.yaml").write_text(f"kind: classification\n{head}{_LABEL_SPLITS}")
+    return root
+
+
+def tiny_run(loaded: LoadedModel, tasks: Path, name: str) -> EvalRun:
+    """The prepared run of label task `name` (a folder written by `label_tasks`)."""
+    return prepare_run(loaded, get_task(str(tasks / f"{name}.yaml")), data_dir=tasks / "data")
+
+
+def edits_at(layer: int, rates=(0.5, 0.9)) -> list[tuple[PruneSpec, ...]]:
+    """The unpruned model, then attn and mlp of `layer` at each rate."""
+    return [(), *[(PruneSpec(str(layer), m, r),) for m in ("attn", "mlp") for r in rates]]
+
+
+def assert_same(fast, plain, atol: float = 1e-4) -> None:
+    """Same edits, same predictions, every log-prob within `atol` per continuation token."""
+    assert len(fast) == len(plain)
+    for (edit_a, a), (edit_b, b) in zip(fast, plain, strict=True):
+        assert edit_a.key == edit_b.key
+        assert a.predictions == b.predictions
+        for x, y in zip(a.scores, b.scores, strict=True):
+            assert x.n_tokens == y.n_tokens
+            for u, v, n in zip(x.logprobs, y.logprobs, x.n_tokens, strict=True):
+                assert abs(u - v) <= atol * n
+
+
+def moved(results) -> float:
+    """How far the last edit moves the log-probs from the first (unpruned) one."""
+    first, last = results[0][1].scores, results[-1][1].scores
+    return max(abs(u - v) for a, b in zip(first, last, strict=True) for u, v in zip(a.logprobs, b.logprobs, strict=True))
+
+
+def reference_logprobs(model, tokenizer, prompt: str, candidates) -> list[float]:
+    """One candidate at a time: tokenize the whole string plainly, full logits, log-softmax, sum."""
+    base = tokenizer(prompt)["input_ids"]
+    result = []
+    for candidate in candidates:
+        ids = tokenizer(prompt + candidate)["input_ids"]
+        assert ids[: len(base)] == base
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids], device=model.device)).logits[0].float(), dim=-1)
+        result.append(sum(logp[j - 1, ids[j]].item() for j in range(len(base), len(ids))))
+    return result
+
+
+# ----- sweeps of the toy task (test_sweep, test_search, test_executors, test_local_workers, test_safety, ...) -----
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def toy_loaded() -> LoadedModel:
+    """A 3-layer random llama whose answers depend on its input and move under pruning (wide initialisation)."""
+    torch.manual_seed(0)
+    config = TINY_CONFIGS["llama"]()
+    config.initializer_range, config.bos_token_id, config.eos_token_id = 0.5, 1, 1
+    model = tf.AutoModelForCausalLM.from_config(config).eval()
+    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny", fingerprint=fingerprint(model), dtype="float32")
+
+
+def save_model(loaded: LoadedModel, folder: Path) -> Path:
+    """`loaded` saved as a Hugging Face folder, as `--model` takes it."""
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def model_folder(tmp_path) -> Path:
+    """`toy_loaded()` saved as a model folder."""
+    return save_model(toy_loaded(), tmp_path / "model")
+
+
+def grid(toy: Path, **changes) -> SweepGrid:
+    """A small sweep of the toy task: 2 layers x 2 modules x 3 rates x 2 shot counts, 12 examples."""
+    values = dict(tasks=(str(toy),), layers=("0", "last1"), modules=("mlp", "attn"), rates=(0, 0.5, 0.9), shots=(0, 1), limit=12)
+    return SweepGrid(**{**values, **changes})
+
+
+class Calls:
+    """Wraps evaluate_edits: records the edits of every call and counts the cells it yielded; can interrupt."""
+
+    def __init__(self, monkeypatch, stop_after: int | None = None) -> None:
+        self.edits: list[list[str]] = []
+        self.cells: list[tuple[int, str]] = []  # (shots, edit) of every cell requested
+        self.yielded = 0
+        self.stop_after = stop_after
+        real = scoring_lines.evaluate_edits
+
+        def wrapped(loaded, run, edits, **options):
+            self.edits.append([";".join(map(str, specs)) or "none" for specs in edits])
+            self.cells += [(run.shots, edit) for edit in self.edits[-1]]
+            for item in real(loaded, run, edits, **options):
+                if self.stop_after is not None and self.yielded == self.stop_after:
+                    raise KeyboardInterrupt
+                self.yielded += 1
+                yield item
+
+        monkeypatch.setattr(scoring_lines, "evaluate_edits", wrapped)
+
+    @property
+    def requested(self) -> list[str]:
+        return [edit for _, edit in self.cells]
+
+
+def one_line_error(capsys, *argv: str) -> str:
+    """Run the CLI on `argv`, expect exit 2 and one line of error, and return it."""
+    assert main(["-q", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("svdicl: error:") and "\n" not in err
+    return err
+
+
+# ----- result stores (test_store, test_faults, test_sweep, test_executors, ...) -----
+
+STORE_RATES = (0.0, 0.5, 0.9, 0.995)
+
+
+def sweep_keys() -> list[CellKey]:
+    """A small sweep: 2 tasks x 2 layers x 4 rates x 2 seeds, rate 0 being the shared unpruned cell."""
+    keys = []
+    for task in ("sst2", "rte"):
+        for seed in (0, 1):
+            for layer in (0, 29):
+                for rate in STORE_RATES:
+                    keys.append(CellKey("fp-abc", task, "test", 5, seed, f"{layer}:mlp:{rate}", limit=40))
+    return keys
+
+
+def fake_result(key: CellKey) -> Result:
+    """Deterministic in the key, so two runs can be compared exactly."""
+    value = int(key.id[:4], 16) / 65535
+    samples = [{"id": f"{key.task}-{i}", "gold": i % 2, "pred": (i + int(key.id[0], 16)) % 2} for i in range(5)]
+    metrics = {"accuracy": {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1}, "macro_f1": value / 2}
+    return Result(metrics=metrics, n=5, samples=samples, model_name="tiny", info={"edit": key.edit})
+
+
+def contents(store: Store) -> dict[str, tuple[dict, list[dict]]]:
+    """Every cell's record and samples, without what differs between two runs of the same cell (timing)."""
+    out = {}
+    for cell in store.cells():
+        record = cell.to_record()
+        del record["seconds"], record["created"]
+        record["info"].pop("timing", None)
+        out[cell.id] = (record, store.samples(cell))
+    return out
+
+
+def assert_same_contents(a: dict, b: dict) -> None:
+    """Two stores' `contents` agree: every record exactly, every log-prob within 1e-5."""
+    assert a.keys() == b.keys()
+    for key, (record, samples) in a.items():
+        assert b[key][0] == record
+        for x, y in zip(samples, b[key][1], strict=True):
+            assert {k: v for k, v in x.items() if k != "logprobs"} == {k: v for k, v in y.items() if k != "logprobs"}
+            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-5)
+
+
+# ----- eval folders for `svdicl compare` (test_compare, test_report) -----
+
+
+def write_eval(folder: Path, correct: np.ndarray, *, task="sst2", edit="none", gold=None, ids=None) -> Path:
+    """An eval folder in the svdicl-eval/1 layout: `correct` is (seeds x examples) of 0/1."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds, n = correct.shape
+    gold = [i % 2 for i in range(n)] if gold is None else gold
+    ids = [f"test:{i}" for i in range(n)] if ids is None else ids
+    samples = [
+        {"seed": s, "id": ids[i], "gold": gold[i], "prediction": gold[i] if correct[s, i] else 1 - gold[i],
+         "correct": bool(correct[s, i])}
+        for s in range(seeds)
+        for i in range(n)
+    ]  # fmt: skip
+    (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
+    config = {"model": {"source": "tiny", "fingerprint": "fp", "dtype": "float32"}, "task": {"name": task}, "split": "test",
+              "seeds": list(range(seeds)), "limit": None, "edit": {"key": edit}}  # fmt: skip
+    summary = {"metric": "macro_f1" if task == "copa" else "accuracy"}
+    (folder / "results.json").write_text(
+        json.dumps({"format": "svdicl-eval/1", "config": config, "runs": [], "summary": summary})
+    )
+    return folder
+
+
+def two_arms(rng: np.random.Generator, n: int = 14, seeds: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Per-example correctness (seeds x n) of a weaker arm A (0.55) and a stronger arm B (0.75)."""
+    return (rng.random((seeds, n)) < 0.55).astype(int), (rng.random((seeds, n)) < 0.75).astype(int)

@@ -10,8 +10,8 @@ import random
 
 import numpy as np
 import pytest
+from conftest import save_model, toy_loaded
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from test_sweep import save_model, toy_loaded
 
 from svdicl import calibration as cal
 from svdicl.bias import balanced_accuracy, bias_metrics, margin_auc, prediction_counts, top_answer_share

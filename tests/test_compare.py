@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_model, tiny_tokenizer, write_toy_task
+from conftest import tiny_model, tiny_tokenizer, two_arms, write_eval, write_toy_task
 from scipy import stats
 
 from svdicl.cli import main
@@ -21,32 +21,6 @@ from svdicl.prune import PruneSpec
 from svdicl.tasks import get_task
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"
-
-
-def write_eval(folder: Path, correct: np.ndarray, *, task="sst2", edit="none", gold=None, ids=None) -> Path:
-    """An eval folder in the svdicl-eval/1 layout: `correct` is (seeds x examples) of 0/1."""
-    folder.mkdir(parents=True, exist_ok=True)
-    seeds, n = correct.shape
-    gold = [i % 2 for i in range(n)] if gold is None else gold
-    ids = [f"test:{i}" for i in range(n)] if ids is None else ids
-    samples = [
-        {"seed": s, "id": ids[i], "gold": gold[i], "prediction": gold[i] if correct[s, i] else 1 - gold[i],
-         "correct": bool(correct[s, i])}
-        for s in range(seeds)
-        for i in range(n)
-    ]  # fmt: skip
-    (folder / "samples.jsonl").write_text("".join(json.dumps(x) + "\n" for x in samples))
-    config = {"model": {"source": "tiny", "fingerprint": "fp", "dtype": "float32"}, "task": {"name": task}, "split": "test",
-              "seeds": list(range(seeds)), "limit": None, "edit": {"key": edit}}  # fmt: skip
-    summary = {"metric": "macro_f1" if task == "copa" else "accuracy"}
-    (folder / "results.json").write_text(
-        json.dumps({"format": "svdicl-eval/1", "config": config, "runs": [], "summary": summary})
-    )
-    return folder
-
-
-def two_arms(rng: np.random.Generator, n: int = 14, seeds: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    return (rng.random((seeds, n)) < 0.55).astype(int), (rng.random((seeds, n)) < 0.75).astype(int)
 
 
 def test_comparison_is_example_level_and_equals_references(tmp_path):

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_fast_paths import edits_at, tiny_loaded
-from test_forward import build
-from test_scoring import reference_logprobs
+from conftest import build, edits_at, reference_logprobs, tiny_loaded
 
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
 from svdicl.prune import PruneSpec, prune, pruned

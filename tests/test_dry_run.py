@@ -7,7 +7,7 @@ import json
 import re
 
 import pytest
-from test_sweep import grid, save_model, toy_loaded
+from conftest import grid, save_model, toy_loaded
 
 from svdicl.cli import main
 from svdicl.experiments.evaluate import evaluate, prepare_run

@@ -8,8 +8,7 @@ import functools
 import sys
 
 import pytest
-from conftest import KillingStore, write_toy_task
-from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
+from conftest import KillingStore, assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded, write_toy_task
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError

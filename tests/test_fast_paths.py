@@ -8,87 +8,26 @@ for tiny models of every supported family and for the real SmolLM2-135M (SST-2 a
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
-from conftest import tiny_tokenizer
-from test_forward import build
+from conftest import LABEL_TASKS, assert_same, build, edits_at, moved, tiny_loaded, tiny_run
 
 from svdicl import forward as fw
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
-from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
 from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
-from svdicl.tasks import get_task
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.
-TASKS = {
-    "words": 'labels: ["Yes", "No"]\ntemplate: "q: {text} a:"\n',
-    "signs": 'labels: ["+", "-"]\ntemplate: "{text}="\nanswer_delimiter: ""\n',
-}
-SPLITS = (
-    "shots: 2\nsplits: {demonstrations: {source: train}, validation: {source: test, size: 4}, test: {source: test, rest: true}}\n"
-)
 CASES = [*sorted(fw.SUPPORTED), "gemma3_text-window", "mistral-window"]
 
 
-def tiny_loaded(case: str) -> LoadedModel:
-    model = build(case)
-    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source=case, fingerprint=fingerprint(model), dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A toy data folder (short random words, two classes) and a task YAML per label kind."""
-    root = tmp_path_factory.mktemp("fast")
-    rng = random.Random(0)
-    for name, head in TASKS.items():
-        folder = root / "data" / name
-        folder.mkdir(parents=True)
-        for source, n in (("train", 12), ("test", 14)):
-            rows = [
-                {"text": " ".join(rng.choice(["ab", "cd", "ef"]) for _ in range(rng.randint(1, 6))), "label": i % 2}
-                for i in range(n)
-            ]
-            (folder / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (root / f"{name}.yaml").write_text(f"kind: classification\n{head}{SPLITS}")
-    return root
-
-
-def tiny_run(loaded: LoadedModel, data, name: str):
-    return prepare_run(loaded, get_task(str(data / f"{name}.yaml")), data_dir=data / "data")
-
-
-def assert_same(fast, plain, atol: float = 1e-4) -> None:
-    """Same edits, same predictions, every log-prob within `atol` per continuation token."""
-    assert len(fast) == len(plain)
-    for (edit_a, a), (edit_b, b) in zip(fast, plain, strict=True):
-        assert edit_a.key == edit_b.key
-        assert a.predictions == b.predictions
-        for x, y in zip(a.scores, b.scores, strict=True):
-            assert x.n_tokens == y.n_tokens
-            for u, v, n in zip(x.logprobs, y.logprobs, x.n_tokens, strict=True):
-                assert abs(u - v) <= atol * n
-
-
-def moved(results) -> float:
-    """How far the last edit moves the log-probs from the first (unpruned) one."""
-    first, last = results[0][1].scores, results[-1][1].scores
-    return max(abs(u - v) for a, b in zip(first, last, strict=True) for u, v in zip(a.logprobs, b.logprobs, strict=True))
-
-
-def edits_at(layer: int, rates=(0.5, 0.9)) -> list[tuple[PruneSpec, ...]]:
-    """The unpruned model, then attn and mlp of `layer` at each rate."""
-    return [(), *[(PruneSpec(str(layer), m, r),) for m in ("attn", "mlp") for r in rates]]
-
-
 @pytest.mark.parametrize("case", CASES)
-def test_layer_and_prefix_paths_match_plain_for_every_family(case, data):
+def test_layer_and_prefix_paths_match_plain_for_every_family(case, label_tasks):
     loaded = tiny_loaded(case)
-    for task in TASKS:
-        run = tiny_run(loaded, data, task)
+    for task in LABEL_TASKS:
+        run = tiny_run(loaded, label_tasks, task)
         for layer in (0, 1, 2):  # first, middle, last
             edits = edits_at(layer)
             plain = list(evaluate_edits(loaded, run, edits, path="plain"))
@@ -103,9 +42,9 @@ def test_layer_and_prefix_paths_match_plain_for_every_family(case, data):
         assert_same(prefix, plain)
 
 
-def test_one_call_caches_below_the_lowest_edited_layer(data):
+def test_one_call_caches_below_the_lowest_edited_layer(label_tasks):
     loaded = tiny_loaded("llama")
-    run = tiny_run(loaded, data, "words")
+    run = tiny_run(loaded, label_tasks, "words")
     edits = [
         (PruneSpec("2", "mlp", 0.9),),
         (),
@@ -117,9 +56,9 @@ def test_one_call_caches_below_the_lowest_edited_layer(data):
     assert_same(fast, list(evaluate_edits(loaded, run, edits, path="plain")))
 
 
-def test_evaluate_run_takes_the_prefix_path_and_reports_it(data):
+def test_evaluate_run_takes_the_prefix_path_and_reports_it(label_tasks):
     loaded = tiny_loaded("qwen2")
-    run = tiny_run(loaded, data, "words")
+    run = tiny_run(loaded, label_tasks, "words")
     with pruned(loaded.model, layers=1, modules="mlp", rate=0.9):
         fast = evaluate_run(loaded, run)
         plain = evaluate_run(loaded, run, path="plain")
@@ -131,17 +70,17 @@ def test_evaluate_run_takes_the_prefix_path_and_reports_it(data):
     assert fast.timing["tokens_forwarded"] < fast.timing["prompt_tokens"] / 2  # the demonstrations ran once
 
 
-def test_unsupported_family_falls_back_to_plain_with_the_reason(data):
+def test_unsupported_family_falls_back_to_plain_with_the_reason(label_tasks):
     loaded = tiny_loaded("gpt2")
-    run = tiny_run(loaded, data, "signs")
+    run = tiny_run(loaded, label_tasks, "signs")
     for _, result in evaluate_edits(loaded, run, edits_at(1, rates=(0.5,))):
         assert result.timing["path"] == "plain" and "gpt2" in result.timing["fallback"]
     assert "gpt2" in evaluate_run(loaded, run, path="prefix").timing["fallback"]
 
 
-def test_memory_budget_chunks_or_falls_back_with_identical_results(data):
+def test_memory_budget_chunks_or_falls_back_with_identical_results(label_tasks):
     loaded = tiny_loaded("gemma2")
-    run = tiny_run(loaded, data, "words")
+    run = tiny_run(loaded, label_tasks, "words")
     edits = edits_at(1, rates=(0.9,))
     plain = list(evaluate_edits(loaded, run, edits, path="plain"))
     prefix = shared_prefix(run.requests)
@@ -165,18 +104,18 @@ def test_memory_budget_chunks_or_falls_back_with_identical_results(data):
     assert evaluate_run(loaded, run, cache_memory=0).timing["path"] == "plain"
 
 
-def test_edit_outside_the_layers_falls_back_to_the_prefix_path(data):
+def test_edit_outside_the_layers_falls_back_to_the_prefix_path(label_tasks):
     loaded = tiny_loaded("llama")  # untied head
-    run = tiny_run(loaded, data, "signs")
+    run = tiny_run(loaded, label_tasks, "signs")
     edits = [(), (PruneSpec("all", "re:^lm_head$", 0.5),)]
     fast = list(evaluate_edits(loaded, run, edits))
     assert fast[1][1].timing["path"] == "prefix" and "lm_head" in fast[1][1].timing["fallback"]
     assert_same(fast, list(evaluate_edits(loaded, run, edits, path="plain")))
 
 
-def test_layer_cache_refuses_an_edit_below_it_and_rebuilds_per_call(data):
+def test_layer_cache_refuses_an_edit_below_it_and_rebuilds_per_call(label_tasks):
     loaded = tiny_loaded("llama")
-    run = tiny_run(loaded, data, "words")
+    run = tiny_run(loaded, label_tasks, "words")
     edits = [(PruneSpec("2", "mlp", 0.5),), (PruneSpec("2", "mlp", 0.9),)]
     results = evaluate_edits(loaded, run, edits)
     next(results)
@@ -206,9 +145,9 @@ def test_shared_prefix_moves_its_last_token_into_suffixes_when_a_context_is_empt
     assert "do not share" in choose_path(model, other).fallback
 
 
-def test_bad_paths_and_budgets_are_one_line_errors(data):
+def test_bad_paths_and_budgets_are_one_line_errors(label_tasks):
     loaded = tiny_loaded("llama")
-    run = tiny_run(loaded, data, "signs")
+    run = tiny_run(loaded, label_tasks, "signs")
     with pytest.raises(SvdiclError, match="unknown scoring path 'fast'"):
         list(evaluate_edits(loaded, run, [()], path="fast"))
     with pytest.raises(SvdiclError, match="evaluate_edits"):
@@ -217,12 +156,21 @@ def test_bad_paths_and_budgets_are_one_line_errors(data):
         evaluate_run(loaded, run, cache_memory=-1)
 
 
-def test_cli_eval_records_the_path(data, tmp_path, capsys):
+def test_cli_eval_records_the_path(label_tasks, tmp_path, capsys):
     loaded = tiny_loaded("llama")
     model_dir = tmp_path / "model"
     loaded.model.save_pretrained(model_dir)
     loaded.tokenizer.save_pretrained(model_dir)
-    argv = ["-q", "eval", "--model", str(model_dir), "--task", str(data / "words.yaml"), "--data-dir", str(data / "data")]
+    argv = [
+        "-q",
+        "eval",
+        "--model",
+        str(model_dir),
+        "--task",
+        str(label_tasks / "words.yaml"),
+        "--data-dir",
+        str(label_tasks / "data"),
+    ]
     scores = {}
     for path, memory, used in (("auto", "512MiB", "prefix"), ("plain", "4GiB", "plain"), ("prefix", "0", "plain")):
         out = tmp_path / path

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import tiny_model, tiny_tokenizer
-from test_store import contents, fake_result, sweep_keys
+from conftest import contents, fake_result, sweep_keys, tiny_model, tiny_tokenizer
 
 from svdicl import store as store_module
 from svdicl.cli import main
@@ -34,7 +33,7 @@ from svdicl.store import CELLS_FILE, Store, run_cells
 KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_store import fake_result, sweep_keys
+from conftest import fake_result, sweep_keys
 from svdicl import store
 
 def die(*args, **kwargs):
@@ -163,7 +162,7 @@ def test_full_disk_writing_samples_leaves_no_partial_file(tmp_path, monkeypatch)
 WRITER_SCRIPT = """
 import os, random, sys, time
 sys.path.insert(0, {tests!r})
-from test_store import sweep_keys
+from conftest import sweep_keys
 from svdicl.store import Result, Store
 
 writer = int(sys.argv[1])

@@ -6,36 +6,14 @@ import warnings
 import pytest
 import torch
 import transformers as tf
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, WINDOWED, build
 
 import svdicl
 from svdicl import forward as fw
 from svdicl.errors import SvdiclError
 
 # Sliding windows shorter than the test sequences (12-token prefix + up to 7 tokens), so they matter.
-WINDOWED = {
-    "mistral-window": ("mistral", dict(sliding_window=5)),
-    "qwen2-window": ("qwen2", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1)),
-    "gemma2-window": ("gemma2", dict(sliding_window=5)),
-    "gemma3_text-window": (
-        "gemma3_text",
-        dict(sliding_window=5, layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
-    ),
-}
 CASES = sorted(fw.SUPPORTED) + sorted(WINDOWED)
-
-
-def build(case: str) -> torch.nn.Module:
-    """A 3-layer random model of the case's family; larger initial weights than the default, so edits show."""
-    family, tweaks = WINDOWED.get(case, (case, {}))
-    torch.manual_seed(0)
-    config = TINY_CONFIGS[family]()
-    if family == "qwen2" and tweaks:  # qwen2 derives its layer types from these at construction
-        settings = {k: v for k, v in config.to_dict().items() if k != "layer_types"}
-        config = tf.Qwen2Config(**{**settings, **tweaks})
-    for key, value in dict(tweaks, initializer_range=0.1, bos_token_id=1, eos_token_id=1).items():
-        setattr(config, key, value)
-    return tf.AutoModelForCausalLM.from_config(config).eval()
 
 
 def random_inputs(seed: int = 1, prefix_length: int = 12, lengths=(3, 7, 1, 5)):

@@ -4,8 +4,7 @@ unfinished cells redone, and the thread policy (free cores = cores - load averag
 from __future__ import annotations
 
 import pytest
-from conftest import KillingStore, write_toy_task
-from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
+from conftest import KillingStore, assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded, write_toy_task
 
 from svdicl.errors import SvdiclError
 from svdicl.executors import LocalExecutor, ProcessExecutor, open_executor

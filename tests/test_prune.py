@@ -4,9 +4,8 @@ import json
 
 import numpy as np
 import pytest
-import test_fast_paths as fast
 import torch
-from conftest import tiny_model
+from conftest import assert_same, moved, tiny_loaded, tiny_model, tiny_run
 
 import svdicl
 from svdicl import svd
@@ -265,27 +264,33 @@ def test_bad_control_arguments():
         save_pruned(loaded, [PruneSpec.parse("0:q:0.5@random-subspace")], "unused")
 
 
-data = fast.data  # the toy task folder of test_fast_paths
-
-
 @pytest.mark.parametrize("control", ["random-subspace", "matched-noise"])
-def test_layer_cache_path_matches_plain_under_controls(data, control):
+def test_layer_cache_path_matches_plain_under_controls(label_tasks, control):
     """Sweeps score edits on cached inputs of the lowest edited layer: the controls edit in place like a truncation."""
-    loaded = fast.tiny_loaded("llama")
-    run = fast.tiny_run(loaded, data, "words")
+    loaded = tiny_loaded("llama")
+    run = tiny_run(loaded, label_tasks, "words")
     edits = [(), *[(PruneSpec(str(layer), "mlp", 0.9, control, seed),) for layer in (1, 2) for seed in (0, 1)]]
     layer = list(evaluate_edits(loaded, run, edits, path="layer"))
     assert {r.timing["path"] for _, r in layer} == {"layer"}
-    fast.assert_same(layer, list(evaluate_edits(loaded, run, edits, path="plain")))
-    assert fast.moved(layer) > 1e-3  # the control changed the answers' log-probs
+    assert_same(layer, list(evaluate_edits(loaded, run, edits, path="plain")))
+    assert moved(layer) > 1e-3  # the control changed the answers' log-probs
 
 
-def test_cli_eval_takes_a_control_suffix_and_records_it(data, tmp_path):
-    loaded = fast.tiny_loaded("llama")
+def test_cli_eval_takes_a_control_suffix_and_records_it(label_tasks, tmp_path):
+    loaded = tiny_loaded("llama")
     model_dir = tmp_path / "model"
     loaded.model.save_pretrained(model_dir)
     loaded.tokenizer.save_pretrained(model_dir)
-    argv = ["-q", "eval", "--model", str(model_dir), "--task", str(data / "words.yaml"), "--data-dir", str(data / "data")]
+    argv = [
+        "-q",
+        "eval",
+        "--model",
+        str(model_dir),
+        "--task",
+        str(label_tasks / "words.yaml"),
+        "--data-dir",
+        str(label_tasks / "data"),
+    ]
     assert main([*argv, "--prune=-1:mlp:0.9@matched-noise:seed=2", "--output", str(tmp_path / "out")]) == 0
     edit = json.loads((tmp_path / "out" / "results.json").read_text())["config"]["edit"]
     assert edit["key"] == "-1:mlp:0.9@matched-noise:seed=2"

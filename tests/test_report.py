@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import two_arms, write_eval
 from matplotlib.collections import PathCollection, PolyCollection
 
 from svdicl.cli import main
@@ -491,7 +492,6 @@ def test_report_of_a_read_only_store(tmp_path, monkeypatch):
 
 def test_report_reads_eval_folders_and_pairs_each_with_its_unpruned_eval(tmp_path):
     import numpy as np
-    from test_compare import two_arms, write_eval
 
     from svdicl.experiments.compare import compare_evals
     from svdicl.stats import holm

@@ -11,8 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import write_toy_task
-from test_sweep import grid, save_model, toy_loaded
+from conftest import grid, save_model, toy_loaded, write_toy_task
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError

@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
-from conftest import tiny_model, tiny_tokenizer
+from conftest import reference_logprobs, tiny_model, tiny_tokenizer
 
 from svdicl.errors import SvdiclError
 from svdicl.prompts import build_prompt, demonstrations_text, sample_demonstrations
@@ -18,19 +17,6 @@ SPLITS = "splits: {demonstrations: {source: train}, validation: {source: validat
 MULTI_TOKEN = 'kind: classification\ntemplate: "q: {text} a:"\nlabels: ["Yes", "No", "Maybe"]\nshots: 1\n' + SPLITS
 SINGLE_TOKEN = 'kind: classification\ntemplate: "{text}="\nanswer_delimiter: ""\nlabels: ["+", "-"]\nshots: 1\n' + SPLITS
 CHOICE = 'kind: multiple_choice\ntemplate: "{premise} {question}"\nchoices: [c1, c2]\nlabels: [c1, c2]\nshots: 1\n' + SPLITS
-
-
-def reference_logprobs(model, tokenizer, prompt: str, candidates) -> list[float]:
-    """One candidate at a time: tokenize the whole string plainly, full logits, log-softmax, sum."""
-    base = tokenizer(prompt)["input_ids"]
-    result = []
-    for candidate in candidates:
-        ids = tokenizer(prompt + candidate)["input_ids"]
-        assert ids[: len(base)] == base
-        with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([ids], device=model.device)).logits[0].float(), dim=-1)
-        result.append(sum(logp[j - 1, ids[j]].item() for j in range(len(base), len(ids))))
-    return result
 
 
 def words(rng: random.Random, n: int) -> str:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from test_sweep import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
+from conftest import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
 import svdicl.experiments.condition as condition
 import svdicl.experiments.lines as scoring_lines
@@ -40,11 +40,6 @@ from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture
-def model_folder(tmp_path):
-    return save_model(toy_loaded(), tmp_path / "model")
 
 
 def plant(weight: torch.Tensor, condition_number: float, seed: int) -> None:

@@ -15,40 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import contents, fake_result, sweep_keys
 
 from svdicl.errors import SvdiclError
 from svdicl.store import CELLS_FILE, CellKey, Result, Store, run_cells
-
-RATES = (0.0, 0.5, 0.9, 0.995)
-
-
-def sweep_keys() -> list[CellKey]:
-    """A small sweep: 2 tasks x 2 layers x 4 rates x 2 seeds, rate 0 being the shared unpruned cell."""
-    keys = []
-    for task in ("sst2", "rte"):
-        for seed in (0, 1):
-            for layer in (0, 29):
-                for rate in RATES:
-                    keys.append(CellKey("fp-abc", task, "test", 5, seed, f"{layer}:mlp:{rate}", limit=40))
-    return keys
-
-
-def fake_result(key: CellKey) -> Result:
-    """Deterministic in the key, so two runs can be compared exactly."""
-    value = int(key.id[:4], 16) / 65535
-    samples = [{"id": f"{key.task}-{i}", "gold": i % 2, "pred": (i + int(key.id[0], 16)) % 2} for i in range(5)]
-    metrics = {"accuracy": {"value": value, "ci_low": value - 0.1, "ci_high": value + 0.1}, "macro_f1": value / 2}
-    return Result(metrics=metrics, n=5, samples=samples, model_name="tiny", info={"edit": key.edit})
-
-
-def contents(store: Store) -> dict[str, tuple[dict, list[dict]]]:
-    """Every cell's record without its timing, with its samples: what two runs must agree on."""
-    out = {}
-    for cell in store.cells():
-        record = cell.to_record()
-        del record["seconds"], record["created"]
-        out[cell.id] = (record, store.samples(cell))
-    return out
 
 
 def test_key_id_is_stable_and_sees_every_field():
@@ -139,7 +109,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 SIGKILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-from test_store import fake_result, sweep_keys
+from conftest import fake_result, sweep_keys
 from svdicl.store import Store, run_cells
 
 log = open({log!r}, "a")
@@ -301,7 +271,7 @@ def test_a_deleted_samples_file_is_recomputed_and_its_new_line_wins(tmp_path):
 CONCURRENT_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
-from test_store import fake_result, sweep_keys
+from conftest import fake_result, sweep_keys
 from svdicl.store import Store, run_cells
 
 def compute(key):
@@ -336,7 +306,7 @@ def test_concurrent_runs_compute_each_cell_once(tmp_path):
 CLAIM_AND_DIE = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
-from test_store import sweep_keys
+from conftest import sweep_keys
 from svdicl.store import Store
 
 store = Store({store!r})

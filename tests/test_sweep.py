@@ -4,87 +4,29 @@ evaluation, resume after an interruption without rescoring, a torn store repaire
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
-import transformers as tf
 import yaml
-from conftest import TINY_CONFIGS, tiny_tokenizer
+from conftest import (
+    EXAMPLES,
+    Calls,
+    assert_same_contents,
+    contents,
+    grid,
+    one_line_error,
+    toy_loaded,
+)
 
-import svdicl.experiments.lines as scoring_lines
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines, parse_ints, parse_list, parse_rates
 from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
-from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
 from svdicl.store import CELLS_FILE, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
-
-def toy_loaded() -> LoadedModel:
-    """A 3-layer random llama whose answers depend on its input and move under pruning (wide initialisation)."""
-    torch.manual_seed(0)
-    config = TINY_CONFIGS["llama"]()
-    config.initializer_range, config.bos_token_id, config.eos_token_id = 0.5, 1, 1
-    model = tf.AutoModelForCausalLM.from_config(config).eval()
-    return LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny", fingerprint=fingerprint(model), dtype="float32")
-
-
-def grid(toy: Path, **changes) -> SweepGrid:
-    values = dict(tasks=(str(toy),), layers=("0", "last1"), modules=("mlp", "attn"), rates=(0, 0.5, 0.9), shots=(0, 1), limit=12)
-    return SweepGrid(**{**values, **changes})
-
-
-class Calls:
-    """Wraps evaluate_edits: records the edits of every call and counts the cells it yielded; can interrupt."""
-
-    def __init__(self, monkeypatch, stop_after: int | None = None) -> None:
-        self.edits: list[list[str]] = []
-        self.cells: list[tuple[int, str]] = []  # (shots, edit) of every cell requested
-        self.yielded = 0
-        self.stop_after = stop_after
-        real = scoring_lines.evaluate_edits
-
-        def wrapped(loaded, run, edits, **options):
-            self.edits.append([";".join(map(str, specs)) or "none" for specs in edits])
-            self.cells += [(run.shots, edit) for edit in self.edits[-1]]
-            for item in real(loaded, run, edits, **options):
-                if self.stop_after is not None and self.yielded == self.stop_after:
-                    raise KeyboardInterrupt
-                self.yielded += 1
-                yield item
-
-        monkeypatch.setattr(scoring_lines, "evaluate_edits", wrapped)
-
-    @property
-    def requested(self) -> list[str]:
-        return [edit for _, edit in self.cells]
-
-
-def contents(store: Store) -> dict:
-    """Each cell's record and samples, without what differs between two runs of the same cell (timing)."""
-    out = {}
-    for cell in store.cells():
-        record = cell.to_record()
-        del record["seconds"], record["created"], record["info"]["timing"]
-        out[cell.id] = (record, store.samples(cell))
-    return out
-
-
-def assert_same_contents(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key, (record, samples) in a.items():
-        assert b[key][0] == record
-        for x, y in zip(samples, b[key][1], strict=True):
-            assert {k: v for k, v in x.items() if k != "logprobs"} == {k: v for k, v in y.items() if k != "logprobs"}
-            assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-5)
 
 
 def test_lines_rates_and_their_errors():
@@ -190,17 +132,6 @@ def test_a_store_torn_mid_write_is_repaired_and_only_that_cell_recomputed(toy, m
         Store(out)
 
 
-def save_model(loaded: LoadedModel, folder: Path) -> Path:
-    loaded.model.save_pretrained(folder)
-    loaded.tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def model_folder(tmp_path) -> Path:
-    return save_model(toy_loaded(), tmp_path / "model")
-
-
 def test_cli_sweep_from_a_yaml_config_resumes_and_draws_the_report(toy, model_folder, capsys):
     config = toy.parent / "sweep.yaml"
     out = toy.parent / "out"
@@ -233,13 +164,6 @@ def test_cli_sweep_from_a_yaml_config_resumes_and_draws_the_report(toy, model_fo
     assert len(rows) == 1 + 10
     assert main(["-q", "sweep", "--config", str(config), "--no-report"]) == 0
     assert "10 cells, 0 scored now and 10 from the store" in capsys.readouterr().out
-
-
-def one_line_error(capsys, *argv: str) -> str:
-    assert main(["-q", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("svdicl: error:") and "\n" not in err
-    return err
 
 
 def test_cli_errors_are_one_line(toy, model_folder, capsys, tmp_path):
