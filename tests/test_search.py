@@ -29,10 +29,10 @@ from svdicl.experiments.search import (
     conditions_for,
     search,
     seed_mean_ci,
-    write_search,
 )
+from svdicl.experiments.search_output import read_search, write_search
 from svdicl.prune import EditRecord, PruneSpec, pruned
-from svdicl.report import build_report, read_search
+from svdicl.report import build_report
 from svdicl.scoring import Scores
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store

@@ -88,7 +88,8 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
+    from svdicl.experiments.search import SearchConfig, conditions_for, search
+    from svdicl.experiments.search_output import card_notes, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
     from svdicl.export import save_pruned
     from svdicl.outputs import check_output as check_export
