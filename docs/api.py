@@ -23,7 +23,7 @@ MODULES = [
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search"]),
-    ("svdicl.experiments.search_output", ["write_search", "read_search"]),
+    ("svdicl.experiments.search_output", ["SearchRecord", "write_search", "read_search"]),
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),

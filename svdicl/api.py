@@ -259,4 +259,4 @@ def search(
             progress.close()
         if output is not None:
             write_search(result, folder, data_dir=data_dir)
-    return SearchResult.from_results(result, output)
+    return SearchResult.from_results(result.to_json(), output)
