@@ -9,6 +9,7 @@ with fewer fields (`mcnemar_p` before `p_value`, no arms), and checks only what 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class SearchModel:
 
     def to_json(self) -> dict:
         """The record's `model` entry."""
-        return {"name": self.name, "fingerprint": self.fingerprint, "dtype": self.dtype}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
