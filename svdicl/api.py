@@ -233,8 +233,9 @@ def search(
     from svdicl.experiments.cells import Scoring
     from svdicl.experiments.grid import PAPER_RATES
     from svdicl.experiments.lines import Progress
-    from svdicl.experiments.search import SearchConfig, conditions_for, write_search
+    from svdicl.experiments.search import SearchConfig, conditions_for
     from svdicl.experiments.search import search as run_search
+    from svdicl.experiments.search_output import write_search
     from svdicl.store import Store
     from svdicl.tasks import get_task
     from svdicl.tasks.data import load_splits
@@ -260,4 +261,4 @@ def search(
             progress.close()
         if output is not None:
             write_search(result, folder, data_dir=data_dir)
-    return SearchResult.from_results(result, output)
+    return SearchResult.from_results(result.to_json(), output)
