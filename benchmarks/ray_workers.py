@@ -20,7 +20,7 @@ import measure
 import ray
 import torch
 
-from svdicl.executors import RayExecutor, RaySettings
+from svdicl.experiments.executors import RayExecutor, RaySettings
 from svdicl.experiments.sweep import SweepGrid, sweep
 from svdicl.models import load_model
 from svdicl.store import Store

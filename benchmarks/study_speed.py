@@ -33,7 +33,8 @@ import torch
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
 from svdicl.experiments.search import choose_rate
 from svdicl.experiments.sweep import PAPER_RATES
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
+from svdicl.specs import PruneSpec
 from svdicl.targets import layer_stack
 
 

@@ -13,7 +13,8 @@ from svdicl.errors import SvdiclError
 from svdicl.export import load_pruned, save_pruned
 from svdicl.lowrank import LowRankLinear
 from svdicl.models import ALIASES, LoadedModel, load_model, wrap
-from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, prune, pruned
+from svdicl.prune import EditRecord, MatrixEdit, prune, pruned
+from svdicl.specs import PruneSpec
 from svdicl.svd import Factors, kept_rank, svd_factors
 from svdicl.targets import Target, resolve
 

@@ -36,7 +36,8 @@ from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, l
 from svdicl.offload import slot, state_tensors
 from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
-from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
+from svdicl.prune import EditRecord, MatrixEdit, logical_matrix, pruned
+from svdicl.specs import TRUNCATE, PruneSpec
 from svdicl.svd import factor_cache, svd_dtype
 from svdicl.targets import Target, resolve
 

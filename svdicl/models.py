@@ -21,7 +21,6 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from svdicl import hub
 from svdicl.errors import SvdiclError, write_error
 from svdicl.offload import state_tensors
 
@@ -464,7 +464,7 @@ def _load_pretrained(source: str, dtype: torch.dtype, trust_remote_code: bool, p
     if looks_local:
         _check_folder(local, trust_remote_code)
     # Offline, look only in the local Hugging Face cache instead of retrying the network for a minute.
-    offline = not looks_local and not _hub_reachable()
+    offline = not looks_local and not hub.reachable()
     options = dict(trust_remote_code=trust_remote_code, local_files_only=offline)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
@@ -567,16 +567,6 @@ def check_safetensors(file: Path) -> None:
             f"weights file {file} is truncated or damaged ({size:,} bytes, its header describes {8 + length + end:,}); "
             "an interrupted download or export? fetch or export the model again"
         )
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
 
 
 def file_digest(path: Path, cache: Path | None) -> str:

@@ -14,7 +14,7 @@ import svdicl
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 N_TEST = 60

@@ -13,7 +13,7 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.export import FACTORIZED_FILE
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.svd import kept_rank, svd_factors
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))

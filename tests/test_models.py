@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import write_tiny_gguf
 
-from svdicl import models
+from svdicl import hub, models
 from svdicl.errors import SvdiclError
 from svdicl.models import Alias, alias_gguf, load_model
 
@@ -64,7 +64,7 @@ def test_a_corrupt_assembly_is_refused(chunked_alias, tmp_path):
 def test_unknown_dtype_and_unreachable_hub_are_one_line_errors(monkeypatch):
     with pytest.raises(SvdiclError, match="dtype 'float8'"):
         load_model("smollm2-135m", dtype="float8")
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
     with pytest.raises(SvdiclError, match=r"cannot load model 'nobody/no-such-model'.*offline"):
         load_model("nobody/no-such-model")
 

@@ -31,9 +31,10 @@ from svdicl.experiments.search import (
     seed_mean_ci,
     write_search,
 )
-from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.prune import EditRecord, pruned
 from svdicl.report import build_report, read_search
 from svdicl.scoring import Scores
+from svdicl.specs import PruneSpec
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 

@@ -146,7 +146,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) ->
 
 def prune_specs(args: argparse.Namespace, required: bool):
     """The edits named by --layers/--modules/--rate and every --prune; one-line error if incomplete."""
-    from svdicl.prune import PruneSpec
+    from svdicl.specs import PruneSpec
 
     specs = [PruneSpec.parse(text) for text in args.prune]
     single = (args.layers, args.modules, args.rate)

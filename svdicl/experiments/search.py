@@ -33,7 +33,6 @@ import yaml
 
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     AGGREGATE,
@@ -45,6 +44,7 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor
 from svdicl.experiments.sweep import (
     PAPER_RATES,
     Progress,
@@ -61,8 +61,8 @@ from svdicl.experiments.sweep import (
 )
 from svdicl.models import LoadedModel, default_cache_dir
 from svdicl.prompts import sample_demonstrations
-from svdicl.prune import CONTROLS, PruneSpec
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
+from svdicl.specs import CONTROLS, PruneSpec
 from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import EvalRun
 from svdicl.models import ALIASES, LoadedModel, load_model
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey
 from svdicl.threads import ThreadPlan, apply_torch_threads, thread_plan
 
