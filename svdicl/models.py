@@ -259,7 +259,7 @@ def load_model(
     max_memory: str | dict | None = None,
     offload_folder: str | Path | None = None,
 ) -> LoadedModel:
-    """Load `source` (alias, .gguf file, local folder, svdicl export or Hub id) in eval mode on `device`.
+    """Load `source` (alias, .gguf file, local folder or Hub id) in eval mode on `device`.
 
     For a model bigger than one device, `device_map` (auto, balanced, sequential, a JSON file or
     a {module: device} dict whose devices may include "cpu" and "disk") spreads it with accelerate
@@ -282,12 +282,6 @@ def load_model(
             raise SvdiclError(f"GGUF file {source} does not exist; check the path")
         files = {"gguf": file_digest(path, cache)} if cache is not None else None  # without a cache nothing reuses it
         model, tokenizer = _load_gguf(path, files and files["gguf"], torch_dtype, cache, placement)
-    elif _is_factorized_export(source):
-        if placement:
-            raise SvdiclError(f"{source} is a factorized export, which loads on one device; drop --device-map or export dense")
-        from svdicl.export import load_pruned
-
-        return load_pruned(source, dtype=dtype, device=device)
     else:
         model, tokenizer = _load_pretrained(source, torch_dtype, trust_remote_code, placement)
         files = _folder_files(Path(source).expanduser(), cache) if not trust_remote_code else None
@@ -359,15 +353,6 @@ def _from_pretrained(source, **options):
                 "different models: fetch or export the model again"
             ) from None
         raise
-
-
-def _is_factorized_export(source: str) -> bool:
-    """A folder written by `svdicl prune --format factorized` (transformers alone cannot load it)."""
-    if not (Path(source).expanduser() / "svdicl_edit.json").is_file():
-        return False
-    from svdicl.export import read_edit
-
-    return read_edit(source).get("format") == "factorized"
 
 
 def _load_gguf(path: Path, sha256: str | None, dtype: torch.dtype, cache: Path | None, placement: dict):
@@ -538,6 +523,8 @@ def _weight_files(folder: Path) -> list[Path]:
         return [folder / "model.safetensors"]
     if (folder / "pytorch_model.bin").is_file():
         return []
+    if (folder / "model.factorized.safetensors").is_file() and (folder / "svdicl_edit.json").is_file():
+        raise SvdiclError(f"{folder} is a factorized svdicl export; load it with svdicl.load_model or svdicl.load_pruned")
     if (folder / "model.factorized.safetensors").is_file():
         raise SvdiclError(
             f"{folder} holds factorized weights but no svdicl_edit.json; an interrupted `svdicl prune --format "

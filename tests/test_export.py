@@ -174,6 +174,19 @@ def test_cli_prints_and_records_the_savings(capsys, tmp_path):
     assert main([*argv, "--rate", "0.1", "--format", "factorized", "--overwrite", "--force"]) == 0
 
 
+def test_the_cli_takes_a_factorized_export_as_its_model(toy, tmp_path, capsys):
+    """--model of a factorized export scores the rebuilt model (transformers alone cannot load it); on one device only."""
+    export = tmp_path / "export"
+    svdicl.save_pruned(loaded_tiny("llama"), [PruneSpec("all", "mlp", 0.9)], export, format="factorized")
+    data = ["--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4", "--path", "plain"]
+    argv = ["-q", "eval", "--model", str(export), *data]
+    assert main([*argv, "--output", str(tmp_path / "e")]) == 0
+    config = json.loads((tmp_path / "e" / "results.json").read_text())["config"]
+    assert config["model"]["fingerprint"] == svdicl.load_pruned(export).fingerprint
+    assert main([*argv, "--device-map", "auto", "--output", str(tmp_path / "f")]) == 2
+    assert "is a factorized export, which loads on one device" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_real_model_factorized_export_matches_in_memory_pruning(real_model, tmp_path):
     specs = [PruneSpec("-1", "mlp", 0.9)]

@@ -39,8 +39,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace, *, on_cpu: bool = False):
-    """The model named by the model flags; `on_cpu` ignores --device and --device-map (a driver that only plans)."""
-    from svdicl.models import load_model
+    """The model named by the model flags (a factorized export too); `on_cpu` ignores --device and --device-map
+    (a driver that only plans)."""
+    from svdicl.export import load_any
 
     if args.model in LM_EVAL_BACKENDS and not Path(args.model).exists():
         raise SvdiclError(
@@ -52,7 +53,7 @@ def load(args: argparse.Namespace, *, on_cpu: bool = False):
     if on_cpu:
         options.update(device="cpu", device_map=None, max_memory=None, offload_folder=None)
     log(args, f"loading {args.model} ({args.dtype}) ...")
-    return load_model(**options)
+    return load_any(**options)
 
 
 def model_options(args: argparse.Namespace) -> dict:
