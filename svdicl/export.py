@@ -30,9 +30,10 @@ import torch
 from torch import nn
 
 from svdicl.card import CARD_FILE, CONFIG_KEY, config_entry, model_card
+from svdicl.checkpoints import check_safetensors
 from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
-from svdicl.models import DEFAULT_MODEL, DTYPES, LoadedModel, check_device, check_safetensors, fingerprint, load_model
+from svdicl.models import DEFAULT_MODEL, DTYPES, LoadedModel, check_device, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
 from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions

@@ -13,7 +13,8 @@ LM_EVAL_BACKENDS = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "local-com
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model flags every command shares: --model, --dtype, --device, device maps and offloading."""
-    from svdicl.models import ALIASES, DEFAULT_MODEL, DTYPES
+    from svdicl.aliases import ALIASES
+    from svdicl.models import DEFAULT_MODEL, DTYPES
 
     group = parser.add_argument_group("model")
     group.add_argument(

@@ -28,10 +28,11 @@ from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol
 
+from svdicl.aliases import ALIASES
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import EvalRun
 from svdicl.export import load_any
-from svdicl.models import ALIASES, LoadedModel
+from svdicl.models import LoadedModel
 from svdicl.specs import PruneSpec
 from svdicl.store import CellKey
 from svdicl.threads import ThreadPlan, apply_torch_threads, thread_plan

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
@@ -59,7 +60,7 @@ from svdicl.experiments.sweep import (
     reuse_cells,
     run_key,
 )
-from svdicl.models import LoadedModel, default_cache_dir
+from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
 from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
 from svdicl.specs import CONTROLS, PruneSpec
