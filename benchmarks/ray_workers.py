@@ -20,10 +20,10 @@ import measure
 import ray
 import torch
 
-from svdicl.executors import RayExecutor, RaySettings
+from svdicl.experiments.executors import RayExecutor, RaySettings
 from svdicl.experiments.grid import SweepGrid
 from svdicl.experiments.sweep import sweep
-from svdicl.models import load_model
+from svdicl.export import load_any
 from svdicl.store import Store
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    loaded = load_model(args.model)
+    loaded = load_any(args.model)
     grid = SweepGrid(
         tasks=(args.task,), layers=tuple(args.layers.split(",")), modules=tuple(args.modules.split(",")), rates=args.rates,
         limit=args.limit,

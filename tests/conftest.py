@@ -20,7 +20,7 @@ from svdicl.cli import main
 from svdicl.experiments.evaluate import EvalRun, prepare_run
 from svdicl.experiments.grid import SweepGrid
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey, Result, Store
 from svdicl.tasks import get_task
 

@@ -9,7 +9,8 @@ import torch
 from conftest import build, edits_at, reference_logprobs, tiny_loaded
 
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
-from svdicl.prune import PruneSpec, prune, pruned
+from svdicl.prune import prune, pruned
+from svdicl.specs import PruneSpec
 from svdicl.svd import svd_factors
 from svdicl.tasks import get_task
 

@@ -16,8 +16,9 @@ from svdicl import forward as fw
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
+from svdicl.specs import PruneSpec
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.
 CASES = [*sorted(fw.SUPPORTED), "gemma3_text-window", "mistral-window"]

@@ -23,7 +23,8 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines, parse_ints, parse_list, parse_rates
 from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
+from svdicl.specs import PruneSpec
 from svdicl.store import CELLS_FILE, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -99,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
     from svdicl.experiments.sweep import load_task_splits
     from svdicl.export import save_pruned
     from svdicl.outputs import check_output as check_export
-    from svdicl.prune import PruneSpec
     from svdicl.report import algorithm1_markdown, arms_markdown
+    from svdicl.specs import PruneSpec
     from svdicl.store import Store
     from svdicl.tasks import get_task
 

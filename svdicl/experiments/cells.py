@@ -17,8 +17,9 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import RunResult, limit_examples
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
-from svdicl.prune import EditRecord, PruneSpec
+from svdicl.prune import EditRecord
 from svdicl.scoring import check_path
+from svdicl.specs import PruneSpec
 from svdicl.store import UNPRUNED, CellKey, Result, Store
 from svdicl.tasks.data import TaskSplits, content_digest
 

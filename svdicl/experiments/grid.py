@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from svdicl.errors import SvdiclError
-from svdicl.svd import check_rate
+from svdicl.specs import check_rate
 from svdicl.targets import parse_layers
 
 PAPER_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)

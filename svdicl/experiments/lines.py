@@ -3,8 +3,8 @@ evaluate_edits call scores (sharing its prefix and layer caches), run on an exec
 
 `evaluate_lines` serves sweeps and Algorithm 1's searches alike: a run is prepared only when one
 of its cells is missing, each cell is stored the moment it arrives (so a killed run resumes where
-it stopped), and the driver alone writes the store, whatever the executor (svdicl.executors: this
-process, worker processes or Ray actors that hold the model).
+it stopped), and the driver alone writes the store, whatever the executor (experiments/executors.py:
+this process, worker processes or Ray actors that hold the model).
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from svdicl.executors import Executor, Line, LocalExecutor
 from svdicl.experiments.cells import Scoring, cell_result
 from svdicl.experiments.evaluate import EvalRun, evaluate_edits
+from svdicl.experiments.executors import Executor, Line, LocalExecutor
 from svdicl.models import LoadedModel
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey, Result, Store
 
 
@@ -60,7 +60,7 @@ def score_line(
 ) -> Iterator[tuple[CellKey, Result, float]]:
     """The cells of one line scored in one evaluate_edits call: each cell's key, stored result and seconds.
 
-    The work function of every executor (svdicl.executors): it runs wherever the model is."""
+    The work function of every executor (svdicl.experiments.executors): it runs wherever the model is."""
     started = time.perf_counter()
     scored = evaluate_edits(loaded, line.run, [specs for _, specs in line.cells], **scoring.edit_options(), progress=progress)
     for (key, _), (record, result) in zip(line.cells, scored, strict=True):

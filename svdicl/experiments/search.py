@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.cells import Scoring, cell_limit, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.condition import (
@@ -43,6 +43,7 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import PAPER_RATES, module_lines, parse_rates
 from svdicl.experiments.lines import Progress, evaluate_lines
 from svdicl.experiments.search_output import (
@@ -55,9 +56,9 @@ from svdicl.experiments.search_output import (
     TestSummary,
     Validation,
 )
-from svdicl.models import LoadedModel, default_cache_dir
+from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
-from svdicl.prune import CONTROLS, PruneSpec
+from svdicl.specs import CONTROLS, PruneSpec
 from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve

@@ -21,14 +21,14 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from svdicl.executors import Executor
 from svdicl.experiments.cells import Scoring, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.evaluate import limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines
 from svdicl.experiments.lines import Call, Progress, evaluate_lines
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations, shots_per_class
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import layer_stack, resolve
 from svdicl.tasks import TaskConfig, get_task
