@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from svdicl.errors import SvdiclError, write_error
+from svdicl.files import write_atomic
 from svdicl.offload import state_tensors
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -638,9 +639,7 @@ def _write_entry(path: Path, text: str) -> None:
     """Write a small cache entry atomically (a temporary file renamed); a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(text + "\n")
-        os.replace(partial, path)
+        write_atomic(path, text + "\n", unique=True)
     except OSError:
         pass
 

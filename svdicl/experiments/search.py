@@ -59,6 +59,7 @@ from svdicl.experiments.sweep import (
     reuse_cells,
     run_key,
 )
+from svdicl.files import write_atomic
 from svdicl.models import LoadedModel, default_cache_dir
 from svdicl.prompts import sample_demonstrations
 from svdicl.prune import CONTROLS, PruneSpec
@@ -465,18 +466,13 @@ def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | 
             common,
         )
     (folder / f"{stem}.prune.yaml").unlink(missing_ok=True)
-    written = [_write(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()]
+    written = [
+        write_atomic(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()
+    ]
     result = {
         **result,
         "config": f"{SEARCH_DIR}/{stem}.yaml",
         "prune_config": f"{SEARCH_DIR}/{stem}.prune.yaml" if prune else None,
     }
-    written.insert(0, _write(folder / f"{stem}.json", json.dumps(result, indent=2, allow_nan=False) + "\n"))
+    written.insert(0, write_atomic(folder / f"{stem}.json", json.dumps(result, indent=2, allow_nan=False) + "\n"))
     return written
-
-
-def _write(path: Path, text: str) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
