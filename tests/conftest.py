@@ -7,13 +7,14 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 
-from svdicl.store import Store
+from svdicl.store import Cell, CellKey, Result, Store
 
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
@@ -215,3 +216,28 @@ class KillingStore(Store):
             self.killed = (task.received, len(task.line.cells))
             self.kill(task)
         return super().put(key, result, seconds)
+
+
+class _Computing:
+    """An executor without a model: `compute(key)` for each cell of each line, in this process."""
+
+    def __init__(self, compute) -> None:
+        self.compute = compute
+
+    def map(self, work, lines, progress=None):
+        for line in lines:
+            for key, _ in line.cells:
+                yield key, self.compute(key), 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def fill(store: Store, keys, compute: Callable[[CellKey], Result]) -> list[Cell]:
+    """Store `compute(key)` for every key missing from `store` as sweeps and searches do (evaluate_lines: claims,
+    waiting for cells other processes compute, resuming), each key its own line; the cells in key order, once each."""
+    from svdicl.experiments.sweep import evaluate_lines
+
+    keys = list(dict.fromkeys(keys))
+    evaluate_lines(None, [(lambda: None, [(key, ())]) for key in keys], store, executor=_Computing(compute))
+    return [store.get(key) for key in keys]
