@@ -32,7 +32,7 @@ from torch import nn
 from svdicl import calibration as cal
 from svdicl import forward as fw
 from svdicl.errors import SvdiclError
-from svdicl.scoring import Request, Scores, plan_suffixes
+from svdicl.scoring import Request, Scores, SuffixPlan, plan_suffixes
 from svdicl.targets import layer_stack
 
 PRECISIONS = ("mixed", "float32")
@@ -274,26 +274,31 @@ def resolve(
 
 
 class ExactRows:
-    """Float32 re-scores on the layer path: a request's inputs of the start layer are computed once, when first
-    needed, and reused under every later edit (the uncertain examples of one rate are mostly those of the next).
+    """Float32 re-scores on the layer path: the examples first asked for together are batched and their inputs of
+    the start layer computed once, then reused under every later edit (the uncertain examples of one rate are
+    mostly those of the next).
 
-    Per call only layers start..L run: for the prefix, then for the requested rows.
+    Per call only layers start..L run: for the prefix, then for every group holding a requested example.
     """
 
-    def __init__(self, model: nn.Module, requests: Sequence[Request], prefix: Sequence[int], start: int, pad_id: int) -> None:
-        self.requests, self.prefix, self.pad_id = requests, tuple(prefix), pad_id
+    def __init__(
+        self, model: nn.Module, requests: Sequence[Request], prefix: Sequence[int], start: int, pad_id: int, batch_size: int = 8
+    ) -> None:
+        self.requests, self.prefix, self.pad_id, self.batch_size = requests, tuple(prefix), pad_id, batch_size
         self.cache = fw.LayerCache(model, self.prefix, start)
-        self.encoded: dict[int, tuple] = {}
+        self.groups: list[tuple[list[int], SuffixPlan, list[fw.CachedBatch]]] = []
+        self.group_of: dict[int, int] = {}
 
     def __call__(self, indices: Sequence[int]) -> list[Scores]:
         """Float32 scores of `requests[i]` for each index, under the model's current weights."""
-        for i in indices:
-            if i not in self.encoded:
-                plan = plan_suffixes([self.requests[i]], self.prefix, pad_id=self.pad_id)
-                self.encoded[i] = (plan, [self.cache.encode(b) for b in plan.batches])
+        new = [i for i in dict.fromkeys(indices) if i not in self.group_of]
+        if new:
+            plan = plan_suffixes([self.requests[i] for i in new], self.prefix, batch_size=self.batch_size, pad_id=self.pad_id)
+            self.groups.append((new, plan, [self.cache.encode(b) for b in plan.batches]))
+            self.group_of.update(dict.fromkeys(new, len(self.groups) - 1))
         upper = self.cache.prefix()
-        found = []
-        for i in indices:
-            plan, cached = self.encoded[i]
-            found += plan.scores([self.cache.score(c, upper) for c in cached])
-        return found
+        found: dict[int, Scores] = {}
+        for group in sorted({self.group_of[i] for i in indices}):
+            members, plan, cached = self.groups[group]
+            found.update(zip(members, plan.scores([self.cache.score(c, upper) for c in cached]), strict=True))
+        return [found[i] for i in indices]
