@@ -30,7 +30,8 @@ import measure
 import model_flags
 import torch
 
-from svdicl.experiments.evaluate import evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.search import choose_rate
 from svdicl.experiments.sweep import PAPER_RATES
 from svdicl.prune import PruneSpec, pruned

@@ -29,7 +29,8 @@ import measure
 import model_flags
 import torch
 
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.scoring import Request
 
 

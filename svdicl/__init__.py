@@ -8,8 +8,9 @@ and `svdicl search` run and return typed results; `wrap` takes a model and token
 memory; `load_model`, `pruned`/`prune` and `save_pruned`/`load_pruned` are the pruning core.
 """
 
-from svdicl.api import Evaluation, SearchResult, SeedEvaluation, evaluate, search
+from svdicl.api import SearchResult, evaluate, search
 from svdicl.errors import SvdiclError
+from svdicl.experiments.eval_result import Evaluation, SeedEvaluation
 from svdicl.export import load_pruned, save_pruned
 from svdicl.lowrank import LowRankLinear
 from svdicl.models import ALIASES, LoadedModel, load_model, wrap

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import EvalRun
+from svdicl.experiments.runs import EvalRun
 from svdicl.models import ALIASES, LoadedModel, load_model
 from svdicl.prune import PruneSpec
 from svdicl.store import CellKey

@@ -44,7 +44,7 @@ from svdicl.experiments.condition import (
     top_layers,
     write_conditions,
 )
-from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.sweep import (
     PAPER_RATES,
     Progress,
