@@ -19,7 +19,10 @@ PAGE = Path(__file__).with_name("api.md")
 # The building blocks below the top-level API, by pipeline stage: (module, names).
 MODULES = [
     ("svdicl.tasks", ["get_task", "TaskConfig"]),
-    ("svdicl.experiments.evaluate", ["prepare_run", "evaluate_run", "evaluate_edits", "evaluate", "EvalRun", "RunResult"]),
+    ("svdicl.experiments.runs", ["prepare_run", "EvalRun", "RunResult"]),
+    ("svdicl.experiments.run_scoring", ["evaluate_run"]),
+    ("svdicl.experiments.edits", ["evaluate_edits"]),
+    ("svdicl.experiments.evaluate", ["evaluate"]),
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
