@@ -94,12 +94,8 @@ class Estimate:
     @classmethod
     def from_dict(cls, entry: Mapping) -> Estimate:
         """An estimate as `to_dict` wrote it (confidence, resamples and method when recorded)."""
-        recorded = {
-            name: entry[key]
-            for name, key in (("confidence", "confidence"), ("resamples", "resamples"), ("method", "ci_method"))
-            if key in entry
-        }
-        return cls(entry["value"], entry["ci_low"], entry["ci_high"], **recorded)
+        keys = {"confidence": "confidence", "resamples": "resamples", "method": "ci_method"}
+        return cls(entry["value"], entry["ci_low"], entry["ci_high"], **{k: entry[v] for k, v in keys.items() if v in entry})
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

@@ -178,3 +178,22 @@ def test_cli_eval_end_to_end(task_dir, capsys):
     assert error.startswith("svdicl: error:") and "only 20 demonstration candidates" in error and "\n" not in error
     assert main(["-q", "eval", "--task", "nope", "--output", str(out)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_each_seed_is_a_cell_keyed_as_a_sweep_keys_it(task_dir):
+    """One results layer: an eval folder's store holds one cell per seed under the key a sweep of the same run uses."""
+    from svdicl.experiments.sweep import Scoring, run_key
+    from svdicl.tasks.data import load_splits
+
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    out = task_dir / "out"
+    evaluation = evaluate(loaded, task, seeds=(0, 3), limit=12, data_dir=task_dir / "data", output=out, quiet=True)
+    splits = load_splits(task, task_dir / "data")
+    keys = [run_key(loaded, splits, "test", task.shots, seed, 12, Scoring()) for seed in (0, 3)]
+    store = Store(out / "store")
+    assert [cell.key for cell in store.cells()] == keys
+    rows = read_samples(out)
+    for run, key in zip(evaluation.runs, keys, strict=True):
+        cell = store.get(key)
+        assert cell.n == run.n_examples == 12 and cell.value("accuracy") == run.accuracy.value
+        assert store.samples(cell) == [row for row in rows if row["seed"] == run.seed]

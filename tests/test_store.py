@@ -366,3 +366,22 @@ def test_a_claim_held_elsewhere_is_waited_for_and_a_dead_ones_is_recovered(tmp_p
     proc.wait(timeout=60)
     assert sorted(computed) == sorted(k.id for k in sweep_keys()[:4])  # the released or dead claim's cell too
     assert len(Store(tmp_path)) == 4
+
+
+def test_rows_of_a_cell_in_flight_are_kept_cut_when_torn_and_dropped_when_it_is_stored(tmp_path):
+    store, key = Store(tmp_path), sweep_keys()[1]
+    assert store.claim(key) and store.unfinished_rows(key) == []
+    store.keep_unfinished(key, [{"id": "a", "x": 1}, {"id": "b", "x": float("nan")}])
+    with open(store.unfinished(key), "a") as handle:
+        handle.write('{"id": "c", "x"')  # a kill mid-write
+    assert store.unfinished_rows(key) == [{"id": "a", "x": 1}, {"id": "b", "x": None}]
+    store.keep_unfinished(key, [{"id": "c", "x": 3}])  # appended after the cut: every line whole
+    assert [row["id"] for row in Store(tmp_path).unfinished_rows(key)] == ["a", "b", "c"]
+    store.put(key, fake_result(key))
+    assert not store.unfinished(key).exists() and store.has(key)
+    other = sweep_keys()[2]
+    store.keep_unfinished(other, [{"id": "a"}])
+    with open(store.unfinished(other), "a") as handle:
+        handle.write("not json\n" + '{"id": "b"}\n')
+    with pytest.raises(SvdiclError, match=r"\.unfinished, line 2 is damaged; delete the file"):
+        store.unfinished_rows(other)
