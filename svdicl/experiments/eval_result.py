@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from svdicl.stats import Estimate
@@ -33,7 +33,7 @@ class SeedEvaluation:
     accuracy: Estimate
     macro_f1: Estimate
     n_ties: int
-    wall_s: float
+    wall_s: float = field(compare=False)  # timing, not a result: equal evaluations may differ in it
     values: Mapping[str, float | None]  # every metric's point value by name: "balanced_accuracy", "batch:accuracy", ...
     calibration: tuple[str, ...]  # the calibration methods applied, in order
 
