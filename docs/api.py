@@ -18,6 +18,7 @@ PAGE = Path(__file__).with_name("api.md")
 
 # The building blocks below the top-level API, by pipeline stage: (module, names).
 MODULES = [
+    ("svdicl.models", ["load_model"]),
     ("svdicl.tasks", ["get_task", "TaskConfig"]),
     ("svdicl.experiments.runs", ["prepare_run", "EvalRun", "RunResult"]),
     ("svdicl.experiments.run_scoring", ["evaluate_run"]),
@@ -25,7 +26,8 @@ MODULES = [
     ("svdicl.experiments.evaluate", ["evaluate"]),
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
-    ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
+    ("svdicl.experiments.search", ["SearchConfig", "search"]),
+    ("svdicl.experiments.search_output", ["SearchRecord", "write_search", "read_search"]),
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),

@@ -22,8 +22,9 @@ from svdicl.experiments.evaluate import evaluate
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import score
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
 from svdicl.tasks.data import load_splits

@@ -12,7 +12,8 @@ from test_scoring import reference_logprobs
 
 from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.runs import prepare_run
-from svdicl.prune import PruneSpec, prune, pruned
+from svdicl.prune import prune, pruned
+from svdicl.specs import PruneSpec
 from svdicl.svd import svd_factors
 from svdicl.tasks import get_task
 

@@ -15,8 +15,9 @@ from svdicl.experiments.evaluate import evaluate
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import choose
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
 

@@ -10,8 +10,9 @@ import pytest
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import SweepGrid, sweep
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.report import build_report
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 
 pytestmark = pytest.mark.slow

@@ -14,8 +14,9 @@ from svdicl import precision as px
 from svdicl.experiments.run_scoring import _choose, _exact, _low, _pad_id, _score_run, _timing
 from svdicl.experiments.runs import EvalRun, RunResult, finish_run
 from svdicl.models import LoadedModel
-from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.prune import EditRecord, pruned
 from svdicl.scoring import ExecutionPath, LayerScorer, check_path, forwarded_tokens
+from svdicl.specs import PruneSpec
 from svdicl.targets import resolve
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from svdicl.errors import SvdiclError
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 
 FORMAT = 1
 UNPRUNED = "none"
