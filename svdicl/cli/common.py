@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from svdicl.cli.config import ArgumentGroup
 from svdicl.errors import SvdiclError
 
 LM_EVAL_BACKENDS = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "local-completions", "openai-completions")
@@ -92,7 +93,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     add_svd_args(group)
 
 
-def add_svd_args(group: argparse._ArgumentGroup) -> None:
+def add_svd_args(group: ArgumentGroup) -> None:
     """The SVD flags: its dtype and whether a tied weight may be pruned."""
     group.add_argument(
         "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
@@ -109,7 +110,7 @@ PATHS = {
 }
 
 
-def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) -> argparse._ArgumentGroup:
+def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) -> ArgumentGroup:
     """Scoring flags of eval, sweep and search; `paths` are the execution paths the command has (fastest first)."""
     group = parser.add_argument_group("scoring")
     group.add_argument(
@@ -198,7 +199,7 @@ def one_seed(text: str) -> str:
     return text
 
 
-def add_demonstration_args(group: argparse._ArgumentGroup, several: bool) -> None:
+def add_demonstration_args(group: ArgumentGroup, several: bool) -> None:
     """--shots/--shots-per-class (svdicl's and the authors' count), --num_fewshot (lm-eval's total), --seed/--seeds.
 
     `several`: the shot flags take comma lists (a sweep's grid); otherwise one number each.
@@ -247,7 +248,7 @@ def shots_for(args: argparse.Namespace, task) -> int | None:
     return shots_per_class(task, args.num_fewshot) if args.num_fewshot is not None else args.shots
 
 
-def add_output_arg(group: argparse._ArgumentGroup, help: str, **kwargs) -> None:
+def add_output_arg(group: ArgumentGroup, help: str, **kwargs) -> None:
     """--output (lm-eval's --output_path): always a folder; --log_samples, accepted since samples are always written."""
     group.add_argument("--output", "--output-path", "--output_path", dest="output", help=help, **kwargs)
     group.add_argument(
