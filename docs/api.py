@@ -23,6 +23,8 @@ MODULES = [
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
+    ("svdicl.experiments.searches", ["search_configs", "run_searches", "export_rate_star"]),
+    ("svdicl.experiments.launch", ["ExecutorOptions", "start_executor"]),
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),

@@ -108,13 +108,14 @@ def run_searches(
     model: Mapping[str, Any] | None = None,
     data_dir: str | Path | None = None,
     progress: bool = True,
-    log: Callable[[str], None] = lambda line: None,
+    log: Callable[[str], None] | None = None,
 ) -> list[Searched]:
     """Run every search into the result store in `folder` (cells already there are read back) and write each
     result to `folder`/search/.  Condition numbers are computed once, for the searches that choose their layer.
 
     `executor` scores the cells (None: this process, on `loaded`); its worker processes or Ray actors load `model`
-    (load_model's keyword arguments).  `log` receives status lines (what runs where)."""
+    (load_model's keyword arguments).  `log`, if given, receives status lines (what runs where)."""
+    log = log or (lambda line: None)
     folder = Path(folder)
     store = Store(folder)
     splits = load_task_splits([c.task for c in configs], data_dir)
