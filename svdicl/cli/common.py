@@ -317,13 +317,7 @@ def executor_options(args: argparse.Namespace):
     """The executor the executor flags ask for, checked now (before the model loads)."""
     from svdicl.experiments.launch import ExecutorOptions
 
-    return ExecutorOptions(
-        kind=args.executor,
-        workers=args.workers,
-        threads_per_worker=args.threads_per_worker,
-        address=args.address,
-        gpus_per_worker=args.gpus_per_worker,
-    )
+    return ExecutorOptions(args.executor, args.workers, args.threads_per_worker, args.address, args.gpus_per_worker)
 
 
 def scoring_from(args: argparse.Namespace):
