@@ -240,4 +240,4 @@ def search(
     )  # fmt: skip
     with _folder(output) as folder:
         (searched,) = run_searches(loaded, [config], folder, scoring=Scoring(**scoring), data_dir=data_dir, progress=not quiet)
-    return SearchResult.from_results(searched.result, output)
+    return SearchResult.from_results(searched.result.to_json(), output)

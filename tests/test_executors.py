@@ -92,7 +92,7 @@ def test_ray_search_equals_the_local_search(toy, workers, tmp_path):
     local = search(load_model(str(folder)), config, Store(tmp_path / "local"), data_dir=data)
     on_ray = search(load_model(str(folder)), config, Store(tmp_path / "ray"), data_dir=data, executor=workers)
     for key in ("layer", "rates", "validation", "rate_star", "test", "seeds"):
-        assert on_ray[key] == local[key]
+        assert getattr(on_ray, key) == getattr(local, key)
     assert_same_contents(contents(Store(tmp_path / "local")), contents(Store(tmp_path / "ray")))
 
 

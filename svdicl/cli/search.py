@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from svdicl.cli.common import (
     add_demonstration_args,
@@ -20,6 +21,9 @@ from svdicl.cli.common import (
     scoring_from,
     seeds_from,
 )
+
+if TYPE_CHECKING:
+    from svdicl.experiments.search_output import SearchRecord, TestMetric
 
 
 def add(sub) -> None:
@@ -123,11 +127,11 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     for one in searched:
         _print(one.result)
-        if one.result.get("arms"):
+        if one.result.arms:
             print()
-            print(arms_markdown(one.result))
+            print(arms_markdown(one.result.to_json()))
     print()
-    print(algorithm1_markdown([one.result for one in searched]))
+    print(algorithm1_markdown([one.result.to_json() for one in searched]))
     for one in searched:
         print(f"search result: {one.files[0]}  (replay: svdicl eval --config {one.files[1]} --output DIR)")
         if one.config in exports:
@@ -143,35 +147,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print(result: dict) -> None:
+def _print(result: SearchRecord) -> None:
     """The search, step by step: layer choice, validation curve, test comparison."""
-    test = result["test"]
-    chosen = f"layer {result['layer']}"
-    if result["top_layers"]:
-        per_layer = result["condition"]["per_layer"]
-        ranked = ", ".join(f"{layer} (κ={_number(per_layer[str(layer)])})" for layer in result["top_layers"])
-        chosen += f" (top-{result['top_k']} by condition number: {ranked})"
+    test = result.test
+    chosen = f"layer {result.layer}"
+    if result.top_layers:
+        ranked = ", ".join(f"{layer} (κ={_number(result.per_layer[str(layer)])})" for layer in result.top_layers)
+        chosen += f" (top-{result.top_k} by condition number: {ranked})"
     else:
         chosen += " (given)"
-    print(f"{result['task']} · {result['module']} · {result['model']['name']}: {chosen}")
-    curve = "  ".join(
-        f"{rate:g}: {value:.4f}" for rate, value in zip(result["rates"], result["validation"]["values"], strict=True)
-    )
-    print(f"  validation {result['metric']} (n={result['validation']['n']}, {len(result['seeds'])} seed(s)): {curve}")
-    print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
-    paired = test["paired"]
+    print(f"{result.task} · {result.module} · {result.model.name}: {chosen}")
+    curve = "  ".join(f"{rate:g}: {value:.4f}" for rate, value in zip(result.rates, result.validation.values, strict=True))
+    print(f"  validation {result.metric} (n={result.validation.n}, {len(result.seeds)} seed(s)): {curve}")
+    print(f"  rate* = {result.rate_star:g} (the validation argmax; ties go to the smaller rate)")
+    paired = test.paired
     print(
-        f"  test {result['metric']} (n={test['n']}): {_estimate(test['baseline'])} -> {_estimate(test['pruned'])}"
-        f"  paired Δ correct {paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
-        f"  p = {test['p_value']:.3g} ({paired['method']})"
+        f"  test {result.metric} (n={test.n}): {_estimate(test.baseline)} -> {_estimate(test.pruned)}"
+        f"  paired Δ correct {paired.difference:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}]"
+        f"  p = {test.p_value:.3g} ({paired.method})"
     )
-    fallbacks = "; ".join(result["scoring"]["fallbacks"])
-    print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
+    fallbacks = "; ".join(result.scoring.fallbacks)
+    print(f"  scored on the {', '.join(result.scoring.paths)} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
-def _estimate(entry: dict) -> str:
-    spread = f" ± {entry['std']:.4f} (SD over seeds)" if entry.get("std") is not None else ""
-    return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+def _estimate(entry: TestMetric) -> str:
+    spread = f" ± {entry.std:.4f} (SD over seeds)" if entry.std is not None else ""
+    return f"{entry.value:.4f}{spread} [{entry.ci_low:.4f}, {entry.ci_high:.4f}]"
 
 
 def _number(value: float | None) -> str:

@@ -16,7 +16,8 @@ from typing import Any
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.launch import ExecutorOptions, start_executor
-from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
+from svdicl.experiments.search import SearchConfig, conditions_for, search
+from svdicl.experiments.search_output import SearchRecord, card_notes, write_search
 from svdicl.experiments.sweep import PAPER_RATES, Progress, Scoring, load_task_splits, task_shots
 from svdicl.export import save_pruned
 from svdicl.models import LoadedModel
@@ -91,10 +92,11 @@ def export_folders(
 
 @dataclass(frozen=True)
 class Searched:
-    """One search of `run_searches`: its config, its svdicl.search/1 result and the files written (JSON first)."""
+    """One search of `run_searches`: its config, its result and the files written (the JSON first, then the
+    replayable eval config)."""
 
     config: SearchConfig
-    result: dict
+    result: SearchRecord
     files: tuple[Path, ...]
 
 
@@ -146,7 +148,7 @@ def run_searches(
 
 def export_rate_star(
     loaded: LoadedModel,
-    result: dict,
+    result: SearchRecord,
     folder: str | Path,
     *,
     format: str = "dense",
@@ -156,7 +158,7 @@ def export_rate_star(
 ) -> PruneSpec:
     """Save the rate*-pruned model a search chose to `folder` (svdicl prune's formats), with a model card telling
     how Algorithm 1 chose the edit; returns the edit."""
-    spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
+    spec = PruneSpec(str(result.layer), result.module, result.rate_star)
     save_pruned(
         loaded, [spec], folder, format=format, svd=svd, allow_tied=allow_tied, overwrite=overwrite, notes=card_notes(result)
     )
