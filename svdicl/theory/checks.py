@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
-from svdicl.report import FORMATS, save_figure, write_csv
+from svdicl.report.files import FORMATS, save_figure, write_csv
 from svdicl.svd import check_rate
 from svdicl.theory.figures import lemma1_figure, linreg_figure, norms_figure, pruning_figure
 from svdicl.theory.lemma1 import PERTURBED, Draw, draw_one
