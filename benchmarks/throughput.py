@@ -35,8 +35,9 @@ import model_flags
 import torch
 
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import Request, shared_prefix
+from svdicl.specs import PruneSpec
 
 
 @torch.inference_mode()

@@ -18,6 +18,7 @@ PAGE = Path(__file__).with_name("api.md")
 
 # The building blocks below the top-level API, by pipeline stage: (module, names).
 MODULES = [
+    ("svdicl.models", ["load_model"]),
     ("svdicl.tasks", ["get_task", "TaskConfig"]),
     ("svdicl.experiments.evaluate", ["prepare_run", "evaluate_run", "evaluate_edits", "evaluate", "EvalRun", "RunResult"]),
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from svdicl.models import LoadedModel, wrap
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.stats import Estimate
 from svdicl.tasks import TaskConfig
 

@@ -13,12 +13,12 @@ from test_sweep import assert_same_contents, contents, grid, one_line_error, sav
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.executors import Line, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.evaluate import prepare_run
+from svdicl.experiments.executors import Line, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.search import SearchConfig, search
 from svdicl.experiments.sweep import Scoring, score_line, sweep
 from svdicl.models import load_model
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

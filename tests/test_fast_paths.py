@@ -19,8 +19,9 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.

@@ -32,9 +32,10 @@ from svdicl.experiments.search import (
 )
 from svdicl.experiments.search_output import read_search, write_search
 from svdicl.experiments.searches import export_folders, search_configs
-from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.prune import EditRecord, pruned
 from svdicl.report import build_report
 from svdicl.scoring import Scores
+from svdicl.specs import PruneSpec
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 

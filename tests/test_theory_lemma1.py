@@ -128,11 +128,12 @@ def test_cli_lemma1_writes_results_and_exits_zero(tmp_path, capsys):
     assert main(["-q", "theory", "lemma1", "--draws", "0", "--output", str(tmp_path)]) == 2
 
 
-def test_lemma1_settings_refuse_bad_values_and_the_check_returns_what_it_wrote(tmp_path):
+def test_lemma1_settings_refuse_bad_values_and_the_check_returns_its_numbers():
     with pytest.raises(SvdiclError, match="--max-demos must be at least 1, not 0"):
         Lemma1Settings(max_demos=0)
     with pytest.raises(SvdiclError, match="--tolerance must be a finite number >= 0, not nan"):
         Lemma1Settings(tolerance=float("nan"))
-    check = lemma1_check(Lemma1Settings(draws=3, dim=4, layers=2), tmp_path / "out", formats=("svg",))
+    check = lemma1_check(Lemma1Settings(draws=3, dim=4, layers=2))
     assert check.ok and len(check.draws) == 3 and check.summary["draws"] == 3
-    assert [p.name for p in check.files] == ["lemma1.json", "lemma1.csv", "lemma1.svg"] and all(p.is_file() for p in check.files)
+    headers, rows = check.table()
+    assert len(rows) == 3 and len(headers) == len(rows[0]) and check.to_json()["settings"]["dim"] == 4

@@ -129,11 +129,11 @@ def test_cli_norms_random_only(tmp_path):
     assert main(["-q", "theory", "norms", "--random-only", "--rates", "1.5", "--output", str(tmp_path)]) == 2
 
 
-def test_norms_settings_refuse_an_empty_demonstrations_block_before_any_work(tmp_path):
+def test_norms_settings_refuse_an_empty_demonstrations_block_before_any_work():
     with pytest.raises(SvdiclError, match="--shots must be at least 1: the norms need a demonstrations block"):
         NormsSettings(shots=0)
     assert NormsSettings(task=None, shots=0, rates=(0.9, 0.5)).rates == (0.0, 0.5, 0.9)  # random blocks only: no shots
     with pytest.raises(SvdiclError, match="the norms of a real model need the model"):
-        norms_check(NormsSettings(draws=1, dim=4, demos=2), tmp_path)
-    check = norms_check(NormsSettings(draws=2, dim=4, demos=3, rates=(0.5,), task=None), tmp_path, formats=("svg",))
+        norms_check(NormsSettings(draws=1, dim=4, demos=2))
+    check = norms_check(NormsSettings(draws=2, dim=4, demos=3, rates=(0.5,), task=None))
     assert check.ok and list(check.summary) == ["random"] and len(check.rows) == 2 * len(EXAMPLES) * 2

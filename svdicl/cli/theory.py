@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
+from pathlib import Path
 
 from svdicl.cli.common import add_model_args, load, log
 
@@ -117,10 +119,16 @@ def _add_linreg(checks) -> None:
 
 def run_lemma1(args: argparse.Namespace) -> int:
     """Check Lemma 1 / Theorem 1 on random draws, write the JSON, CSV and figure, print each claim's verdict."""
-    from svdicl.theory.checks import Lemma1Settings, lemma1_check
+    from svdicl.report import save_figure, write_csv
+    from svdicl.theory.checks import Lemma1Settings, lemma1_check, output_folder
+    from svdicl.theory.figures import lemma1_figure
 
     names = ("draws", "seed", "dim", "layers", "max_demos", "tolerance")
-    check = lemma1_check(Lemma1Settings(**{name: getattr(args, name) for name in names}), args.output, args.format)
+    settings = Lemma1Settings(**{name: getattr(args, name) for name in names})
+    folder = output_folder(args.output)
+    check = lemma1_check(settings)
+    files = [_write_json(folder / "lemma1.json", check.to_json()), write_csv(folder / "lemma1.csv", *check.table())]
+    files += save_figure(lemma1_figure(check.draws, args.dim, args.tolerance), folder / "lemma1", args.format)
     summary, tolerance = check.summary, args.tolerance
     print(f"{args.draws} draws, d = {args.dim}, {args.layers}-layer stack, float64, tolerance {tolerance:g}")
     print(f"  Lemma 1    max relative error {summary['lemma1_max_error']:.2e}   {_verdict(summary['lemma1_holds'])}")
@@ -130,9 +138,16 @@ def run_lemma1(args: argparse.Namespace) -> int:
         print(f"  perturbed {name:<16} min relative error {error:.2e}   {verdict}")
     print(f"  rank(dW) <= n in every layer of every draw: {_verdict(summary['rank_bound_holds'])}")
     print(f"  truncating layer j changes dW^l exactly for l >= j: {_verdict(summary['locality_holds'])}")
-    for path in check.files:
+    for path in files:
         log(args, f"wrote {path}")
     return 0 if check.ok else 1
+
+
+def _write_json(path: Path, value: dict) -> Path:
+    from svdicl.provenance import versions
+
+    path.write_text(json.dumps({**value, "versions": versions()}, indent=2) + "\n")
+    return path
 
 
 def _verdict(ok: bool, text: str = "holds") -> str:
@@ -141,7 +156,9 @@ def _verdict(ok: bool, text: str = "holds") -> str:
 
 def run_norms(args: argparse.Namespace) -> int:
     """Check Examples 1-4 (truncation lowers the implicit-gradient norm bound), write the results, print the ratios."""
-    from svdicl.theory.checks import NormsSettings, norms_check
+    from svdicl.report import save_figure, write_csv
+    from svdicl.theory.checks import NormsSettings, norms_check, output_folder
+    from svdicl.theory.figures import norms_figure
     from svdicl.theory.norms import EXAMPLES
 
     settings = NormsSettings(
@@ -149,9 +166,10 @@ def run_norms(args: argparse.Namespace) -> int:
         task=None if args.random_only else args.task, shots=args.shots, layers=args.layers, data_dir=args.data_dir,
         device=args.device,
     )  # fmt: skip
-    check = norms_check(
-        settings, args.output, args.format, load=lambda: load(args), progress=not args.quiet, log=lambda line: log(args, line)
-    )
+    folder = output_folder(args.output)
+    check = norms_check(settings, load=lambda: load(args), progress=not args.quiet, log=lambda line: log(args, line))
+    files = [_write_json(folder / "norms.json", check.to_json()), write_csv(folder / "norms.csv", *check.table())]
+    files += save_figure(norms_figure(check.rows, check.rates), folder / "norms", args.format)
     for source, summary in check.summary.items():
         print(
             f"{source}: mean bound ratio after/before (exact ratio in brackets); bound never rises in "
@@ -164,7 +182,7 @@ def run_norms(args: argparse.Namespace) -> int:
                 f"{summary['mean_bound_ratio'][e][i]:>10.4f} ({summary['mean_exact_ratio'][e][i]:.4f})" for e in EXAMPLES
             )
             print(f"  {rate:<7g} {cells}")
-    for path in check.files:
+    for path in files:
         log(args, f"wrote {path}")
     return 0 if check.ok else 1
 
@@ -172,7 +190,9 @@ def run_norms(args: argparse.Namespace) -> int:
 def run_linreg(args: argparse.Namespace) -> int:
     """Train (or resume) the in-context linear regression model, compare it with baselines, prune it, print the
     tables: every flag checked first, then --output taken (one run at a time; --overwrite clears only svdicl's files)."""
-    from svdicl.theory.checks import LinRegSettings, linreg_check
+    from svdicl.report import save_figure, write_csv
+    from svdicl.theory.checks import LinRegSettings, linreg_check, linreg_folder, spread
+    from svdicl.theory.figures import linreg_figure, pruning_figure
     from svdicl.theory.linreg import LinRegConfig
 
     settings = LinRegSettings(
@@ -180,10 +200,15 @@ def run_linreg(args: argparse.Namespace) -> int:
         eval_prompts=args.eval_prompts, ridge=args.ridge, prune_layers=args.prune_layers, prune_modules=args.prune_modules,
         rates=args.rates, shots=args.shots, threads=args.threads,
     )  # fmt: skip
-    check = linreg_check(
-        settings, args.output, args.format, overwrite=args.overwrite, progress=not args.quiet,
-        log=lambda line: log(args, line),
-    )  # fmt: skip
+    with linreg_folder(args.output, args.overwrite) as folder:
+        check = linreg_check(settings, folder, progress=not args.quiet, log=lambda line: log(args, line))
+        files = [write_csv(folder / name, *table) for name, table in check.tables().items()]
+        files.append(_write_json(folder / "linreg.json", check.to_json()))
+        shown, config = spread(check.checkpoints, 6), settings.config
+        figure = linreg_figure(check.final, shown, check.baselines, check.training["loss"], config.dim)
+        files += save_figure(figure, folder / "linreg-curves", args.format)
+        figure = pruning_figure(check.results, check.final, check.baseline("least_squares"), settings.shots, settings.rates)
+        files += save_figure(figure, folder / "linreg-pruning", args.format)
     _print_curves(check)
     _print_pruning(check)
     if not check.learned:
@@ -195,7 +220,7 @@ def run_linreg(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     log(args, f"done in {check.seconds:.0f} s")
-    for path in check.files:
+    for path in files:
         log(args, f"wrote {path}")
     return 0
 

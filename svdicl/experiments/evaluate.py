@@ -41,7 +41,7 @@ from svdicl.errors import SvdiclError
 from svdicl.forward import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
-from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.prune import EditRecord, pruned
 from svdicl.scoring import (
     ExecutionPath,
     LayerScorer,
@@ -56,6 +56,7 @@ from svdicl.scoring import (
     forwarded_tokens,
     score,
 )
+from svdicl.specs import PruneSpec
 from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task

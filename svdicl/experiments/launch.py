@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from svdicl.errors import SvdiclError
-from svdicl.executors import EXECUTORS, Executor, RaySettings, open_executor
+from svdicl.experiments.executors import EXECUTORS, Executor, RaySettings, open_executor
 from svdicl.models import LoadedModel
 from svdicl.threads import thread_plan, workers_that_fit
 

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
+from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
     MatrixCondition,
@@ -42,6 +42,7 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor
 from svdicl.experiments.search_output import (
     CalibratedCurve,
     ScoringInfo,
@@ -66,9 +67,9 @@ from svdicl.experiments.sweep import (
     reuse_cells,
     run_key,
 )
-from svdicl.models import LoadedModel, default_cache_dir
+from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
-from svdicl.prune import CONTROLS, PruneSpec
+from svdicl.specs import CONTROLS, PruneSpec
 from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve

@@ -22,7 +22,7 @@ from svdicl.experiments.sweep import PAPER_RATES, Progress, Scoring, load_task_s
 from svdicl.export import save_pruned
 from svdicl.models import LoadedModel
 from svdicl.outputs import check_output
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
 

@@ -207,7 +207,7 @@ def _sweep_section(points, figures: Path, tables: Path, formats, bands: bool, wr
 
 
 def _baseline_note(model_names: set[str]) -> str:
-    from svdicl.models import ALIASES
+    from svdicl.aliases import ALIASES
 
     quantised = sorted(n for n in model_names if n in ALIASES or n.endswith(".gguf"))
     if not quantised:

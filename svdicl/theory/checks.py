@@ -1,23 +1,22 @@
-"""The three theory checks end to end: settings checked first, the numbers computed, JSON, CSV and figures written.
+"""The three theory checks as library calls: settings checked first, then the numbers computed and returned.
 
 `svdicl theory lemma1 | norms | linreg` builds the settings from its flags, calls `lemma1_check`,
-`norms_check` or `linreg_check`, and prints what they return (frozen dataclasses with `ok`, the
-numbers and the files written).  Every settings class refuses a bad value when it is made, before
-any folder is touched or any model loaded.
+`norms_check` or `linreg_check`, prints what they return and writes it (each result has `ok`,
+`to_json()` for its JSON file and its CSV tables; the figures are theory/figures.py's).  Every
+settings class refuses a bad value when it is made, before any folder is touched or any model
+loaded.  A linreg run lives in its folder (checkpoints, state.json): `linreg_folder` holds it.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
-from svdicl.report.files import FORMATS, save_figure, write_csv
-from svdicl.svd import check_rate
-from svdicl.theory.figures import lemma1_figure, linreg_figure, norms_figure, pruning_figure
+from svdicl.specs import check_rate
 from svdicl.theory.lemma1 import PERTURBED, Draw, draw_one
 from svdicl.theory.lemma1 import summarize as summarize_lemma1
 from svdicl.theory.linreg import Curve, LinRegConfig, PruneResult
@@ -25,6 +24,7 @@ from svdicl.theory.norms import RATES, NormRow, random_sweep
 from svdicl.theory.norms import summarize as summarize_norms
 
 Log = Callable[[str], None]
+Table = tuple[list[str], list[list]]  # a CSV's headers and rows
 
 
 def _quiet(line: str) -> None:
@@ -51,13 +51,6 @@ def output_folder(path: str | Path) -> Path:
     return folder
 
 
-def _write_json(path: Path, value: dict) -> Path:
-    from svdicl.provenance import versions
-
-    path.write_text(json.dumps({**value, "versions": versions()}, indent=2) + "\n")
-    return path
-
-
 @dataclass(frozen=True)
 class Lemma1Settings:
     """Random draws of Lemma 1 / Theorem 1: how many, their seed, width d, stack depth, demonstrations, tolerance."""
@@ -77,12 +70,11 @@ class Lemma1Settings:
 
 @dataclass(frozen=True)
 class Lemma1Check:
-    """Every draw's errors and ranks, the summary of each claim, and the files written."""
+    """Every draw's errors and ranks, and the summary of each claim."""
 
     settings: Lemma1Settings
     draws: tuple[Draw, ...]
     summary: dict
-    files: tuple[Path, ...]
 
     @property
     def ok(self) -> bool:
@@ -96,29 +88,36 @@ class Lemma1Check:
             and s["locality_holds"]
         )
 
+    def to_json(self) -> dict:
+        """lemma1.json: the settings, the summary and every draw."""
+        return {
+            "check": "lemma1",
+            "settings": asdict(self.settings),
+            "summary": self.summary,
+            "draws": [asdict(d) for d in self.draws],
+        }
 
-def lemma1_check(settings: Lemma1Settings, output: str | Path, formats: Sequence[str] = FORMATS) -> Lemma1Check:
-    """Check Lemma 1 / Theorem 1 on random draws; write lemma1.json, lemma1.csv and the lemma1 figure to `output`."""
-    folder = output_folder(output)
+    def table(self) -> Table:
+        """lemma1.csv: a row per draw, with every perturbed construction's errors."""
+        names = list(PERTURBED)
+        headers = ["draw", "n_demos", "query_tokens", "lemma1_error", "theorem1_error"]
+        headers += [f"perturbed_{kind}_{n}" for kind in ("lemma1", "theorem1") for n in names] + ["ranks", "pruned_layer"]
+        rows = [
+            [
+                d.draw, d.n_demos, d.query_tokens, d.lemma1_error, d.theorem1_error,
+                *(d.perturbed_lemma1[n] for n in names), *(d.perturbed_theorem1[n] for n in names),
+                " ".join(map(str, d.ranks)), d.pruned_layer,
+            ]
+            for d in self.draws
+        ]  # fmt: skip
+        return headers, rows
+
+
+def lemma1_check(settings: Lemma1Settings) -> Lemma1Check:
+    """Check Lemma 1 / Theorem 1 (and the perturbed constructions) on `settings.draws` random draws."""
     s = settings
     draws = tuple(draw_one(i, seed=s.seed, dim=s.dim, layers=s.layers, max_demos=s.max_demos) for i in range(s.draws))
-    summary = summarize_lemma1(draws, s.dim, s.tolerance)
-    record = {"check": "lemma1", "settings": asdict(s), "summary": summary, "draws": [asdict(d) for d in draws]}
-    files = [_write_json(folder / "lemma1.json", record)]
-    names = list(PERTURBED)
-    headers = ["draw", "n_demos", "query_tokens", "lemma1_error", "theorem1_error"]
-    headers += [f"perturbed_{kind}_{n}" for kind in ("lemma1", "theorem1") for n in names] + ["ranks", "pruned_layer"]
-    rows = [
-        [
-            d.draw, d.n_demos, d.query_tokens, d.lemma1_error, d.theorem1_error,
-            *(d.perturbed_lemma1[n] for n in names), *(d.perturbed_theorem1[n] for n in names),
-            " ".join(map(str, d.ranks)), d.pruned_layer,
-        ]
-        for d in draws
-    ]  # fmt: skip
-    files.append(write_csv(folder / "lemma1.csv", headers, rows))
-    files += save_figure(lemma1_figure(draws, s.dim, s.tolerance), folder / "lemma1", formats)
-    return Lemma1Check(settings, draws, summary, tuple(files))
+    return Lemma1Check(settings, draws, summarize_lemma1(draws, s.dim, s.tolerance))
 
 
 @dataclass(frozen=True)
@@ -150,13 +149,12 @@ class NormsSettings:
 
 @dataclass(frozen=True)
 class NormsCheck:
-    """Every (source, layer or draw, example, rate) row, the summary per source, the settings recorded, the files."""
+    """Every (source, layer or draw, example, rate) row, the summary per source and the settings recorded."""
 
     rows: tuple[NormRow, ...]
     rates: tuple[float, ...]
     summary: dict  # source -> norms.summarize of its rows
-    settings: dict
-    files: tuple[Path, ...]
+    settings: dict  # NormsSettings' numbers and, for a real model, what identifies it and its demonstrations
 
     @property
     def ok(self) -> bool:
@@ -165,19 +163,22 @@ class NormsCheck:
             all(f == 1.0 for f in s["bound_non_increasing"].values()) and s["exact_within_bound"] for s in self.summary.values()
         )
 
+    def to_json(self) -> dict:
+        """norms.json: the settings and the summary per source."""
+        return {"check": "norms", "settings": self.settings, "summary": self.summary}
+
+    def table(self) -> Table:
+        """norms.csv: every row."""
+        columns = list(NormRow.__dataclass_fields__)
+        return columns, [[getattr(r, c) for c in columns] for r in self.rows]
+
 
 def norms_check(
-    settings: NormsSettings,
-    output: str | Path,
-    formats: Sequence[str] = FORMATS,
-    *,
-    load: Callable[[], object] | None = None,
-    progress: bool = True,
-    log: Log = _quiet,
+    settings: NormsSettings, *, load: Callable[[], object] | None = None, progress: bool = True, log: Log = _quiet
 ) -> NormsCheck:
     """Check Examples 1-4 on random blocks and (with a `task`) on the model `load` returns, called once the
-    demonstrations are ready; write norms.json, norms.csv and the norms figure to `output`."""
-    s, folder = settings, output_folder(output)
+    demonstrations are ready."""
+    s = settings
     log(f"random blocks: {s.draws} draws, d = {s.dim}, {s.demos} demonstration tokens")
     rows = random_sweep(s.draws, seed=s.seed, dim=s.dim, demos=s.demos, rates=s.rates)
     recorded = {"seed": s.seed, "draws": s.draws, "dim": s.dim, "demos": s.demos, "rates": list(s.rates)}
@@ -189,11 +190,7 @@ def norms_check(
         recorded |= details
     sources = list(dict.fromkeys(r.source for r in rows))
     summary = {source: summarize_norms([r for r in rows if r.source == source], s.rates) for source in sources}
-    files = [_write_json(folder / "norms.json", {"check": "norms", "settings": recorded, "summary": summary})]
-    columns = list(NormRow.__dataclass_fields__)
-    files.append(write_csv(folder / "norms.csv", columns, [[getattr(r, c) for c in columns] for r in rows]))
-    files += save_figure(norms_figure(rows, s.rates), folder / "norms", formats)
-    return NormsCheck(tuple(rows), s.rates, summary, recorded, tuple(files))
+    return NormsCheck(tuple(rows), s.rates, summary, recorded)
 
 
 def _model_norms(settings: NormsSettings, load: Callable[[], object], progress: bool, log: Log) -> tuple[list[NormRow], dict]:
@@ -263,15 +260,14 @@ class LinRegSettings:
 
 @dataclass(frozen=True)
 class LinRegCheck:
-    """A finished linreg run: the curve of every checkpoint, the baselines, the pruned curves, the files written."""
+    """A finished linreg run: the curve of every checkpoint, the baselines and the pruned curves."""
 
     settings: LinRegSettings
     training: dict  # step, train_seconds, loss, checkpoints: from the run's state.json
     checkpoints: tuple[tuple[int, Curve], ...]  # (step, curve), the last one the final model
     baselines: tuple[Curve, ...]
     results: tuple[PruneResult, ...]
-    files: tuple[Path, ...]
-    seconds: float
+    seconds: float  # this call's, training included
 
     @property
     def final(self) -> Curve:
@@ -289,19 +285,41 @@ class LinRegCheck:
 
         return learned(self.final, self.baseline("zero"))
 
+    def to_json(self) -> dict:
+        """linreg.json: the config, training, every curve and the pruning results."""
+        settings = self.settings
+        return {
+            "check": "linreg",
+            "config": asdict(settings.config),
+            "metric": "squared error / d on held-out prompts; stderr = std / sqrt(prompts); 95% CI = mean +- 1.96 stderr",
+            "eval_prompts": settings.eval_prompts,
+            "ridge": settings.ridge,
+            "training": self.training,
+            "checkpoints": [{"step": step, **asdict(c)} for step, c in self.checkpoints],
+            "baselines": [asdict(c) for c in self.baselines],
+            "learned": self.learned,
+            "pruning": {"shots": settings.shots, "rates": list(settings.rates), "results": [asdict(r) for r in self.results]},
+        }
 
-def linreg_check(
-    settings: LinRegSettings,
-    output: str | Path,
-    formats: Sequence[str] = FORMATS,
-    *,
-    overwrite: bool = False,
-    progress: bool = True,
-    log: Log = _quiet,
-) -> LinRegCheck:
-    """Train (or resume) the in-context linear regression model in `output`, compare it with the baselines, prune
-    it, and write linreg.json, the CSVs and the figures there.  One run at a time holds `output`; `overwrite` clears
-    only what svdicl wrote there (refused before the folder is touched when it holds anything else)."""
+    def tables(self) -> dict[str, Table]:
+        """curves.csv (every checkpoint and baseline per shot) and pruning.csv (every pruned curve per shot)."""
+        points = range(self.settings.config.points)
+        curves = [[f"step {step}", "model", k, c.mean[k], c.stderr[k]] for step, c in self.checkpoints for k in points]
+        curves += [[c.name, "baseline", k, c.mean[k], c.stderr[k]] for c in self.baselines for k in points]
+        pruning = [
+            [r.layer, r.depth, r.module, r.rate, k, r.curve.mean[k], r.curve.stderr[k]] for r in self.results for k in points
+        ]
+        return {
+            "curves.csv": (["curve", "kind", "shots", "mean_sq_error_over_d", "stderr"], curves),
+            "pruning.csv": (["layer", "depth", "module", "rate", "shots", "mean_sq_error_over_d", "stderr"], pruning),
+        }
+
+
+@contextlib.contextmanager
+def linreg_folder(output: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Hold `output` for one linreg run (a second one at the same time is refused): created, or resumed, or with
+    `overwrite` cleared of what svdicl wrote there (refused before it is touched when it holds anything else).
+    When the block ends without an error, every file in it is recorded as svdicl's."""
     from svdicl.outputs import check_clearable, clear_output, exclusive, finish_output, is_empty, reopen_output
 
     if overwrite and not is_empty(output):
@@ -309,20 +327,20 @@ def linreg_check(
     with exclusive(output, "theory linreg") as folder:
         if overwrite and not is_empty(folder):
             clear_output(folder)  # only what svdicl wrote there (its manifest); never a folder it did not write
-        check = _linreg(settings, reopen_output(folder), formats, progress, log)
+        yield reopen_output(folder)
         finish_output(folder)
-    return check
 
 
-def _linreg(settings: LinRegSettings, folder: Path, formats: Sequence[str], progress: bool, log: Log) -> LinRegCheck:
-    """The run in `folder`, which this process holds: train or resume, evaluate, prune, write."""
+def linreg_check(settings: LinRegSettings, folder: str | Path, *, progress: bool = True, log: Log = _quiet) -> LinRegCheck:
+    """Train (or resume) the in-context linear regression model in `folder` (see `linreg_folder`), evaluate every
+    checkpoint and the baselines on held-out prompts, and prune the trained model."""
     import torch
 
-    from svdicl.theory.linreg import baseline_curves, held_out, learned, load_checkpoint, model_curve, prune_sweep, train
+    from svdicl.theory.linreg import baseline_curves, held_out, load_checkpoint, model_curve, prune_sweep, train
 
     torch.set_num_threads(settings.threads)
     started = time.perf_counter()
-    config, shots, rates = settings.config, settings.shots, settings.rates
+    config, folder = settings.config, Path(folder)
     model, state = train(config, folder, progress=progress)
     log(f"training: {state['step']} steps, {state['train_seconds']:.0f} s of training time in total")
     prompts = held_out(config, settings.eval_prompts)
@@ -330,40 +348,10 @@ def _linreg(settings: LinRegSettings, folder: Path, formats: Sequence[str], prog
     checkpoints = [
         (step, model_curve(f"step {step}", load_checkpoint(config, folder, step), prompts)) for step in state["checkpoints"]
     ]
-    final = checkpoints[-1][1]
-    results = prune_sweep(model, prompts, settings.layers, settings.modules, rates, progress=progress)
-    by_name = {c.name: c for c in baselines}
+    results = prune_sweep(model, prompts, settings.layers, settings.modules, settings.rates, progress=progress)
     training = {k: state[k] for k in ("step", "train_seconds", "loss", "checkpoints")}
-
-    points = range(config.points)
-    curve_rows = [[f"step {step}", "model", k, c.mean[k], c.stderr[k]] for step, c in checkpoints for k in points]
-    curve_rows += [[c.name, "baseline", k, c.mean[k], c.stderr[k]] for c in baselines for k in points]
-    prune_rows = [[r.layer, r.depth, r.module, r.rate, k, r.curve.mean[k], r.curve.stderr[k]] for r in results for k in points]
-    files = [
-        write_csv(folder / "curves.csv", ["curve", "kind", "shots", "mean_sq_error_over_d", "stderr"], curve_rows),
-        write_csv(
-            folder / "pruning.csv", ["layer", "depth", "module", "rate", "shots", "mean_sq_error_over_d", "stderr"], prune_rows
-        ),
-    ]
-    record = {
-        "check": "linreg",
-        "config": asdict(config),
-        "metric": "squared error / d on held-out prompts; stderr = std / sqrt(prompts); 95% CI = mean +- 1.96 stderr",
-        "eval_prompts": settings.eval_prompts,
-        "ridge": settings.ridge,
-        "training": training,
-        "checkpoints": [{"step": step, **asdict(c)} for step, c in checkpoints],
-        "baselines": [asdict(c) for c in baselines],
-        "learned": learned(final, by_name["zero"]),
-        "pruning": {"shots": shots, "rates": list(rates), "results": [asdict(r) for r in results]},
-    }
-    files.append(_write_json(folder / "linreg.json", record))
-    figure = linreg_figure(final, spread(checkpoints, 6), baselines, state["loss"], config.dim)
-    files += save_figure(figure, folder / "linreg-curves", formats)
-    figure = pruning_figure(results, final, by_name["least_squares"], shots, rates)
-    files += save_figure(figure, folder / "linreg-pruning", formats)
     seconds = time.perf_counter() - started
-    return LinRegCheck(settings, training, tuple(checkpoints), tuple(baselines), tuple(results), tuple(files), seconds)
+    return LinRegCheck(settings, training, tuple(checkpoints), tuple(baselines), tuple(results), seconds)
 
 
 def spread(items: Sequence, count: int) -> list:
