@@ -37,8 +37,9 @@ import model_flags
 import torch
 
 from svdicl.experiments.cells import Scoring
-from svdicl.experiments.evaluate import EvalRun, evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.grid import PAPER_RATES, parse_rates
+from svdicl.experiments.runs import EvalRun, prepare_run
 from svdicl.forward import DEFAULT_CACHE_MEMORY, parse_memory
 from svdicl.scoring import Request
 from svdicl.specs import PruneSpec

@@ -84,11 +84,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def supported(model: nn.Module) -> bool:
-    """Whether the model has the fast paths (shared-prefix and layer caches)."""
-    return unsupported_reason(model) is None
-
-
 def _arch(model: nn.Module) -> _Arch:
     reason = unsupported_reason(model)
     if reason is not None:

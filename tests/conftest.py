@@ -8,6 +8,7 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,11 @@ import transformers as tf
 
 import svdicl.experiments.lines as scoring_lines
 from svdicl.cli import main
-from svdicl.experiments.evaluate import EvalRun, prepare_run
 from svdicl.experiments.grid import SweepGrid
+from svdicl.experiments.runs import EvalRun, prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.specs import PruneSpec
-from svdicl.store import CellKey, Result, Store
+from svdicl.store import Cell, CellKey, Result, Store
 from svdicl.tasks import get_task
 
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
@@ -438,6 +439,29 @@ def assert_same_contents(a: dict, b: dict) -> None:
         for x, y in zip(samples, b[key][1], strict=True):
             assert {k: v for k, v in x.items() if k != "logprobs"} == {k: v for k, v in y.items() if k != "logprobs"}
             assert x["logprobs"] == pytest.approx(y["logprobs"], abs=1e-5)
+
+
+class _Computing:
+    """An executor without a model: `compute(key)` for each cell of each line, in this process."""
+
+    def __init__(self, compute) -> None:
+        self.compute = compute
+
+    def map(self, work, lines, progress=None):
+        for line in lines:
+            for key, _ in line.cells:
+                yield key, self.compute(key), 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def fill(store: Store, keys, compute: Callable[[CellKey], Result]) -> list[Cell]:
+    """Store `compute(key)` for every key missing from `store` as sweeps and searches do (evaluate_lines: claims,
+    waiting for cells other processes compute, resuming), each key its own line; the cells in key order, once each."""
+    keys = list(dict.fromkeys(keys))
+    scoring_lines.evaluate_lines(None, [(lambda: None, [(key, ())]) for key in keys], store, executor=_Computing(compute))
+    return [store.get(key) for key in keys]
 
 
 # ----- eval folders for `svdicl compare` (test_compare, test_report) -----

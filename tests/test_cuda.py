@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import build, edits_at, reference_logprobs, tiny_loaded
 
-from svdicl.experiments.evaluate import evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.runs import prepare_run
 from svdicl.prune import prune, pruned
 from svdicl.specs import PruneSpec
 from svdicl.svd import svd_factors

@@ -13,9 +13,9 @@ from conftest import KillingStore, assert_same_contents, contents, grid, one_lin
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.cells import Scoring
-from svdicl.experiments.evaluate import prepare_run
 from svdicl.experiments.executors import Line, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.lines import score_line
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.search import SearchConfig, search
 from svdicl.experiments.sweep import sweep
 from svdicl.models import load_model

@@ -15,7 +15,9 @@ from conftest import LABEL_TASKS, assert_same, build, edits_at, moved, tiny_load
 from svdicl import forward as fw
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.prune import pruned
 from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
 from svdicl.specs import PruneSpec

@@ -20,8 +20,9 @@ from conftest import (
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines, parse_ints, parse_list, parse_rates
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
 from svdicl.prune import pruned
 from svdicl.specs import PruneSpec

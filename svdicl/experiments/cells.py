@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import RunResult, limit_examples
+from svdicl.experiments.runs import RunResult, limit_examples
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
 from svdicl.prune import EditRecord

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from svdicl.experiments.cells import Scoring, cell_result
-from svdicl.experiments.evaluate import EvalRun, evaluate_edits
+from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.executors import Executor, Line, LocalExecutor
+from svdicl.experiments.runs import EvalRun
 from svdicl.models import LoadedModel
 from svdicl.specs import PruneSpec
 from svdicl.store import CellKey, Result, Store

@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svdicl.experiments.cells import Scoring, data_digest, edit_cell, note_other_data, reuse_cells, run_key
-from svdicl.experiments.evaluate import limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines
 from svdicl.experiments.lines import Call, Progress, evaluate_lines
+from svdicl.experiments.runs import limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations, shots_per_class
 from svdicl.specs import PruneSpec
