@@ -293,6 +293,11 @@ def tiny_run(loaded: LoadedModel, tasks: Path, name: str) -> EvalRun:
     return prepare_run(loaded, get_task(str(tasks / f"{name}.yaml")), data_dir=tasks / "data")
 
 
+def label_eval_argv(model: Path, tasks: Path, name: str) -> list[str]:
+    """`svdicl -q eval` of label task `name` (a folder written by `label_tasks`) on the model folder `model`."""
+    return ["-q", "eval", "--model", str(model), "--task", str(tasks / f"{name}.yaml"), "--data-dir", str(tasks / "data")]
+
+
 def edits_at(layer: int, rates=(0.5, 0.9)) -> list[tuple[PruneSpec, ...]]:
     """The unpruned model, then attn and mlp of `layer` at each rate."""
     return [(), *[(PruneSpec(str(layer), m, r),) for m in ("attn", "mlp") for r in rates]]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LABEL_TASKS, assert_same, build, edits_at, moved, tiny_loaded, tiny_run
+from conftest import LABEL_TASKS, assert_same, build, edits_at, label_eval_argv, moved, save_model, tiny_loaded, tiny_run
 
 from svdicl import forward as fw
 from svdicl.cli import main
@@ -167,19 +167,7 @@ def test_bad_paths_and_budgets_are_one_line_errors(label_tasks):
 
 def test_cli_eval_records_the_path(label_tasks, tmp_path, capsys):
     loaded = tiny_loaded("llama")
-    model_dir = tmp_path / "model"
-    loaded.model.save_pretrained(model_dir)
-    loaded.tokenizer.save_pretrained(model_dir)
-    argv = [
-        "-q",
-        "eval",
-        "--model",
-        str(model_dir),
-        "--task",
-        str(label_tasks / "words.yaml"),
-        "--data-dir",
-        str(label_tasks / "data"),
-    ]
+    argv = label_eval_argv(save_model(loaded, tmp_path / "model"), label_tasks, "words")
     scores = {}
     for path, memory, used in (("auto", "512MiB", "prefix"), ("plain", "4GiB", "plain"), ("prefix", "0", "plain")):
         out = tmp_path / path

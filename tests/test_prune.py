@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import assert_same, moved, tiny_loaded, tiny_model, tiny_run
+from conftest import assert_same, label_eval_argv, moved, save_model, tiny_loaded, tiny_model, tiny_run
 
 import svdicl
 from svdicl import svd
@@ -279,19 +279,7 @@ def test_layer_cache_path_matches_plain_under_controls(label_tasks, control):
 
 def test_cli_eval_takes_a_control_suffix_and_records_it(label_tasks, tmp_path):
     loaded = tiny_loaded("llama")
-    model_dir = tmp_path / "model"
-    loaded.model.save_pretrained(model_dir)
-    loaded.tokenizer.save_pretrained(model_dir)
-    argv = [
-        "-q",
-        "eval",
-        "--model",
-        str(model_dir),
-        "--task",
-        str(label_tasks / "words.yaml"),
-        "--data-dir",
-        str(label_tasks / "data"),
-    ]
+    argv = label_eval_argv(save_model(loaded, tmp_path / "model"), label_tasks, "words")
     assert main([*argv, "--prune=-1:mlp:0.9@matched-noise:seed=2", "--output", str(tmp_path / "out")]) == 0
     edit = json.loads((tmp_path / "out" / "results.json").read_text())["config"]["edit"]
     assert edit["key"] == "-1:mlp:0.9@matched-noise:seed=2"
