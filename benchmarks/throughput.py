@@ -30,7 +30,7 @@ import model_flags
 import torch
 
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
-from svdicl.scoring import Request
+from svdicl.requests import Request
 
 
 @torch.inference_mode()

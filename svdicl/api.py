@@ -70,8 +70,8 @@ class Evaluation:
             SeedEvaluation(
                 seed=run["seed"],
                 n_examples=run["n_examples"],
-                accuracy=_estimate(run["metrics"]["accuracy"]),
-                macro_f1=_estimate(run["metrics"]["macro_f1"]),
+                accuracy=_read_estimate(run["metrics"]["accuracy"]),
+                macro_f1=_read_estimate(run["metrics"]["macro_f1"]),
                 n_ties=run["n_ties"],
             )
             for run in results["runs"]
@@ -126,8 +126,8 @@ class SearchResult:
             rates=tuple(results["rates"]),
             validation=tuple(results["validation"]["values"]),
             rate_star=results["rate_star"],
-            baseline=_estimate(test["baseline"]),
-            pruned=_estimate(test["pruned"]),
+            baseline=_read_estimate(test["baseline"]),
+            pruned=_read_estimate(test["pruned"]),
             p_value=test["p_value"],
             arms=tuple(results.get("arms", ())),
             folder=None if folder is None else Path(folder),
@@ -135,7 +135,7 @@ class SearchResult:
         )
 
 
-def _estimate(entry: dict) -> Estimate:
+def _read_estimate(entry: dict) -> Estimate:
     """An Estimate from its results-file dict (confidence, resamples and method when recorded)."""
     recorded = {name: entry[key] for name, key in _ESTIMATE_KEYS if key in entry}
     return Estimate(entry["value"], entry["ci_low"], entry["ci_high"], **recorded)

@@ -616,7 +616,7 @@ def read_search(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _estimate(entry: Mapping[str, Any], seeds: int) -> str:
+def _estimate_text(entry: Mapping[str, Any], seeds: int) -> str:
     value = _fmt(entry.get("value"))
     if seeds > 1 and entry.get("std") is not None:
         value += f"±{_fmt(entry['std'])}"
@@ -748,7 +748,7 @@ def algorithm1_markdown(results: Sequence[Mapping[str, Any]]) -> str:
             seeds = len(r.get("seeds", [])) or 1
             layers = {x["layer"] for x, c in zip(results, of, strict=True) if c == column}
             where = f"L{r['layer']}: " if len(layers) > 1 else ""
-            text = f"{where}{_estimate(r['test']['baseline'], seeds)} → {_estimate(r['test']['pruned'], seeds)}"
+            text = f"{where}{_estimate_text(r['test']['baseline'], seeds)} → {_estimate_text(r['test']['pruned'], seeds)}"
             text += f" (ξ*={r['rate_star']:g}, p={_fmt_p(r['test'].get('p_value', r['test'].get('mcnemar_p')))}"
             text += f", {seeds} seeds)" if seeds > 1 else ")"
             row.append(text)

@@ -12,7 +12,7 @@ from test_sweep import grid, save_model, toy_loaded
 from svdicl.cli import main
 from svdicl.experiments.evaluate import evaluate, prepare_run
 from svdicl.experiments.sweep import load_task_splits, sweep
-from svdicl.scoring import forwarded_tokens
+from svdicl.requests import forwarded_tokens
 from svdicl.store import Store
 from svdicl.tasks import get_task
 

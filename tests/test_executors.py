@@ -13,10 +13,10 @@ from test_sweep import assert_same_contents, contents, grid, one_line_error, sav
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.executors import Line, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
+from svdicl.executors import Job, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.evaluate import prepare_run
 from svdicl.experiments.search import SearchConfig, search
-from svdicl.experiments.sweep import Scoring, score_line, sweep
+from svdicl.experiments.sweep import Scoring, score_job, sweep
 from svdicl.models import load_model
 from svdicl.prune import PruneSpec
 from svdicl.store import CellKey, Store
@@ -100,9 +100,9 @@ def test_a_worker_error_reaches_the_driver_as_itself(toy, workers):
     task, folder = toy
     loaded = load_model(str(folder))
     run = prepare_run(loaded, str(task), split="test", shots=0, limit=4, data_dir=task.parent / "data")
-    line = Line(run, ((CellKey(loaded.fingerprint, "toy", "test", 0, 0, "9:mlp:0.5"), (PruneSpec("9", "mlp", 0.5),)),))
+    job = Job(run, ((CellKey(loaded.fingerprint, "toy", "test", 0, 0, "9:mlp:0.5"), (PruneSpec("9", "mlp", 0.5),)),))
     with pytest.raises(SvdiclError, match="layer 9 is out of range"):
-        list(workers.map(functools.partial(score_line, scoring=Scoring()), [line]))
+        list(workers.map(functools.partial(score_job, scoring=Scoring()), [job]))
 
 
 def test_a_worker_with_other_weights_refuses_to_score(toy):

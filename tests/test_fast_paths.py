@@ -18,9 +18,11 @@ from svdicl import forward as fw
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
+from svdicl.memory import cache_cost
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
-from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
+from svdicl.requests import Request, plan_suffixes, shared_prefix
+from svdicl.scoring import SharedPrefix, choose_path, score_requests
 from svdicl.tasks import get_task
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.
@@ -146,7 +148,7 @@ def test_memory_budget_chunks_or_falls_back_with_identical_results(data):
     plain = list(evaluate_edits(loaded, run, edits, path="plain"))
     prefix = shared_prefix(run.requests)
     plan = plan_suffixes(run.requests, prefix, batch_size=4)
-    cost = fw.cache_cost(loaded.model, len(prefix))
+    cost = cache_cost(loaded.model, len(prefix))
     working = max(cost.working(rows, n, len(prefix)) for rows, n in plan.shapes)
     biggest = max(rows * n for rows, n in plan.shapes) * cost.per_token
     budgets = {
@@ -195,12 +197,12 @@ def test_shared_prefix_moves_its_last_token_into_suffixes_when_a_context_is_empt
     ]
     assert shared_prefix(requests) == (1, 5, 6)
     assert shared_prefix(requests[1:]) == (1, 5, 6, 7)
-    plain = score(model, requests, batch_size=2)
-    fast = score(model, requests, batch_size=2, prefix=SharedPrefix(model, shared_prefix(requests)))
+    plain = score_requests(model, requests, batch_size=2)
+    fast = score_requests(model, requests, batch_size=2, prefix=SharedPrefix(model, shared_prefix(requests)))
     for a, b in zip(fast, plain, strict=True):
         assert a.n_tokens == b.n_tokens and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
     with pytest.raises(SvdiclError, match="shared prefix"):
-        score(model, requests, prefix=SharedPrefix(model, (1, 5, 9)))
+        score_requests(model, requests, prefix=SharedPrefix(model, (1, 5, 9)))
     other = [requests[1], Request((1, 5), (8, 9), ((10,), (11,)))]
     assert shared_prefix(other) is None
     assert "do not share" in choose_path(model, other).fallback

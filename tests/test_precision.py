@@ -13,7 +13,7 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import PruneSpec, pruned
-from svdicl.scoring import Scores
+from svdicl.requests import Scores
 from svdicl.tasks import get_task
 
 

@@ -33,7 +33,7 @@ from svdicl.experiments.search import (
 )
 from svdicl.prune import EditRecord, PruneSpec, pruned
 from svdicl.report import build_report, read_search
-from svdicl.scoring import Scores
+from svdicl.requests import Scores
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 

@@ -214,7 +214,7 @@ def _print(result: dict) -> None:
     print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
     paired = test["paired"]
     print(
-        f"  test {result['metric']} (n={test['n']}): {_estimate(test['baseline'])} -> {_estimate(test['pruned'])}"
+        f"  test {result['metric']} (n={test['n']}): {_printed_estimate(test['baseline'])} -> {_printed_estimate(test['pruned'])}"
         f"  paired Δ correct {paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
         f"  p = {test['p_value']:.3g} ({paired['method']})"
     )
@@ -222,7 +222,7 @@ def _print(result: dict) -> None:
     print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
-def _estimate(entry: dict) -> str:
+def _printed_estimate(entry: dict) -> str:
     spread = f" ± {entry['std']:.4f} (SD over seeds)" if entry.get("std") is not None else ""
     return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
 

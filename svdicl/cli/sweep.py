@@ -148,7 +148,7 @@ def executor_from(args: argparse.Namespace, loaded):
 def scoring_from(args: argparse.Namespace):
     """The Scoring that the shared scoring flags describe."""
     from svdicl.experiments.sweep import Scoring
-    from svdicl.forward import parse_memory
+    from svdicl.memory import parse_memory
 
     return Scoring(
         batch_size=args.batch_size,

@@ -38,24 +38,12 @@ from svdicl import calibration as cal
 from svdicl import precision as px
 from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
-from svdicl.forward import DEFAULT_CACHE_MEMORY
+from svdicl.memory import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
 from svdicl.prune import EditRecord, PruneSpec, pruned
-from svdicl.scoring import (
-    ExecutionPath,
-    LayerScorer,
-    Request,
-    Scores,
-    SharedPrefix,
-    build_requests,
-    check_path,
-    choose,
-    choose_path,
-    context_length,
-    forwarded_tokens,
-    score,
-)
+from svdicl.requests import Request, Scores, build_requests, context_length, forwarded_tokens
+from svdicl.scoring import ExecutionPath, LayerScorer, SharedPrefix, check_path, choose, choose_path, score_requests
 from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task
@@ -357,7 +345,7 @@ def _exact(loaded, run, chosen, batch_size, length_normalize, result, low, recor
         if chosen.plan is not None and not cached:
             cached.append(SharedPrefix(loaded.model, chosen.plan.prefix))
         chunk = [requests[i] for i in indices]
-        return score(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
+        return score_requests(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
 
     scores, record = px.resolve(
         result.scores + result.probe_scores,
@@ -423,7 +411,7 @@ def _score_run(
     prefix = SharedPrefix(model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
-        new = score(
+        new = score_requests(
             model,
             [requests[i] for i in chunk],
             batch_size=batch_size,

@@ -13,7 +13,7 @@
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
-evaluation is a store cell (experiments/sweep.py's `evaluate_lines`), so a search resumes after
+evaluation is a store cell (experiments/sweep.py's `evaluate_calls`), so a search resumes after
 an interruption and shares cells with sweeps written to the same folder.
 """
 
@@ -52,8 +52,8 @@ from svdicl.experiments.sweep import (
     cell_limit,
     data_digest,
     edit_cell,
-    evaluate_lines,
-    module_lines,
+    evaluate_calls,
+    module_sets,
     note_other_data,
     parse_rates,
     reuse_cells,
@@ -108,12 +108,12 @@ def choose_rate(rates: Sequence[float], values: Sequence[float]) -> float:
 
 def module_spec(module: str) -> str:
     """One module spec for a search: a group (mlp, attn) or matrices joined with + (q+k); never a regex."""
-    lines = module_lines(module)
-    if len(lines) != 1:
+    specs = module_sets(module)
+    if len(specs) != 1:
         raise SvdiclError(f"one search prunes one module spec, got {module!r}; join matrices with + (q+k) to prune them together")
-    if lines[0].startswith("re:"):
+    if specs[0].startswith("re:"):
         raise SvdiclError("search ranks layers by condition numbers of named modules; use mlp, attn or matrices like k, not re:")
-    return lines[0]
+    return specs[0]
 
 
 def conditions_for(
@@ -256,7 +256,7 @@ def search(
         nonlocal scored
         seeds = scored_seeds(shots, config.seeds, scoring.calibration) if control is None else tuple(config.seeds)
         todo = [calls[seed] for seed in seeds]
-        scored += evaluate_lines(
+        scored += evaluate_calls(
             loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )
         for seed in config.seeds[len(seeds) :]:
@@ -354,7 +354,7 @@ def _per_layer(choice: LayerChoice) -> dict[str, float | None]:
     return {str(layer): value if np.isfinite(value) else None for layer, value in choice.per_layer.items()}
 
 
-def _estimate(cell: Cell, metric: str) -> dict:
+def _cell_estimate(cell: Cell, metric: str) -> dict:
     entry = cell.metrics[metric]
     return {"value": entry["value"], "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high")}
 
@@ -365,8 +365,8 @@ def _seed_entry(store: Store, seed: int, curve: list[float], validation: list[Ce
     return {
         "seed": seed,
         "validation": curve,
-        "baseline": _estimate(baseline, metric),
-        "pruned": _estimate(pruned, metric),
+        "baseline": _cell_estimate(baseline, metric),
+        "pruned": _cell_estimate(pruned, metric),
         "mcnemar_p": paired.p_value,
         "discordant": {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b},
         "cells": {"validation": [c.id for c in validation], "baseline": baseline.id, "pruned": pruned.id},
@@ -386,7 +386,7 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
     summary = {"split": "test", "n": baselines[0].n}
     for name, found in (("baseline", baselines), ("pruned", pruneds)):
         if len(found) == 1:
-            summary[name] = {**_estimate(found[0], metric), "std": None}
+            summary[name] = {**_cell_estimate(found[0], metric), "std": None}
             continue
         interval = seed_mean_ci([store.samples(c) for c in found], metric, num_classes)
         values = [c.value(metric) for c in found]

@@ -10,8 +10,8 @@ demonstration seed under one edit.  The work is grouped so that nothing is done 
 The unpruned model (rate 0) is one cell per (task, split, shots, seed), shared by every line:
 the rate-0 point of every curve.  Each cell is stored the moment it is scored, so a sweep
 killed at any point resumes where it stopped and ends with the same store as one that ran
-through.  `evaluate_lines` does this for any calls (Algorithm 1 in experiments/search.py uses it
-too), each call's missing cells as one line on an executor (svdicl.executors: this process, or
+through.  `evaluate_calls` does this for any calls (Algorithm 1 in experiments/search.py uses it
+too), each call's missing cells as one job on an executor (svdicl.executors: this process, or
 Ray workers that hold the model); the driver alone writes the store, whatever the executor.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor, Line, LocalExecutor
+from svdicl.executors import Executor, Job, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
@@ -119,32 +119,32 @@ def parse_ints(value: str | Iterable[int | str], name: str, minimum: int = 0) ->
     return tuple(dict.fromkeys(numbers))
 
 
-def layer_lines(specs: str | Iterable[str], num_layers: int) -> list[str]:
+def layer_sets(specs: str | Iterable[str], num_layers: int) -> list[str]:
     """The layer sets a sweep draws one line each for, as non-negative indices.
 
     `first2,last2` on 30 layers is four lines (0, 1, 28, 29), each layer pruned alone; `+` joins
     specs into one set pruned together: `0+1` or `first2+last2` is one line.
     """
-    lines: list[str] = []
+    sets: list[str] = []
     for item in parse_list(specs):
         if TOGETHER in item:
             layers = sorted({i for part in item.split(TOGETHER) if part.strip() for i in parse_layers(part.strip(), num_layers)})
-            lines.append(",".join(map(str, layers)))
+            sets.append(",".join(map(str, layers)))
         else:
-            lines += [str(i) for i in parse_layers(item, num_layers)]
-    if not lines:
+            sets += [str(i) for i in parse_layers(item, num_layers)]
+    if not sets:
         raise SvdiclError("no layers given; use e.g. --layers first2,last2 (each swept alone) or 0+1 (pruned together)")
-    return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(sets))
 
 
-def module_lines(specs: str | Iterable[str]) -> list[str]:
+def module_sets(specs: str | Iterable[str]) -> list[str]:
     """Module specs swept one at a time: `mlp,attn` is two lines, `q+k` one line with both matrices."""
-    lines = [item.replace(TOGETHER, ",") for item in parse_list(specs)]
-    if not lines:
+    sets = [item.replace(TOGETHER, ",") for item in parse_list(specs)]
+    if not sets:
         raise SvdiclError("no modules given; use e.g. --modules mlp,attn (each alone) or q+k (pruned together)")
-    if any(line.startswith("re:") and "," in line for line in lines):
+    if any(spec.startswith("re:") and "," in spec for spec in sets):
         raise SvdiclError("a re:<regex> module spec cannot be joined with +; write one regex that matches everything")
-    return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(sets))
 
 
 @dataclass(frozen=True)
@@ -262,7 +262,7 @@ def plan_sweep(
     """
     scoring = scoring or Scoring()
     num_layers = len(layer_stack(loaded.model)[1])
-    lines = [(layers, modules) for layers in layer_lines(grid.layers, num_layers) for modules in module_lines(grid.modules)]
+    lines = [(layers, modules) for layers in layer_sets(grid.layers, num_layers) for modules in module_sets(grid.modules)]
     for layers, modules in lines:
         resolve(loaded.model, layers, modules, allow_tied=scoring.allow_tied)
     plan = []
@@ -371,20 +371,20 @@ class Progress:
 Call = tuple[Callable[[], EvalRun], Sequence[tuple[CellKey, Sequence[PruneSpec]]]]  # prepare the run, its cells
 
 
-def score_line(
-    loaded: LoadedModel, line: Line, progress=None, *, scoring: Scoring, model_name: str = ""
+def score_job(
+    loaded: LoadedModel, job: Job, progress=None, *, scoring: Scoring, model_name: str = ""
 ) -> Iterator[tuple[CellKey, Result, float]]:
-    """The cells of one line scored in one evaluate_edits call: each cell's key, stored result and seconds.
+    """The cells of one job scored in one evaluate_edits call: each cell's key, stored result and seconds.
 
     The work function of every executor (svdicl.executors): it runs wherever the model is."""
     started = time.perf_counter()
-    scored = evaluate_edits(loaded, line.run, [specs for _, specs in line.cells], **scoring.edit_options(), progress=progress)
-    for (key, _), (record, result) in zip(line.cells, scored, strict=True):
+    scored = evaluate_edits(loaded, job.run, [specs for _, specs in job.cells], **scoring.edit_options(), progress=progress)
+    for (key, _), (record, result) in zip(job.cells, scored, strict=True):
         yield key, cell_result(record, result, model_name, scoring), time.perf_counter() - started
         started = time.perf_counter()
 
 
-def evaluate_lines(
+def evaluate_calls(
     loaded: LoadedModel,
     calls: Iterable[Call],
     store: Store,
@@ -394,9 +394,9 @@ def evaluate_lines(
     progress: Progress | None = None,
     executor: Executor | None = None,
 ) -> int:
-    """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
+    """Score the cells of `calls` missing from `store`, each call's as one job on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    one of its cells is missing, and only when an executor asks for the job.  A cell another
     process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
     waited for after the rest, and scored here only if that process died before storing it.
     Returns the number of cells scored here."""
@@ -404,7 +404,7 @@ def evaluate_lines(
     deferred: list[Call] = []
     scored = 0
 
-    def lines() -> Iterator[Line]:
+    def jobs() -> Iterator[Job]:
         for prepare, cells in calls:
             cells = dict(cells)
             todo, waiting = [], []
@@ -422,13 +422,13 @@ def evaluate_lines(
             if todo:
                 run = prepare()
                 if progress is not None:
-                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, tuple(todo))
+                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_edit_label(todo)}")
+                yield Job(run, tuple(todo))
 
-    work = functools.partial(score_line, scoring=scoring, model_name=model_name)
+    work = functools.partial(score_job, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
     try:
-        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, jobs(), bar):
             store.put(key, result, seconds=seconds)
             scored += 1
             if progress is not None:
@@ -439,7 +439,7 @@ def evaluate_lines(
         for key, _ in cells:
             store.wait(key)
     if deferred:
-        scored += evaluate_lines(
+        scored += evaluate_calls(
             loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )  # fmt: skip
     return scored
@@ -494,7 +494,7 @@ def sweep(
     scored = [group for group in plan if group.reuse_from is None]
     bar = Progress(sum(group.examples * len(group.cells) for group in scored), "sweep", enabled=progress)
 
-    def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
+    def calls() -> Iterator[Call]:  # a run is kept only while its jobs are in flight
         for group in scored:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
@@ -506,7 +506,7 @@ def sweep(
                 yield prepare, call
 
     try:
-        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_calls(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     for group in plan:
@@ -516,7 +516,7 @@ def sweep(
     return SweepResult(cells=cells, computed=computed, wall_s=time.perf_counter() - started)
 
 
-def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
+def _edit_label(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
     """`29:mlp` for the cells of one line, `unpruned` when only the baseline is left."""
     specs = [specs[0] for _, specs in cells if specs]
     return f"{specs[0].layers}:{specs[0].modules}" if specs else "unpruned"
