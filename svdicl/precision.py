@@ -32,7 +32,7 @@ from torch import nn
 from svdicl import calibration as cal
 from svdicl import forward as fw
 from svdicl.errors import SvdiclError
-from svdicl.requests import Request, Scores, plan_suffixes
+from svdicl.requests import Request, Scores, SuffixPlan, plan_suffixes
 from svdicl.targets import layer_stack
 
 PRECISIONS = ("mixed", "float32")
@@ -69,7 +69,10 @@ class LowPrecision:
     which keeps the error small (bfloat16 everywhere moved label-score differences by up to ~0.6
     nats on SmolLM2).  `sync()` re-casts every weight whose storage or version changed since the
     last sync (a `pruned` swap, its undo, an in-place edit), so the copy always holds the cast of
-    the float32 weights: edits are made once, in float32.  Memory: half the decoder layers' weights.
+    the float32 weights: edits are made once, in float32.  The last synced tensor is held, so its
+    memory cannot be reused by the next edit's tensor at the same address (which a stamp of
+    address and version alone mistook for "unchanged": the copy then ran one edit behind).
+    Memory: half the decoder layers' weights.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = LOW) -> None:
@@ -81,15 +84,15 @@ class LowPrecision:
             if isinstance(module, nn.Linear):
                 module.__class__ = _LowLinear
         self._pairs = [(p, q) for p, q in zip(model.parameters(), self.model.parameters(), strict=True) if p is not q]
-        self._stamps = [(p.data_ptr(), p._version) for p, _ in self._pairs]
+        self._synced = [p.detach() for p, _ in self._pairs]
+        self._versions = [p._version for p, _ in self._pairs]
 
     def sync(self) -> nn.Module:
         """The copy, with every changed float32 weight re-cast."""
         for i, (source, low) in enumerate(self._pairs):
-            stamp = (source.data_ptr(), source._version)
-            if stamp != self._stamps[i]:
+            if not source.detach().is_set_to(self._synced[i]) or source._version != self._versions[i]:
                 low.data = source.detach().to(low.dtype)
-                self._stamps[i] = stamp
+                self._synced[i], self._versions[i] = source.detach(), source._version
         return self.model
 
 
@@ -271,26 +274,31 @@ def resolve(
 
 
 class ExactRows:
-    """Float32 re-scores on the layer path: a request's inputs of the start layer are computed once, when first
-    needed, and reused under every later edit (the uncertain examples of one rate are mostly those of the next).
+    """Float32 re-scores on the layer path: the examples first asked for together are batched and their inputs of
+    the start layer computed once, then reused under every later edit (the uncertain examples of one rate are
+    mostly those of the next).
 
-    Per call only layers start..L run: for the prefix, then for the requested rows.
+    Per call only layers start..L run: for the prefix, then for every group holding a requested example.
     """
 
-    def __init__(self, model: nn.Module, requests: Sequence[Request], prefix: Sequence[int], start: int, pad_id: int) -> None:
-        self.requests, self.prefix, self.pad_id = requests, tuple(prefix), pad_id
+    def __init__(
+        self, model: nn.Module, requests: Sequence[Request], prefix: Sequence[int], start: int, pad_id: int, batch_size: int = 8
+    ) -> None:
+        self.requests, self.prefix, self.pad_id, self.batch_size = requests, tuple(prefix), pad_id, batch_size
         self.cache = fw.LayerCache(model, self.prefix, start)
-        self.encoded: dict[int, tuple] = {}
+        self.groups: list[tuple[list[int], SuffixPlan, list[fw.CachedBatch]]] = []
+        self.group_of: dict[int, int] = {}
 
     def __call__(self, indices: Sequence[int]) -> list[Scores]:
         """Float32 scores of `requests[i]` for each index, under the model's current weights."""
-        for i in indices:
-            if i not in self.encoded:
-                plan = plan_suffixes([self.requests[i]], self.prefix, pad_id=self.pad_id)
-                self.encoded[i] = (plan, [self.cache.encode(b) for b in plan.batches])
+        new = [i for i in dict.fromkeys(indices) if i not in self.group_of]
+        if new:
+            plan = plan_suffixes([self.requests[i] for i in new], self.prefix, batch_size=self.batch_size, pad_id=self.pad_id)
+            self.groups.append((new, plan, [self.cache.encode(b) for b in plan.batches]))
+            self.group_of.update(dict.fromkeys(new, len(self.groups) - 1))
         upper = self.cache.prefix()
-        found = []
-        for i in indices:
-            plan, cached = self.encoded[i]
-            found += plan.scores([self.cache.score(c, upper) for c in cached])
-        return found
+        found: dict[int, Scores] = {}
+        for group in sorted({self.group_of[i] for i in indices}):
+            members, plan, cached = self.groups[group]
+            found.update(zip(members, plan.scores([self.cache.score(c, upper) for c in cached]), strict=True))
+        return [found[i] for i in indices]

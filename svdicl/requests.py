@@ -220,16 +220,23 @@ def pad_rows(batch: Sequence[Row], pad_id: int, side: str) -> tuple[torch.Tensor
 
 
 def shared_prefix(requests: Sequence[Request]) -> tuple[int, ...] | None:
-    """The tokens every request starts with, to run once: the demonstrations block (None if they differ).
+    """The tokens every request starts with, to run once: the demonstrations block (None if they differ) and the
+    template tokens every context opens with (a query's "Review:"), about a tenth of SST-2's suffix tokens.
 
-    A request with an empty context has its first continuation token predicted by the prefix's
-    last token, so then that token stays in every request's own part.
+    Every request keeps at least its context's last token, which predicts its first continuation
+    token; a request with an empty context has it predicted by the prefix's last token, so then
+    that token stays in every request's own part.
     """
     prefixes = {r.prefix for r in requests}
     if len(prefixes) > 1:
         return None
     prefix = prefixes.pop() if prefixes else ()
-    return prefix[:-1] if any(not r.context for r in requests) else prefix
+    if any(not r.context for r in requests):
+        return prefix[:-1]
+    contexts = [r.context for r in requests]
+    most = min(map(len, contexts), default=1) - 1
+    common = next((i for i in range(most) if len({c[i] for c in contexts}) > 1), most)
+    return prefix + tuple(contexts[0][:common]) if contexts else prefix
 
 
 @dataclass(frozen=True)

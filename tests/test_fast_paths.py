@@ -197,6 +197,12 @@ def test_shared_prefix_moves_its_last_token_into_suffixes_when_a_context_is_empt
     ]
     assert shared_prefix(requests) == (1, 5, 6)
     assert shared_prefix(requests[1:]) == (1, 5, 6, 7)
+    opening = [Request((1, 5), (8, 9, 4), ((10,), (11,))), Request((1, 5), (8, 9, 3, 2), ((12,), (13,)))]
+    assert shared_prefix(opening) == (1, 5, 8, 9)  # the contexts' common opening runs once too
+    assert shared_prefix(opening[:1] * 2) == (1, 5, 8, 9)  # each keeps its last context token, which predicts the answer
+    fast = score_requests(model, opening, batch_size=2, prefix=SharedPrefix(model, shared_prefix(opening)))
+    for a, b in zip(fast, score_requests(model, opening, batch_size=2), strict=True):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
     plain = score_requests(model, requests, batch_size=2)
     fast = score_requests(model, requests, batch_size=2, prefix=SharedPrefix(model, shared_prefix(requests)))
     for a, b in zip(fast, plain, strict=True):

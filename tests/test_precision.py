@@ -86,6 +86,17 @@ def test_bfloat16_copy_follows_every_edit_and_its_undo():
     assert model.model.embed_tokens.weight.dtype == torch.float32
 
 
+def test_bfloat16_copy_follows_successive_edits_whose_tensors_reuse_freed_memory():
+    """Each edit's tensor may land where the last one's was freed, with the same version: the copy must not lag."""
+    model = tiny_model("llama")
+    low = px.LowPrecision(model)
+    weight = lambda m: m.model.layers[1].mlp.down_proj.weight  # noqa: E731
+    for rate in (0.1, 0.5, 0.9, 0.99, 0.5):
+        with pruned(model, layers=1, modules="mlp", rate=rate):
+            low.sync()
+            assert torch.equal(weight(low.model), weight(model).to(torch.bfloat16)), rate
+
+
 def test_unknown_precision_and_non_float32_models_are_said():
     with pytest.raises(SvdiclError, match="unknown precision"):
         px.check_precision("half")

@@ -390,3 +390,15 @@ def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_tes
     assert sorted({a["rate"] for a in result["arms"]}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
     assert progress.done == progress.bar.total > config.examples(splits)
     assert result["timing"]["cells_scored"] == len(Store(out))  # a fresh store: every cell in it was scored now
+
+
+def test_every_test_arm_of_a_seed_is_one_line_so_the_layers_below_run_once(toy, monkeypatch):
+    """The null controls join the unpruned and pruned test cells in one evaluate_edits call per seed (one layer cache)."""
+    calls = Calls(monkeypatch)
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
+    result = search(planted_loaded(), config, Store(toy.parent / "out"), data_dir=toy.parent / "data")
+    assert len(calls.edits) == 4  # per seed: validation, then test
+    for edits in calls.edits[2:]:
+        assert "none" in edits and any("@random-subspace" in e for e in edits) and any("@matched-noise" in e for e in edits)
+    controls = [a for a in result["arms"] if a["control"]]
+    assert controls and {a["control"] for a in controls} == {"random-subspace", "matched-noise"}

@@ -462,7 +462,7 @@ def evaluate_edits(
     low, record = _low(loaded, precision)
     rows = None
     if chosen.name == "layer" and low is not None:
-        rows = px.ExactRows(loaded.model, run.scored_requests, chosen.plan.prefix, chosen.start, _pad_id(loaded))
+        rows = px.ExactRows(loaded.model, run.scored_requests, chosen.plan.prefix, chosen.start, _pad_id(loaded), batch_size)
     if chosen.name == "layer":
         results = _sweep_layers(loaded, run, edits, chosen, svd, allow_tied, length_normalize, progress, low)
     else:

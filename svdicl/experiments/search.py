@@ -213,7 +213,7 @@ def search(
 
     Cells already in `store` are read back, not rescored.  `conditions` defaults to computing
     them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches);
-    `executor` scores the cells (default: this process; the seeds' lines run side by side on Ray).
+    `executor` scores the cells (default: this process; the seeds' jobs run side by side on Ray).
     """
     started = time.perf_counter()
     scoring = scoring or Scoring()
@@ -236,9 +236,10 @@ def search(
     scored = 0  # cells scored by this search (not those read back, nor those another process stored)
     bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
 
-    def evaluate(split: str, rates: Sequence[float], control: str | None = None) -> dict[int, list[Cell]]:
-        """The cells of `rates` on `split` for every seed (with `control`, that null control's edit instead of the
-        truncation, seeded by the demonstration seed); the seeds' lines go to the executor together."""
+    def evaluate(split: str, edits: Sequence[tuple[float, str | None]]) -> dict[int, list[Cell]]:
+        """The cells of `edits` (rate, null control or None for the truncation; a control is seeded by the
+        demonstration seed) on `split` for every seed, each seed's as one job: the layers below the edited one
+        run once per job, for every rate and control together.  The seeds' jobs go to the executor together."""
         calls = {}
         data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
@@ -250,20 +251,24 @@ def search(
                     calibration=scoring.calibration, progress=bar,
                 )  # fmt: skip
 
-            calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate in rates])
+            calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate, control in edits])
         note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
-        # 0 shots: the first seed stands for all, unless a null control (seeded per seed) is evaluated
+        # 0 shots: the first seed stands for all, except for null controls (seeded per seed)
         nonlocal scored
-        seeds = scored_seeds(shots, config.seeds, scoring.calibration) if control is None else tuple(config.seeds)
-        todo = [calls[seed] for seed in seeds]
+        first = scored_seeds(shots, config.seeds, scoring.calibration)
+        todo = [
+            (prepare, [cell for cell, (_, control) in zip(cells, edits, strict=True) if seed in first or control])
+            for seed, (prepare, cells) in calls.items()
+        ]
         scored += evaluate_calls(
-            loaded, todo, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
-        )
-        for seed in config.seeds[len(seeds) :]:
-            reuse_cells(store, [key for key, _ in calls[seed][1]], seeds[0])
+            loaded, [call for call in todo if call[1]], store, scoring=scoring, model_name=model_name, progress=progress,
+            executor=executor,
+        )  # fmt: skip
+        for seed in config.seeds[len(first) :]:
+            reuse_cells(store, [key for (key, _), (_, c) in zip(calls[seed][1], edits, strict=True) if not c], first[0])
         return {seed: [store.get(key) for key, _ in cells] for seed, (_, cells) in calls.items()}
 
-    validation = evaluate("validation", config.rates)
+    validation = evaluate("validation", [(rate, None) for rate in config.rates])
     curves = {seed: [c.value(metric) for c in found] for seed, found in validation.items()}
     values = [statistics.fmean(curve[i] for curve in curves.values()) for i in range(len(config.rates))]
     rate_star = choose_rate(config.rates, values)
@@ -275,26 +280,25 @@ def search(
         if rate_star == 0:
             progress.add(per_cell)  # the pruned test cell is the unpruned one
         progress.grow((len(test_rates) - 2 + (rate_star == 0)) * per_cell)  # the calibrated rates* may add cells
-    test = evaluate("test", test_rates)
+    control_rates = sorted({r for r in (rate_star, *stars.values()) if r > 0}) if "controls" in config.arms else []
+    if "controls" in config.arms and not control_rates and progress is not None:
+        progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
+    elif control_rates and progress is not None:  # counted at one rate; they run at every pruned arm's rate
+        progress.grow(2 * len(config.seeds) * (len(control_rates) - 1) * sizes["test"])
+    controls = [(rate, control) for control in (CONTROLS if control_rates else ()) for rate in control_rates]
+    test = evaluate("test", [(rate, None) for rate in test_rates] + controls)  # one job per seed: every arm at once
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
     pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
     arms = [Arm("unpruned", 0.0, at[0.0])]
     arms += [Arm(arm_name(m), 0.0, at[0.0], calibration=m) for m in scoring.calibration]
     arms += [Arm("pruned", rate_star, at[rate_star])]
     arms += [Arm(arm_name(m, pruned=True), stars[m], at[stars[m]], calibration=m) for m in scoring.calibration]
-    pruned_arms = [arm for arm in arms if arm.rate > 0]  # each gets both null controls at its rate, read the same way
-    control_rates = sorted({arm.rate for arm in pruned_arms}) if "controls" in config.arms else []
-    if "controls" in config.arms and not control_rates and progress is not None:
-        progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
-    elif control_rates and progress is not None:  # counted at one rate; they run at every pruned arm's rate
-        progress.grow(2 * len(config.seeds) * (len(control_rates) - 1) * sizes["test"])
-    for control in CONTROLS if control_rates else ():
-        cells = evaluate("test", control_rates, control)
-        for arm in pruned_arms:
-            found = tuple(cells[seed][control_rates.index(arm.rate)] for seed in config.seeds)
+    for control in CONTROLS if control_rates else ():  # each pruned arm gets both null controls at its rate, read the same way
+        for arm in [arm for arm in arms if arm.rate > 0 and arm.control is None]:
+            k = len(test_rates) + controls.index((arm.rate, control))
+            found = tuple(test[seed][k] for seed in config.seeds)
             name = arm_name(arm.calibration, CONTROL_NAMES[control])
             arms.append(Arm(name, arm.rate, found, calibration=arm.calibration, control=control))
-        test = {seed: [*test[seed], *cells[seed]] for seed in config.seeds}
     every = [c for found in (*validation.values(), *test.values()) for c in found]
     return {
         "format": SEARCH_FORMAT,
