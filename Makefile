@@ -26,6 +26,7 @@ demo: setup
 lint: setup
 	$(BIN)/ruff check svdicl tests benchmarks docs/api.py
 	$(BIN)/ruff format --check svdicl tests benchmarks docs/api.py
+	$(BIN)/lint-imports --no-cache
 
 test: setup lint
 	$(BIN)/python -m pytest

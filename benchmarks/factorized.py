@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import svdicl
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 
 
 def forward_seconds(model: torch.nn.Module, ids: torch.Tensor) -> float:

@@ -23,7 +23,8 @@ import sys
 
 import transformers as tf
 
-from svdicl.models import ALIASES, alias_gguf, default_cache_dir
+from svdicl.aliases import ALIASES, alias_gguf
+from svdicl.cachedir import default_cache_dir
 
 gguf = alias_gguf(ALIASES["smollm2-135m"], default_cache_dir())
 tokenizer = tf.AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -20,9 +20,9 @@ import measure
 import ray
 import torch
 
-from svdicl.executors import RayExecutor, RaySettings
+from svdicl.experiments.executors import RayExecutor, RaySettings
 from svdicl.experiments.sweep import SweepGrid, sweep
-from svdicl.models import load_model
+from svdicl.export import load_any
 from svdicl.store import Store
 
 
@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    loaded = load_model(args.model)
+    loaded = load_any(args.model)
     grid = SweepGrid(
         tasks=(args.task,), layers=tuple(args.layers.split(",")), modules=tuple(args.modules.split(",")), rates=args.rates,
         limit=args.limit,

@@ -1,23 +1,25 @@
-"""One unit of the powered study, float32 against the mixed path (bfloat16 + float32 re-scores), in one run.
+"""One unit of the powered study (docs/STUDY.md), a baseline revision's code against this tree's, side by side in one run.
 
-The unit (Algorithm 1 at a fixed layer, then the test arms):
+The unit is Algorithm 1 at a fixed layer with every arm the study reports: --validation
+examples under the paper's 8 rates, then --test examples under the unpruned model, the pruned
+one at each rate* (raw and per calibration), the contextual, domain and batch calibrations, and
+both null controls at each pruned rate.  Each side runs it as `svdicl search` in its own process
+(one torch thread, a fresh output folder, the shared model cache), one side after the other:
 
-  validation  --validation examples under the 8 paper rates (0 included) of --layer's --module:
-              one `evaluate_edits` call (the layer path); xi* = the rate of best validation accuracy;
-  test        --test examples under every arm: unpruned, pruned at xi*, and the two null
-              controls at xi* (random-subspace, matched-noise): one `evaluate_edits` call.
+  baseline  the code at --baseline (default 5b0628a: the start of this speed work, which already
+            had every arm and the mixed path), checked out in a temporary git worktree; float32
+  float32   this tree, float32
+  mixed     this tree, --precision mixed (bfloat16, float32 re-scores of what could differ)
 
-Every run also carries --calibration (default: contextual, domain and batch): their queries are
-scored after the examples and every calibrated prediction counts in the agreement.
+Printed per side: CPU seconds (user + system of the process and its children, from wait4), wall
+seconds, peak RSS, the load average before and after; then each side's CPU ratio to the baseline
+and its agreement with the baseline's predictions over every cell (validation rates, test arms,
+controls), raw and under each calibration: it must be 100%.  The thread policy's choice for the
+machine as it is (`svdicl.threads.thread_plan`) is printed beside the load, but every side runs
+single-threaded so CPU seconds compare.
 
-Both sides run the same prepared runs with the same options except `precision`; the SVD
-factors are computed once before either side is timed.  Printed per side: process CPU seconds
-(all threads; not wall), wall seconds, re-scored examples and the bound; then the CPU ratio,
-prediction agreement over every validation rate and test arm (must be 100%), xi* of each side,
-peak RSS after each side, and the load average before and after.
-
-    OMP_NUM_THREADS=1 python benchmarks/study_speed.py --model smollm2-135m
-    python benchmarks/study_speed.py --model qwen2.5-coder-0.5b --validation 100 --test 300
+    python benchmarks/study_speed.py --model smollm2-135m --layer 17
+    python benchmarks/study_speed.py --model qwen2.5-coder-0.5b --layer 5 --validation 100 --test 300
 """
 
 from __future__ import annotations
@@ -25,97 +27,111 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
-import measure
-import model_flags
-import torch
+from svdicl.threads import thread_plan
 
-from svdicl.experiments.evaluate import evaluate_edits, prepare_run
-from svdicl.experiments.search import choose_rate
-from svdicl.experiments.sweep import PAPER_RATES
-from svdicl.prune import PruneSpec, pruned
-from svdicl.targets import layer_stack
+ROOT = Path(__file__).resolve().parent.parent
+
+DUMP = """
+import json, sys
+from svdicl.store import Store
+store = Store(sys.argv[1])
+found = {}
+for cell in store.cells():
+    key = f"{cell.key.split} {cell.key.edit} seed {cell.key.seed}"
+    found[key] = [[s["prediction"], *(c["prediction"] for _, c in sorted(s.get("calibrated", {}).items()))]
+                  for s in store.samples(cell)]
+json.dump(found, sys.stdout)
+"""
 
 
-def side(loaded, validation, test, layer: int, module: str, precision: str, batch_size: int) -> dict:
-    """The unit on one precision: CPU and wall seconds, predictions per cell, xi*."""
-    started = measure.clocks()
-    options = dict(batch_size=batch_size, precision=precision)
-    edits = [(PruneSpec(layers=str(layer), modules=module, rate=r),) for r in PAPER_RATES]
-    swept = [r for _, r in evaluate_edits(loaded, validation, edits, **options)]
-    xi = choose_rate(PAPER_RATES, [r.accuracy.value for r in swept])
-    arms = [
-        (),
-        *[
-            (PruneSpec(layers=str(layer), modules=module, rate=xi, control=c),)
-            for c in ("truncate", "random-subspace", "matched-noise")
-        ],
-    ]
-    tested = [r for _, r in evaluate_edits(loaded, test, arms, **options)]
-    wall, cpu = measure.since(started)
-    results = swept + tested
+def run_side(tree: Path, args: argparse.Namespace, out: Path, precision: str) -> dict:
+    """`svdicl search` of the unit in `tree`: CPU and wall seconds, peak RSS, and every cell's predictions."""
+    command = [
+        sys.executable, "-m", "svdicl", "search", "--model", args.model, "--task", args.task, "--module", args.module,
+        "--layer", str(args.layer), "--limit-validation", str(args.validation), "--limit-test", str(args.test),
+        "--seeds", "0", "--calibration", "contextual,domain,batch", "--arms", "all", "--workers", "1",
+        "--threads-per-worker", "1", "--precision", precision, "--no-report", "--output", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    load = os.getloadavg()[0]
+    started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{tree.name} ({precision}) failed: {process.stderr.read()[-2000:]}")
+    dump = subprocess.run(
+        [sys.executable, "-c", DUMP, str(out)], cwd=tree, env=env, capture_output=True, text=True, check=True
+    ).stdout
     return {
-        "precision": precision,
-        "cpu_s": round(cpu, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "wall_s": round(wall, 1),
-        "xi": xi,
-        "predictions": [p for r in results for p in (r.predictions, *(c.calibrated.predictions for c in r.calibrated))],
-        "accuracy": [round(r.accuracy.value, 4) for r in results],
-        "rescored": sum(r.timing.get("rescored", 0) for r in results),
-        "scored": sum(len(r.predictions) for r in results),
-        "bound": max((r.timing.get("precision_bound") or 0) for r in results),
-        "observed": max((r.timing.get("precision_observed") or 0) for r in results),
-        "peak_rss_mib": round(measure.peak_rss() / 2**20),
+        "peak_rss_mib": round(usage.ru_maxrss / 1024),
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+        "predictions": json.loads(dump),
     }
+
+
+def agreement(base: dict, other: dict) -> tuple[int, int, list[str]]:
+    """Equal predictions over the baseline's cells (raw and each calibration), their count, and where they differ."""
+    same = total = 0
+    differs = []
+    for cell, rows in base.items():
+        mine = other.get(cell)
+        if mine is None:
+            differs.append(f"{cell}: missing")
+            continue
+        for i, (a, b) in enumerate(zip(rows, mine, strict=True)):
+            total += len(a)
+            same += sum(x == y for x, y in zip(a, b, strict=True))
+            if a != b:
+                differs.append(f"{cell} example {i}: {a} vs {b}")
+    return same, total, differs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    model_flags.add(parser)
+    parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--task", default="sst2")
+    parser.add_argument("--module", default="mlp")
+    parser.add_argument("--layer", type=int, default=17, help="the pruned layer (17: SmolLM2's MLP layer by condition number)")
     parser.add_argument("--validation", type=int, default=200, help="validation examples (the study: 200)")
     parser.add_argument("--test", type=int, default=1000, help="test examples per arm (the study: 1,000)")
-    parser.add_argument("--layer", type=int, default=-1, help="the pruned layer (negative: from the end)")
-    parser.add_argument("--module", default="mlp")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--calibration", default="contextual,domain,batch", help="methods scored beside the raw scores, or none")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--baseline", default="5b0628a", help="git revision whose float32 path is the baseline")
+    parser.add_argument("--sides", default="baseline,float32,mixed", help="which sides to run, in order")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    load_before = os.getloadavg()
-    loaded = model_flags.load(args)
-    layer = args.layer % len(layer_stack(loaded.model)[1])
-    methods = () if args.calibration == "none" else tuple(args.calibration.split(","))
-    validation = prepare_run(loaded, args.task, split="validation", limit=args.validation, seed=0, calibration=methods)
-    test = prepare_run(loaded, args.task, split="test", limit=args.test, seed=0, calibration=methods)
-    with pruned(loaded.model, layers=layer, modules=args.module, rate=0.5):  # the SVD factors, outside both timings
-        pass
-    print(model_flags.describe(loaded, args.device), f"| {args.task} layer {layer} {args.module} | torch threads {args.threads}")
-    print(f"unit: {args.validation} validation x {len(PAPER_RATES)} rates, then 4 arms x {args.test} test; calibration {methods}")
-    sides = [side(loaded, validation, test, layer, args.module, p, args.batch_size) for p in ("float32", "mixed")]
-    load_after = os.getloadavg()
-    for s in sides:
-        print(
-            f"{s['precision']:>8}: {s['cpu_s']:8.1f} CPU-s  {s['wall_s']:8.1f} wall-s  xi*={s['xi']}  "
-            f"re-scored {s['rescored']}/{s['scored']}  bound {s['bound']:.4f} (observed {s['observed']:.4f})  "
-            f"peak RSS {s['peak_rss_mib']} MiB"
-        )
-    exact, mixed = sides
-    cells = list(zip(exact["predictions"], mixed["predictions"], strict=True))
-    same = sum(a == b for x, y in cells for a, b in zip(x, y, strict=True))
-    total = sum(len(x) for x, _ in cells)
-    arms = ["unpruned", "xi*", "random-subspace", "matched-noise"]
-    names = [f"validation rate {r}" for r in PAPER_RATES] + [f"test {arm}" for arm in arms]
-    per = len(exact["predictions"]) // len(names)  # raw, then each calibration's
-    for k, (x, y) in enumerate(cells):
-        for i in (i for i, (a, b) in enumerate(zip(x, y, strict=True)) if a != b):
-            method = "raw" if k % per == 0 else f"calibration {k % per}"
-            print(f"  differs: {names[k // per]}, {method}, example {i}: {x[i]} vs {y[i]}")
-    print(f"CPU ratio float32/mixed: {exact['cpu_s'] / mixed['cpu_s']:.2f}x")
-    print(f"prediction agreement: {same}/{total} ({100 * same / total:.2f}%), xi* {exact['xi']} vs {mixed['xi']}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} (1 min); {os.cpu_count()} CPUs")
-    summary = {k: v for k, v in mixed.items() if k != "predictions"}
-    print(json.dumps({"float32": {k: v for k, v in exact.items() if k != "predictions"}, "mixed": summary}))
+    plan = thread_plan()
+    print(f"{args.model} | {args.task} layer {args.layer} {args.module} | {args.validation} validation x 8 rates, "
+          f"{args.test} test x every arm | thread policy now: {plan.describe()}; each side runs 1 worker x 1 thread")  # fmt: skip
+    sides = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        old = scratch / "baseline-tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(old), args.baseline], check=True)
+        try:
+            for side in args.sides.split(","):
+                tree, precision = (old, "float32") if side == "baseline" else (ROOT, side)
+                sides[side] = run_side(tree, args, scratch / side, precision)
+                s = sides[side]
+                print(f"{side:>9}: {s['cpu_s']:8.1f} CPU-s {s['wall_s']:8.1f} wall-s  peak RSS {s['peak_rss_mib']} MiB  "
+                      f"load {s['load_before']} -> {s['load_after']}", flush=True)  # fmt: skip
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(old)], check=True)
+    base = sides.get("baseline") or next(iter(sides.values()))
+    for side, s in sides.items():
+        same, total, differs = agreement(base["predictions"], s["predictions"])
+        print(f"{side:>9}: CPU ratio baseline/side {base['cpu_s'] / s['cpu_s']:.2f}x, predictions equal to the baseline's "
+              f"{same}/{total} ({100 * same / max(total, 1):.2f}%) over {len(base['predictions'])} cells")  # fmt: skip
+        for line in differs[:10]:
+            print(f"           differs: {line}")
+    print(json.dumps({side: {k: v for k, v in s.items() if k != "predictions"} for side, s in sides.items()}))
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ import torch
 from svdicl.experiments.evaluate import EvalRun, evaluate_edits, prepare_run
 from svdicl.experiments.sweep import PAPER_RATES, Scoring, parse_rates
 from svdicl.memory import DEFAULT_CACHE_MEMORY, parse_memory
-from svdicl.prune import PruneSpec
 from svdicl.requests import Request
+from svdicl.specs import PruneSpec
 from svdicl.svd import cuda_driver, kept_rank
 from svdicl.targets import layer_stack, parse_layers, resolve
 

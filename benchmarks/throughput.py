@@ -10,10 +10,15 @@ three ways, interleaved per repeat so machine load hits all alike:
   plain    svdicl's plain path (evaluate_run(path="plain")): the same sequences and batches
   default  svdicl's default path (evaluate_run(), path auto: the demonstrations' keys/values
            once, then each example's own tokens)
+  layer    svdicl's layer path (evaluate_edits with one edit at --layer, 1% of its MLP's rank
+           cut, SVD computed before timing): the layers below --layer once, then the layers above
 
 Every side is credited with the same prompt tokens (padding excluded), so tokens/s are
-comparable; the default path runs far fewer of them.  Printed: seconds (wall, CPU), prompt
-tokens/s, each svdicl path's ratio to raw, prediction agreement with raw, peak RSS.
+comparable; the default path runs far fewer of them.  The "work" column compares how fast each
+side runs the tokens it does run: token-layers forwarded per CPU second against raw's (raw and
+plain forward every prompt token through every layer; default and layer the shared prefix once
+and each example's own tokens once through every layer).  Printed: seconds (wall, CPU), prompt
+tokens/s, each svdicl path's ratio to raw, the work ratio, prediction agreement with raw, peak RSS.
 
     nice -n 5 python benchmarks/throughput.py --model smollm2-135m --examples 256 --threads 2
     python benchmarks/throughput.py --model meta-llama/Llama-2-7b-hf --random-weights --device cuda --dtype bfloat16
@@ -29,8 +34,10 @@ import measure
 import model_flags
 import torch
 
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
-from svdicl.requests import Request
+from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
+from svdicl.prune import pruned
+from svdicl.requests import Request, shared_prefix
+from svdicl.specs import PruneSpec
 
 
 @torch.inference_mode()
@@ -66,6 +73,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best of each side is reported")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--layer", type=int, default=17, help="the layer path's edited layer (17: SmolLM2's by condition number)")
     parser.add_argument("--json", help="also write the numbers to this JSON file")
     args = parser.parse_args()
     if args.threads:
@@ -75,12 +83,17 @@ def main() -> None:
     requests = list(run.requests)
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     tokens = sum(len(r.prefix) + len(r.context) for r in requests)
+    shared = len(shared_prefix(run.scored_requests))  # run once by the default and layer paths
     load = os.getloadavg()
     raw_predictions(loaded.model, requests[: args.batch_size], args.batch_size, pad_id)  # warm-up
+    edit = (PruneSpec(layers=str(args.layer), modules="mlp", rate=0.01),)
+    with pruned(loaded.model, specs=edit):  # the SVD factors, outside every timing
+        pass
     sides = {
         "raw": lambda: raw_predictions(loaded.model, requests, args.batch_size, pad_id),
         "plain": lambda: evaluate_run(loaded, run, batch_size=args.batch_size, path="plain"),
         "default": lambda: evaluate_run(loaded, run, batch_size=args.batch_size),
+        "layer": lambda: next(iter(evaluate_edits(loaded, run, [edit], batch_size=args.batch_size)))[1],
     }
     seconds: dict[str, list[tuple[float, float]]] = {name: [] for name in sides}
     answers: dict = {}
@@ -95,7 +108,8 @@ def main() -> None:
         f"{args.task} {args.split}: {len(requests)} examples, {tokens} prompt tokens "
         f"({len(requests[0].prefix)} demonstration tokens each), batch {args.batch_size}, best of {args.repeats}"
     )
-    print(f"{'side':>8} {'path':>7} {'wall s':>8} {'CPU s':>8} {'tokens/s':>9} {'ratio':>7} {'CPU ratio':>9} {'= raw':>7}")
+    header = f"{'side':>8} {'path':>7} {'wall s':>8} {'CPU s':>8} {'tokens/s':>9} {'ratio':>7} {'CPU ratio':>9} {'work':>7}"
+    print(f"{header} {'= raw':>7}")
     best = {name: (min(s[0] for s in runs), min(s[1] for s in runs)) for name, runs in seconds.items()}
     rows = {}
     for name in sides:
@@ -103,6 +117,7 @@ def main() -> None:
         path = "raw" if name == "raw" else answers[name].timing["path"]
         predictions = raw if name == "raw" else list(answers[name].predictions)
         agree = sum(a == b for a, b in zip(predictions, raw, strict=True)) / len(raw)
+        forwarded = tokens if name in ("raw", "plain") else answers[name].timing["tokens_forwarded"] + shared
         rows[name] = {
             "path": path,
             "wall_s": wall,
@@ -110,11 +125,12 @@ def main() -> None:
             "tokens_per_s": tokens / wall,
             "ratio": best["raw"][0] / wall,
             "cpu_ratio": best["raw"][1] / cpu,
+            "work_ratio": (forwarded / cpu) / (tokens / best["raw"][1]),
             "agreement_with_raw": agree,
         }
         print(
             f"{name:>8} {path:>7} {wall:>8.1f} {cpu:>8.1f} {tokens / wall:>9.1f} {rows[name]['ratio']:>6.2f}x "
-            f"{rows[name]['cpu_ratio']:>8.2f}x {agree:>7.1%}"
+            f"{rows[name]['cpu_ratio']:>8.2f}x {rows[name]['work_ratio']:>6.2f}x {agree:>7.1%}"
         )
     rss = measure.peak_rss()
     gpu = measure.gpu_peak(args.device)

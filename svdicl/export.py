@@ -30,13 +30,15 @@ import torch
 from torch import nn
 
 from svdicl.card import CARD_FILE, CONFIG_KEY, config_entry, model_card
+from svdicl.checkpoints import check_safetensors
 from svdicl.errors import SvdiclError, write_error
 from svdicl.lowrank import LowRankLinear, replace_module, saves_parameters
-from svdicl.models import DTYPES, LoadedModel, check_safetensors, fingerprint, load_model
+from svdicl.models import DEFAULT_MODEL, DTYPES, LoadedModel, check_device, fingerprint, load_model
 from svdicl.offload import slot, state_tensors
 from svdicl.outputs import finish_output, prepare_output
 from svdicl.provenance import versions
-from svdicl.prune import TRUNCATE, EditRecord, MatrixEdit, PruneSpec, logical_matrix, pruned
+from svdicl.prune import EditRecord, MatrixEdit, logical_matrix, pruned
+from svdicl.specs import TRUNCATE, PruneSpec
 from svdicl.svd import factor_cache, svd_dtype
 from svdicl.targets import Target, resolve
 
@@ -262,6 +264,24 @@ def read_edit(folder: str | Path) -> dict:
         raise SvdiclError(f"cannot read {file} ({exc}); export the model again") from None
 
 
+def is_factorized(source: str | Path) -> bool:
+    """A folder written by `svdicl prune --format factorized`, which transformers alone cannot load."""
+    return read_edit(source).get("format") == "factorized"
+
+
+def load_any(source: str = DEFAULT_MODEL, **options) -> LoadedModel:
+    """Load `source` as `svdicl.models.load_model` does (same keyword arguments), or rebuild a factorized export.
+
+    This is `svdicl.load_model`: an alias, .gguf file, model folder (a dense export is one), Hub id,
+    or a folder of `svdicl prune --format factorized`, which `load_pruned` rebuilds on one device.
+    """
+    if not is_factorized(source):
+        return load_model(source, **options)
+    if any(options.get(name) for name in ("device_map", "max_memory", "offload_folder")):
+        raise SvdiclError(f"{source} is a factorized export, which loads on one device; drop --device-map or export dense")
+    return load_pruned(source, dtype=options.get("dtype", "float32"), device=options.get("device", "cpu"))
+
+
 def load_pruned(path: str | Path, *, dtype: str | None = None, device: str = "cpu") -> LoadedModel:
     """Load an svdicl export, dense or factorized, with its tokenizer (no download).
 
@@ -279,6 +299,7 @@ def load_pruned(path: str | Path, *, dtype: str | None = None, device: str = "cp
         return load_model(str(folder), dtype=dtype, device=device)
     if info["format"] != "factorized":
         raise SvdiclError(f"{folder / EDIT_FILE} names format {info['format']!r}; svdicl writes {' or '.join(FORMATS)}")
+    check_device(device)
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.initialization import no_init_weights

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from svdicl.errors import SvdiclError, write_error
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 
 try:
     import fcntl

@@ -24,19 +24,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from svdicl.errors import SvdiclError
+from svdicl.specs import check_rate
 
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def check_rate(rate: float) -> float:
-    """Return `rate` as a float, or raise if it is not a clipping rate in [0, 1)."""
-    try:
-        value = float(rate)
-    except (TypeError, ValueError):
-        raise SvdiclError(f"clipping rate {rate!r} is not a number; use a value in [0, 1) such as 0.9") from None
-    if not 0.0 <= value < 1.0 or math.isnan(value):
-        raise SvdiclError(f"clipping rate {value} is outside [0, 1); use e.g. 0.9 to drop 90% of the singular values")
-    return value
 
 
 def kept_rank(shape: tuple[int, int], rate: float) -> int:

@@ -14,7 +14,7 @@ import svdicl
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 N_TEST = 60
@@ -141,7 +141,7 @@ def test_real_smollm2_loaded_by_transformers_wraps_to_the_same_weights(real_mode
     model is (which `real_model` reads back from SVDICL_CACHE when set)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from svdicl.models import ALIASES, alias_gguf
+    from svdicl.aliases import ALIASES, alias_gguf
     from svdicl.offload import state_tensors
 
     gguf = alias_gguf(ALIASES["smollm2-135m"], None)

@@ -19,8 +19,9 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate, evaluate_edits, evaluate_run, prepare_run
 from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import score_requests
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
 from svdicl.tasks.data import load_splits

@@ -11,12 +11,13 @@ import yaml
 from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
 import svdicl
-from svdicl import models
+from svdicl import checkpoints
+from svdicl.aliases import ALIASES, Alias
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
 from svdicl.experiments.sweep import parse_list
-from svdicl.models import ALIASES, Alias, load_model
+from svdicl.models import load_model
 from svdicl.prompts import shots_per_class
 from svdicl.store import Store
 from svdicl.tasks import TASKS, get_task
@@ -131,8 +132,8 @@ def test_missing_alias_package_names_the_pip_command(capsys, monkeypatch):
 def test_gguf_without_gguf_package_names_the_fix(capsys, monkeypatch, tmp_path):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF")
-    real_find_spec = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name))
+    real_find_spec = checkpoints.importlib.util.find_spec
+    monkeypatch.setattr(checkpoints.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name))
     assert "pip install gguf" in one_line_error(capsys, "inspect", "--model", str(gguf))
 
 

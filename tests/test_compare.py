@@ -17,7 +17,7 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.compare import compare_evals, read_eval
 from svdicl.experiments.evaluate import evaluate
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "evaluation.md"

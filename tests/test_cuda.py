@@ -11,7 +11,8 @@ from test_forward import build
 from test_scoring import reference_logprobs
 
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
-from svdicl.prune import PruneSpec, prune, pruned
+from svdicl.prune import prune, pruned
+from svdicl.specs import PruneSpec
 from svdicl.svd import svd_factors
 from svdicl.tasks import get_task
 

@@ -19,7 +19,7 @@ import svdicl
 from svdicl import svd
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 
 IDS = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(1))
 DISK_MAP = {

@@ -186,5 +186,5 @@ def test_zero_shot_search_scores_once_for_all_seeds(toy):
         counts.append(calls.count)
     assert counts[0] == counts[1] > 0
     (one, _), (two, store) = results
-    assert two["validation"]["values"] == one["validation"]["values"] and two["rate_star"] == one["rate_star"]
+    assert two.validation.values == one.validation.values and two.rate_star == one.rate_star
     assert {c.info.get("reused_from") is not None for c in store.cells(seed=1)} == {True} and store.cells(seed=1)

@@ -13,8 +13,9 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate, evaluate_run, prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.scoring import choose
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 N_TEST = 100

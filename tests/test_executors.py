@@ -13,12 +13,12 @@ from test_sweep import assert_same_contents, contents, grid, one_line_error, sav
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.executors import Job, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.evaluate import prepare_run
+from svdicl.experiments.executors import Job, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.search import SearchConfig, search
 from svdicl.experiments.sweep import Scoring, score_job, sweep
 from svdicl.models import load_model
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,7 +92,7 @@ def test_ray_search_equals_the_local_search(toy, workers, tmp_path):
     local = search(load_model(str(folder)), config, Store(tmp_path / "local"), data_dir=data)
     on_ray = search(load_model(str(folder)), config, Store(tmp_path / "ray"), data_dir=data, executor=workers)
     for key in ("layer", "rates", "validation", "rate_star", "test", "seeds"):
-        assert on_ray[key] == local[key]
+        assert getattr(on_ray, key) == getattr(local, key)
     assert_same_contents(contents(Store(tmp_path / "local")), contents(Store(tmp_path / "ray")))
 
 

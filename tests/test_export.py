@@ -13,7 +13,7 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.export import FACTORIZED_FILE
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.svd import kept_rank, svd_factors
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -172,6 +172,19 @@ def test_cli_prints_and_records_the_savings(capsys, tmp_path):
     assert main([*argv, "--rate", "0.1", "--format", "factorized", "--overwrite"]) == 2
     assert "--force" in capsys.readouterr().err
     assert main([*argv, "--rate", "0.1", "--format", "factorized", "--overwrite", "--force"]) == 0
+
+
+def test_the_cli_takes_a_factorized_export_as_its_model(toy, tmp_path, capsys):
+    """--model of a factorized export scores the rebuilt model (transformers alone cannot load it); on one device only."""
+    export = tmp_path / "export"
+    svdicl.save_pruned(loaded_tiny("llama"), [PruneSpec("all", "mlp", 0.9)], export, format="factorized")
+    data = ["--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4", "--path", "plain"]
+    argv = ["-q", "eval", "--model", str(export), *data]
+    assert main([*argv, "--output", str(tmp_path / "e")]) == 0
+    config = json.loads((tmp_path / "e" / "results.json").read_text())["config"]
+    assert config["model"]["fingerprint"] == svdicl.load_pruned(export).fingerprint
+    assert main([*argv, "--device-map", "auto", "--output", str(tmp_path / "f")]) == 2
+    assert "is a factorized export, which loads on one device" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -20,9 +20,10 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
 from svdicl.memory import cache_cost
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.requests import Request, plan_suffixes, shared_prefix
 from svdicl.scoring import SharedPrefix, choose_path, score_requests
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.

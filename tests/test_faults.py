@@ -255,7 +255,7 @@ def test_a_full_disk_where_the_error_names_no_file_names_the_output_folder(capsy
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as a flush at close raises it: no file name
 
-    monkeypatch.setattr("svdicl.report.write_csv", full)
+    monkeypatch.setattr("svdicl.report.build.write_csv", full)
     output = tmp_path / "out"
     message = one_line_error(capsys, *[a for a in sweep_args(tiny_dir, toy, output) if a != "--no-report"])
     assert (

@@ -11,8 +11,9 @@ import torch
 from conftest import tiny_model, tiny_tokenizer, write_tiny_gguf
 
 import svdicl
-import svdicl.models as models
-from svdicl.models import cache_dir_from, default_cache_dir, fingerprint, load_model
+from svdicl import cachedir, checkpoints, models
+from svdicl.cachedir import cache_dir_from, default_cache_dir
+from svdicl.models import fingerprint, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,20 +39,20 @@ def test_a_gguf_model_is_cached_in_the_user_cache_without_being_asked(monkeypatc
     first = load_model(str(gguf))
     (copy,) = [p for p in (tmp_path / "xdg" / "svdicl" / "models").glob("*-float32-*") if p.is_dir()]
     assert (copy / "config.json").is_file()
-    calls = count(monkeypatch, "_dequantise")
+    calls = count(monkeypatch, checkpoints, "_dequantise")
     again = load_model(str(gguf))
     assert calls == [] and again.fingerprint == first.fingerprint == fingerprint(again.model)  # read from the copy
 
 
-def count(monkeypatch, name: str) -> list:
-    """Record every call of svdicl.models.<name> (still calling it)."""
-    calls, original = [], getattr(models, name)
+def count(monkeypatch, module, name: str) -> list:
+    """Record every call of `module.<name>` (still calling it)."""
+    calls, original = [], getattr(module, name)
 
     def counted(*args, **kwargs):
         calls.append(args)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(models, name, counted)
+    monkeypatch.setattr(module, name, counted)
     return calls
 
 
@@ -64,11 +65,11 @@ def save(model, folder: Path) -> Path:
 def test_a_file_loaded_fingerprint_is_remembered_not_recomputed(monkeypatch, tmp_path):
     cache = tmp_path / "cache"
     folder = save(tiny_model("llama", seed=0), tmp_path / "a")
-    passes = count(monkeypatch, "fingerprint")
+    passes = count(monkeypatch, models, "fingerprint")
     cold = load_model(str(folder), cache_dir=cache)
     assert len(passes) == 1 and cold.fingerprint == fingerprint(cold.model)
     passes.clear()
-    reads = count(monkeypatch, "sha256_file")
+    reads = count(monkeypatch, cachedir, "sha256_file")
     warm = load_model(str(folder), cache_dir=cache)
     assert passes == [] and reads == []  # no pass over the weights, not even a read of the files
     assert warm.fingerprint == cold.fingerprint == fingerprint(warm.model)  # the same key as before: stores stay valid

@@ -19,7 +19,7 @@ import torch
 
 import svdicl
 from svdicl.prompts import candidate_texts, demonstration_text, query_text
-from svdicl.prune import PruneSpec
+from svdicl.specs import PruneSpec
 from svdicl.stats import macro_f1
 from svdicl.tasks import TASKS as SVDICL_TASKS
 from svdicl.tasks import get_task

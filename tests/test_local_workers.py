@@ -8,7 +8,7 @@ from conftest import KillingStore, write_toy_task
 from test_sweep import assert_same_contents, contents, grid, one_line_error, save_model, toy_loaded
 
 from svdicl.errors import SvdiclError
-from svdicl.executors import LocalExecutor, ProcessExecutor, open_executor
+from svdicl.experiments.executors import LocalExecutor, ProcessExecutor, open_executor
 from svdicl.experiments.sweep import sweep
 from svdicl.models import load_model
 from svdicl.store import Store

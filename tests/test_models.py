@@ -13,9 +13,10 @@ import pytest
 import torch
 from conftest import write_tiny_gguf
 
-from svdicl import models
+from svdicl import aliases, checkpoints, hub
+from svdicl.aliases import Alias, alias_gguf
 from svdicl.errors import SvdiclError
-from svdicl.models import Alias, alias_gguf, load_model
+from svdicl.models import load_model
 
 
 @pytest.fixture
@@ -48,7 +49,7 @@ def test_chunks_are_assembled_in_order_checked_and_cached(chunked_alias, tmp_pat
     assert path.read_bytes() == whole
     assert path.parent == tmp_path / "cache" / "gguf"
     written = []
-    monkeypatch.setattr(models.shutil, "copyfileobj", lambda *a: written.append(a))
+    monkeypatch.setattr(aliases.shutil, "copyfileobj", lambda *a: written.append(a))
     assert alias_gguf(alias, tmp_path / "cache") == path  # second call reuses the verified file
     assert written == []
 
@@ -64,7 +65,7 @@ def test_a_corrupt_assembly_is_refused(chunked_alias, tmp_path):
 def test_unknown_dtype_and_unreachable_hub_are_one_line_errors(monkeypatch):
     with pytest.raises(SvdiclError, match="dtype 'float8'"):
         load_model("smollm2-135m", dtype="float8")
-    monkeypatch.setattr(models, "_hub_reachable", lambda: False)
+    monkeypatch.setattr(hub, "reachable", lambda: False)
     with pytest.raises(SvdiclError, match=r"cannot load model 'nobody/no-such-model'.*offline"):
         load_model("nobody/no-such-model")
 
@@ -249,7 +250,7 @@ def test_a_writer_killed_mid_write_leaves_nothing_a_later_load_reads(tmp_path, m
     loaded = load_model(str(gguf), cache_dir=cache)
     assert loaded.fingerprint == load_model(str(gguf)).fingerprint
     assert not any(name.endswith(".partial") for name in cache_entries(cache))  # the stale temp folder is gone
-    monkeypatch.setattr(models, "_dequantise", lambda *a: pytest.fail("the finished copy was not read"))
+    monkeypatch.setattr(checkpoints, "_dequantise", lambda *a: pytest.fail("the finished copy was not read"))
     assert load_model(str(gguf), cache_dir=cache).fingerprint == loaded.fingerprint
 
 
@@ -260,7 +261,7 @@ def test_a_damaged_cache_copy_is_rebuilt_and_a_file_as_cache_is_named(tmp_path):
     (copy,) = [p for p in (cache / "models").glob("*-float32-*") if p.is_dir()]
     truncate(copy / "model.safetensors")  # a disk error or a stray edit since it was written
     assert load_model(str(gguf), cache_dir=cache).fingerprint == first.fingerprint
-    models.check_safetensors(copy / "model.safetensors")  # written again, whole
+    checkpoints.check_safetensors(copy / "model.safetensors")  # written again, whole
     (tmp_path / "file").write_text("")
     with pytest.raises(SvdiclError, match=r"cannot make the model cache folder .*file/models \(Not a directory\)"):
         load_model(str(gguf), cache_dir=tmp_path / "file")

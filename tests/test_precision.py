@@ -12,8 +12,9 @@ from svdicl import precision as px
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits, prepare_run
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.requests import Scores
+from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 
 

@@ -15,7 +15,8 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate_edits
 from svdicl.export import save_pruned
 from svdicl.models import LoadedModel
-from svdicl.prune import PruneSpec, control_seed
+from svdicl.prune import control_seed
+from svdicl.specs import PruneSpec
 from svdicl.store import canonical_edit
 
 

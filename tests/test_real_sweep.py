@@ -9,8 +9,9 @@ import pytest
 
 from svdicl.experiments.evaluate import evaluate_run, prepare_run
 from svdicl.experiments.sweep import SweepGrid, sweep
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
 from svdicl.report import build_report
+from svdicl.specs import PruneSpec
 from svdicl.store import Store
 
 pytestmark = pytest.mark.slow

@@ -13,6 +13,7 @@ from matplotlib.collections import PathCollection, PolyCollection
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import MatrixCondition, write_conditions
+from svdicl.experiments.search_output import read_search
 from svdicl.report import (
     algorithm1_markdown,
     algorithm1_seed_markdown,
@@ -23,7 +24,6 @@ from svdicl.report import (
     plot_rates,
     plot_search,
     plot_shots,
-    read_search,
     sweep_points,
 )
 from svdicl.store import CellKey, Result, Store, run_cells

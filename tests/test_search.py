@@ -29,11 +29,12 @@ from svdicl.experiments.search import (
     conditions_for,
     search,
     seed_mean_ci,
-    write_search,
 )
-from svdicl.prune import EditRecord, PruneSpec, pruned
-from svdicl.report import build_report, read_search
+from svdicl.experiments.search_output import read_search, write_search
+from svdicl.prune import EditRecord, pruned
+from svdicl.report import build_report
 from svdicl.requests import Scores
+from svdicl.specs import PruneSpec
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
 
@@ -120,10 +121,10 @@ def test_rate_star_is_chosen_on_the_seed_mean(toy, monkeypatch):
         str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20, arms="none"
     )
     result = search(toy_loaded(), config, Store(toy.parent / "out"), data_dir=toy.parent / "data")
-    assert result["rates"] == [0, 0.5, 0.9, 0.99]
-    assert [s["validation"] for s in result["seeds"]] == [pytest.approx(list(PLANTED[s].values())) for s in (0, 1)]
-    assert result["validation"]["values"] == pytest.approx([0.5, 0.6, 0.7, 0.7])
-    assert result["rate_star"] == 0.9
+    assert result.rates == (0, 0.5, 0.9, 0.99)
+    assert [s.validation for s in result.seeds] == [pytest.approx(list(PLANTED[s].values())) for s in (0, 1)]
+    assert result.validation.values == pytest.approx([0.5, 0.6, 0.7, 0.7])
+    assert result.rate_star == 0.9
     assert sorted(r for split, _, r in requested if split == "test") == [0, 0, 0.9, 0.9]  # test: unpruned and rate* only
 
 
@@ -168,38 +169,38 @@ def test_search_end_to_end_equals_a_direct_evaluation(toy, monkeypatch):
     again = search(loaded, config, Store(out), data_dir=data, model_name="tiny")
     assert calls.edits == []  # resumed entirely from the store
     for key in ("layer", "rates", "validation", "rate_star", "test", "seeds"):
-        assert again[key] == result[key]
+        assert getattr(again, key) == getattr(result, key)
 
 
 def test_several_seeds_give_mean_spread_and_an_example_level_paired_test(toy):
     loaded, out = planted_loaded(), toy.parent / "out"
     config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=-2, seeds=(0, 1, 2), limit_validation=20, limit_test=24)
     result = search(loaded, config, Store(out), data_dir=toy.parent / "data")
-    assert result["layer"] == 1 and result["layer_from"] == "given" and result["top_layers"] == []
-    curves = [s["validation"] for s in result["seeds"]]
-    assert result["validation"]["values"] == pytest.approx([statistics.fmean(v) for v in zip(*curves, strict=True)])
-    assert result["rate_star"] > 0
+    assert result.layer == 1 and result.layer_from == "given" and result.top_layers == ()
+    curves = [s.validation for s in result.seeds]
+    assert result.validation.values == pytest.approx([statistics.fmean(v) for v in zip(*curves, strict=True)])
+    assert result.rate_star > 0
     store = Store(out)
     cells = {c.id: c for c in store.cells()}
     for name in ("baseline", "pruned"):
-        values = [s[name]["value"] for s in result["seeds"]]
-        entry = result["test"][name]
-        assert entry["value"] == pytest.approx(statistics.fmean(values))
-        assert entry["std"] == pytest.approx(statistics.stdev(values)) and entry["std"] > 0
-        assert entry["ci_low"] <= entry["value"] <= entry["ci_high"]
-        one = cells[result["seeds"][0]["cells"][name]]  # one seed's interval is that cell's own bootstrap interval
+        values = [getattr(s, name).value for s in result.seeds]
+        entry = getattr(result.test, name)
+        assert entry.value == pytest.approx(statistics.fmean(values))
+        assert entry.std == pytest.approx(statistics.stdev(values)) and entry.std > 0
+        assert entry.ci_low <= entry.value <= entry.ci_high
+        one = cells[getattr(result.seeds[0], f"{name}_cell")]  # one seed's interval is that cell's own bootstrap interval
         for metric in ("macro_f1",):  # (a cell's accuracy interval is Wilson's, not a bootstrap)
             interval = seed_mean_ci([store.samples(one)], metric, 2)
             assert (interval.value, interval.low, interval.high) == tuple(
                 one.metrics[metric][k] for k in ("value", "ci_low", "ci_high")
             )
     correct = {  # examples x seeds, per arm
-        name: np.array([[s["correct"] for s in store.samples(cells[seed["cells"][name]])] for seed in result["seeds"]]).T
+        name: np.array([[s["correct"] for s in store.samples(cells[getattr(seed, f"{name}_cell")])] for seed in result.seeds]).T
         for name in ("baseline", "pruned")
     }
     paired = paired_comparison(correct["baseline"], correct["pruned"])  # seeds averaged per example: n = 24, not 72
-    assert result["test"]["paired"]["n"] == 24 and result["test"]["p_value"] == paired.p_value
-    assert result["test"]["paired"]["difference"] == pytest.approx(np.mean(correct["pruned"]) - np.mean(correct["baseline"]))
+    assert result.test.paired.n == 24 and result.test.p_value == paired.p_value
+    assert result.test.paired.difference == pytest.approx(np.mean(correct["pruned"]) - np.mean(correct["baseline"]))
 
 
 def test_cli_search_writes_results_replays_and_exports(toy, capsys, tmp_path):
@@ -263,12 +264,12 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
     loaded, out = planted_loaded(), toy.parent / "out"
     config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
     result = search(loaded, config, Store(out), data_dir=toy.parent / "data")
-    arms = {a["name"]: a for a in result["arms"]}
+    arms = {a["name"]: a for a in result.arms}
     calibrated = [f"{base} + {m}" for base in ("unpruned", "pruned") for m in METHODS]
     assert list(arms)[:5] == ["unpruned", *calibrated[:3], "pruned"] and set(calibrated) <= set(arms)
     for method in METHODS:
-        values = result["validation"]["calibrated"][method]["values"]
-        assert arms[f"pruned + {method}"]["rate"] == choose_rate(result["rates"], values)
+        values = result.validation.calibrated[method].values
+        assert arms[f"pruned + {method}"]["rate"] == choose_rate(result.rates, values)
     store = Store(out)
     cells = {c.id: c for c in store.cells()}
 
@@ -281,7 +282,7 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
 
     reference = correct(arms["unpruned"])
     raw, family = [], []
-    for arm in result["arms"]:
+    for arm in result.arms:
         table = correct(arm)
         per_seed = table.mean(axis=0)
         assert arm["value"] == pytest.approx(per_seed.mean()) and arm["std"] == pytest.approx(np.std(per_seed, ddof=1))
@@ -313,9 +314,9 @@ def test_search_arms_equal_direct_computations_on_the_same_test_examples(toy):
     report = build_report(out, formats=["svg"])
     with open(out / "tables" / "arms.csv", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    assert [r["arm"] for r in rows] == [a["name"] for a in result["arms"]]
-    assert [float(r["value"]) for r in rows] == pytest.approx([a["value"] for a in result["arms"]])
-    assert [float(r["p_holm"]) for r in rows[1:]] == pytest.approx([a["paired"]["p_holm"] for a in result["arms"][1:]])
+    assert [r["arm"] for r in rows] == [a["name"] for a in result.arms]
+    assert [float(r["value"]) for r in rows] == pytest.approx([a["value"] for a in result.arms])
+    assert [float(r["p_holm"]) for r in rows[1:]] == pytest.approx([a["paired"]["p_holm"] for a in result.arms[1:]])
     page = report.page.read_text()
     assert "| unpruned + contextual |" in page and "Holm-adjusted" in page and "figures/arms-" in page
     assert any(p.name.startswith("arms-") and p.suffix == ".svg" for p in report.files)
@@ -387,9 +388,9 @@ def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_tes
     splits = next(iter(sweeping.load_task_splits([str(toy)], toy.parent / "data").values()))
     progress = sweeping.Progress(config.examples(splits), "search", enabled=False)
     result = search(loaded, config, Store(out), splits=splits, progress=progress)
-    assert sorted({a["rate"] for a in result["arms"]}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
+    assert sorted({a["rate"] for a in result.arms}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
     assert progress.done == progress.bar.total > config.examples(splits)
-    assert result["timing"]["cells_scored"] == len(Store(out))  # a fresh store: every cell in it was scored now
+    assert result.cells_scored == len(Store(out))  # a fresh store: every cell in it was scored now
 
 
 def test_every_test_arm_of_a_seed_is_one_line_so_the_layers_below_run_once(toy, monkeypatch):
@@ -400,5 +401,5 @@ def test_every_test_arm_of_a_seed_is_one_line_so_the_layers_below_run_once(toy, 
     assert len(calls.edits) == 4  # per seed: validation, then test
     for edits in calls.edits[2:]:
         assert "none" in edits and any("@random-subspace" in e for e in edits) and any("@matched-noise" in e for e in edits)
-    controls = [a for a in result["arms"] if a["control"]]
+    controls = [a for a in result.arms if a["control"]]
     assert controls and {a["control"] for a in controls} == {"random-subspace", "matched-noise"}

@@ -27,7 +27,8 @@ from svdicl.experiments.sweep import (
     sweep,
 )
 from svdicl.models import LoadedModel, fingerprint
-from svdicl.prune import PruneSpec, pruned
+from svdicl.prune import pruned
+from svdicl.specs import PruneSpec
 from svdicl.store import CELLS_FILE, Store
 
 pytestmark = pytest.mark.usefixtures("one_thread")

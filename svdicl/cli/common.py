@@ -13,7 +13,8 @@ LM_EVAL_BACKENDS = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "local-com
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model flags every command shares: --model, --dtype, --device, device maps and offloading."""
-    from svdicl.models import ALIASES, DEFAULT_MODEL, DTYPES
+    from svdicl.aliases import ALIASES
+    from svdicl.models import DEFAULT_MODEL, DTYPES
 
     group = parser.add_argument_group("model")
     group.add_argument(
@@ -39,8 +40,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def load(args: argparse.Namespace, *, on_cpu: bool = False):
-    """The model named by the model flags; `on_cpu` ignores --device and --device-map (a driver that only plans)."""
-    from svdicl.models import load_model
+    """The model named by the model flags (a factorized export too); `on_cpu` ignores --device and --device-map
+    (a driver that only plans)."""
+    from svdicl.export import load_any
 
     if args.model in LM_EVAL_BACKENDS and not Path(args.model).exists():
         raise SvdiclError(
@@ -52,7 +54,7 @@ def load(args: argparse.Namespace, *, on_cpu: bool = False):
     if on_cpu:
         options.update(device="cpu", device_map=None, max_memory=None, offload_folder=None)
     log(args, f"loading {args.model} ({args.dtype}) ...")
-    return load_model(**options)
+    return load_any(**options)
 
 
 def model_options(args: argparse.Namespace) -> dict:
@@ -147,7 +149,7 @@ def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) ->
 
 def prune_specs(args: argparse.Namespace, required: bool):
     """The edits named by --layers/--modules/--rate and every --prune; one-line error if incomplete."""
-    from svdicl.prune import PruneSpec
+    from svdicl.specs import PruneSpec
 
     specs = [PruneSpec.parse(text) for text in args.prune]
     single = (args.layers, args.modules, args.rate)

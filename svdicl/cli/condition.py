@@ -40,8 +40,8 @@ def add(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Compute condition numbers per layer and matrix, write CSV/JSON and draw fig 3."""
+    from svdicl.cachedir import cache_dir_from
     from svdicl.experiments.condition import condition_numbers, layer_conditions, top_layers, write_conditions
-    from svdicl.models import cache_dir_from
     from svdicl.report import plot_conditions, save_figure
 
     if args.top_k < 1:

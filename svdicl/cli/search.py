@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from svdicl.cli.common import (
     add_demonstration_args,
@@ -16,6 +17,9 @@ from svdicl.cli.common import (
     shots_for,
 )
 from svdicl.cli.sweep import add_executor_args, add_sweep_scoring_args, check_output, executor_from, scoring_from
+
+if TYPE_CHECKING:
+    from svdicl.experiments.search_output import SearchRecord, TestMetric
 
 
 def add(sub) -> None:
@@ -88,12 +92,13 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, card_notes, conditions_for, search, write_search
+    from svdicl.experiments.search import SearchConfig, conditions_for, search
+    from svdicl.experiments.search_output import card_notes, write_search
     from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
     from svdicl.export import save_pruned
     from svdicl.outputs import check_output as check_export
-    from svdicl.prune import PruneSpec
     from svdicl.report import algorithm1_markdown, arms_markdown
+    from svdicl.specs import PruneSpec
     from svdicl.store import Store
     from svdicl.tasks import get_task
 
@@ -159,15 +164,15 @@ def run(args: argparse.Namespace) -> int:
         executor.close()
     for result, _ in results:
         _print(result)
-        if result.get("arms"):
+        if result.arms:
             print()
-            print(arms_markdown(result))
+            print(arms_markdown(result.to_json()))
     print()
-    print(algorithm1_markdown([result for result, _ in results]))
+    print(algorithm1_markdown([result.to_json() for result, _ in results]))
     for config, (result, written) in zip(configs, results, strict=True):
         print(f"search result: {written[0]}  (replay: svdicl eval --config {written[1]} --output DIR)")
         if config in exports:
-            spec = PruneSpec(str(result["layer"]), result["module"], result["rate_star"])
+            spec = PruneSpec(str(result.layer), result.module, result.rate_star)
             save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
                         allow_tied=args.allow_tied, overwrite=args.overwrite,
                         notes=card_notes(result))  # fmt: skip
@@ -196,35 +201,32 @@ def _name(config) -> str:
     return get_task(config.task).name
 
 
-def _print(result: dict) -> None:
+def _print(result: SearchRecord) -> None:
     """The search, step by step: layer choice, validation curve, test comparison."""
-    test = result["test"]
-    chosen = f"layer {result['layer']}"
-    if result["top_layers"]:
-        per_layer = result["condition"]["per_layer"]
-        ranked = ", ".join(f"{layer} (κ={_number(per_layer[str(layer)])})" for layer in result["top_layers"])
-        chosen += f" (top-{result['top_k']} by condition number: {ranked})"
+    test = result.test
+    chosen = f"layer {result.layer}"
+    if result.top_layers:
+        ranked = ", ".join(f"{layer} (κ={_number(result.per_layer[str(layer)])})" for layer in result.top_layers)
+        chosen += f" (top-{result.top_k} by condition number: {ranked})"
     else:
         chosen += " (given)"
-    print(f"{result['task']} · {result['module']} · {result['model']['name']}: {chosen}")
-    curve = "  ".join(
-        f"{rate:g}: {value:.4f}" for rate, value in zip(result["rates"], result["validation"]["values"], strict=True)
-    )
-    print(f"  validation {result['metric']} (n={result['validation']['n']}, {len(result['seeds'])} seed(s)): {curve}")
-    print(f"  rate* = {result['rate_star']:g} (the validation argmax; ties go to the smaller rate)")
-    paired = test["paired"]
+    print(f"{result.task} · {result.module} · {result.model.name}: {chosen}")
+    curve = "  ".join(f"{rate:g}: {value:.4f}" for rate, value in zip(result.rates, result.validation.values, strict=True))
+    print(f"  validation {result.metric} (n={result.validation.n}, {len(result.seeds)} seed(s)): {curve}")
+    print(f"  rate* = {result.rate_star:g} (the validation argmax; ties go to the smaller rate)")
+    paired = test.paired
     print(
-        f"  test {result['metric']} (n={test['n']}): {_printed_estimate(test['baseline'])} -> {_printed_estimate(test['pruned'])}"
-        f"  paired Δ correct {paired['difference']:+.4f} [{paired['ci_low']:+.4f}, {paired['ci_high']:+.4f}]"
-        f"  p = {test['p_value']:.3g} ({paired['method']})"
+        f"  test {result.metric} (n={test.n}): {_printed_estimate(test.baseline)} -> {_printed_estimate(test.pruned)}"
+        f"  paired Δ correct {paired.difference:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}]"
+        f"  p = {test.p_value:.3g} ({paired.method})"
     )
-    fallbacks = "; ".join(result["scoring"]["fallbacks"])
-    print(f"  scored on the {', '.join(result['scoring']['paths'])} path" + (f" ({fallbacks})" if fallbacks else ""))
+    fallbacks = "; ".join(result.scoring.fallbacks)
+    print(f"  scored on the {', '.join(result.scoring.paths)} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
-def _printed_estimate(entry: dict) -> str:
-    spread = f" ± {entry['std']:.4f} (SD over seeds)" if entry.get("std") is not None else ""
-    return f"{entry['value']:.4f}{spread} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
+def _printed_estimate(entry: TestMetric) -> str:
+    spread = f" ± {entry.std:.4f} (SD over seeds)" if entry.std is not None else ""
+    return f"{entry.value:.4f}{spread} [{entry.ci_low:.4f}, {entry.ci_high:.4f}]"
 
 
 def _number(value: float | None) -> str:

@@ -121,7 +121,7 @@ def executor_from(args: argparse.Namespace, loaded):
     """The executor the executor flags name; Ray workers load the model the model flags name."""
     from svdicl.cli.common import log, model_options
     from svdicl.errors import SvdiclError
-    from svdicl.executors import RaySettings, open_executor
+    from svdicl.experiments.executors import RaySettings, open_executor
     from svdicl.threads import thread_plan, workers_that_fit
 
     if args.executor == "local":

@@ -41,9 +41,10 @@ from svdicl.errors import SvdiclError
 from svdicl.memory import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
-from svdicl.prune import EditRecord, PruneSpec, pruned
+from svdicl.prune import EditRecord, pruned
 from svdicl.requests import Request, Scores, build_requests, context_length, forwarded_tokens
 from svdicl.scoring import ExecutionPath, LayerScorer, SharedPrefix, check_path, choose, choose_path, score_requests
+from svdicl.specs import PruneSpec
 from svdicl.stats import INTERVALS, Estimate, accuracy_ci, macro_f1_ci, spread
 from svdicl.targets import resolve
 from svdicl.tasks import TaskConfig, get_task

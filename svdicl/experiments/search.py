@@ -20,7 +20,6 @@ an interruption and shares cells with sweeps written to the same folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -29,14 +28,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
 from svdicl.experiments.condition import (
-    AGGREGATE,
     MatrixCondition,
     condition_numbers,
     layer_conditions,
@@ -45,6 +42,17 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor
+from svdicl.experiments.search_output import (
+    CalibratedCurve,
+    ScoringInfo,
+    SearchModel,
+    SearchRecord,
+    SeedResult,
+    TestMetric,
+    TestSummary,
+    Validation,
+)
 from svdicl.experiments.sweep import (
     PAPER_RATES,
     Progress,
@@ -59,10 +67,9 @@ from svdicl.experiments.sweep import (
     reuse_cells,
     run_key,
 )
-from svdicl.models import LoadedModel, default_cache_dir
+from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations
-from svdicl.prune import CONTROLS, PruneSpec
-from svdicl.report import SEARCH_DIR, SEARCH_FORMAT
+from svdicl.specs import CONTROLS, PruneSpec
 from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import family_of, layer_stack, parse_layers, resolve
@@ -208,8 +215,8 @@ def search(
     model_name: str = "",
     progress: Progress | None = None,
     executor: Executor | None = None,
-) -> dict:
-    """Run Algorithm 1 and return its result in the `svdicl.search/1` schema (docs/experiments.md).
+) -> SearchRecord:
+    """Run Algorithm 1 and return its result: the `svdicl.search/1` record (docs/experiments.md; `to_json()`).
 
     Cells already in `store` are read back, not rescored.  `conditions` defaults to computing
     them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches);
@@ -300,42 +307,37 @@ def search(
             name = arm_name(arm.calibration, CONTROL_NAMES[control])
             arms.append(Arm(name, arm.rate, found, calibration=arm.calibration, control=control))
     every = [c for found in (*validation.values(), *test.values()) for c in found]
-    return {
-        "format": SEARCH_FORMAT,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "model": {"name": model_name or loaded.source, "fingerprint": loaded.fingerprint, "dtype": loaded.dtype},
-        "task": task.name,
-        "task_source": config.task,
-        "module": config.module,
-        "metric": metric,
-        "shots": shots,
-        "shots_per_class": shots,
-        "shots_total": shots * task.num_classes,
-        "limit": {split: cell_limit(limits[split], len(splits.split(split))) for split in limits},
-        "data": splits.origin,
-        "condition": None if choice is None else {"aggregate": AGGREGATE, "per_layer": _per_layer(choice)},
-        "top_k": None if choice is None else choice.top_k,
-        "top_layers": [] if choice is None else list(choice.top_layers),
-        "layer": layer,
-        "layer_from": "given" if choice is None else "condition numbers",
-        "rates": list(config.rates),
-        "validation": {
-            "split": "validation",
-            "n": sizes["validation"],
-            "values": values,
-            "calibrated": {m: {"values": v, "rate_star": stars[m]} for m, v in calibrated.items()},
-        },
-        "rate_star": rate_star,
-        "test": _test_summary(store, pairs, metric, task.num_classes),
-        "arms": summarize(store, arms, metric, task.num_classes),
-        "seeds": [_seed_entry(store, seed, curves[seed], validation[seed], pairs[seed], metric) for seed in config.seeds],
-        "scoring": {
-            "options": scoring.key_options(),
-            "paths": sorted({str(c.info.get("scoring", {}).get("path")) for c in every}),
-            "fallbacks": sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")}),
-        },
-        "timing": {"wall_s": round(time.perf_counter() - started, 3), "cells_scored": scored},
-    }
+    return SearchRecord(
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=SearchModel(model_name or loaded.source, loaded.fingerprint, loaded.dtype),
+        task=task.name,
+        task_source=config.task,
+        module=config.module,
+        metric=metric,
+        shots=shots,
+        shots_total=shots * task.num_classes,
+        limit={split: cell_limit(limits[split], len(splits.split(split))) for split in limits},
+        data=splits.origin,
+        per_layer=None if choice is None else _per_layer(choice),
+        top_k=None if choice is None else choice.top_k,
+        top_layers=() if choice is None else choice.top_layers,
+        layer=layer,
+        rates=config.rates,
+        validation=Validation(
+            sizes["validation"], tuple(values), {m: CalibratedCurve(tuple(v), stars[m]) for m, v in calibrated.items()}
+        ),
+        rate_star=rate_star,
+        test=_test_summary(store, pairs, metric, task.num_classes),
+        arms=tuple(summarize(store, arms, metric, task.num_classes)),
+        seeds=tuple(_seed_result(store, seed, curves[seed], validation[seed], pairs[seed], metric) for seed in config.seeds),
+        scoring=ScoringInfo(
+            options=scoring.key_options(),
+            paths=tuple(sorted({str(c.info.get("scoring", {}).get("path")) for c in every})),
+            fallbacks=tuple(sorted({c.info["scoring"]["fallback"] for c in every if c.info.get("scoring", {}).get("fallback")})),
+        ),
+        wall_s=round(time.perf_counter() - started, 3),
+        cells_scored=scored,
+    )
 
 
 def _edit_cell(
@@ -358,129 +360,46 @@ def _per_layer(choice: LayerChoice) -> dict[str, float | None]:
     return {str(layer): value if np.isfinite(value) else None for layer, value in choice.per_layer.items()}
 
 
-def _cell_estimate(cell: Cell, metric: str) -> dict:
+def _test_metric(cell: Cell, metric: str) -> TestMetric:
     entry = cell.metrics[metric]
-    return {"value": entry["value"], "ci_low": entry.get("ci_low"), "ci_high": entry.get("ci_high")}
+    return TestMetric(entry["value"], entry.get("ci_low"), entry.get("ci_high"))
 
 
-def _seed_entry(store: Store, seed: int, curve: list[float], validation: list[Cell], test: list[Cell], metric: str) -> dict:
+def _seed_result(
+    store: Store, seed: int, curve: list[float], validation: list[Cell], test: list[Cell], metric: str
+) -> SeedResult:
     baseline, pruned = test[0], test[-1]
     paired = compare(_correct(store, baseline), _correct(store, pruned))
-    return {
-        "seed": seed,
-        "validation": curve,
-        "baseline": _cell_estimate(baseline, metric),
-        "pruned": _cell_estimate(pruned, metric),
-        "mcnemar_p": paired.p_value,
-        "discordant": {"only_baseline_correct": paired.only_a, "only_pruned_correct": paired.only_b},
-        "cells": {"validation": [c.id for c in validation], "baseline": baseline.id, "pruned": pruned.id},
-    }
+    return SeedResult(
+        seed=seed,
+        validation=tuple(curve),
+        baseline=_test_metric(baseline, metric),
+        pruned=_test_metric(pruned, metric),
+        mcnemar_p=paired.p_value,
+        only_baseline_correct=paired.only_a,
+        only_pruned_correct=paired.only_b,
+        validation_cells=tuple(c.id for c in validation),
+        baseline_cell=baseline.id,
+        pruned_cell=pruned.id,
+    )
 
 
 def _correct(store: Store, cell: Cell, prefix: str = "") -> list[tuple[str, bool]]:
     return [(prefix + s["id"], bool(s["correct"])) for s in store.samples(cell)]
 
 
-def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_classes: int) -> dict:
+def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_classes: int) -> TestSummary:
     """Test metric of the unpruned and the pruned model: one seed as is; several as mean, sd and a CI of the mean;
     their example-level paired comparison (each example's correctness averaged over seeds)."""
     seeds = list(test)
     baselines, pruneds = [test[s][0] for s in seeds], [test[s][-1] for s in seeds]
     paired = paired_by_id([_correct(store, c) for c in baselines], [_correct(store, c) for c in pruneds])
-    summary = {"split": "test", "n": baselines[0].n}
+    summary = {}
     for name, found in (("baseline", baselines), ("pruned", pruneds)):
         if len(found) == 1:
-            summary[name] = {**_cell_estimate(found[0], metric), "std": None}
+            summary[name] = _test_metric(found[0], metric)
             continue
         interval = seed_mean_ci([store.samples(c) for c in found], metric, num_classes)
         values = [c.value(metric) for c in found]
-        summary[name] = {"value": statistics.fmean(values), "ci_low": interval.low, "ci_high": interval.high,
-                         "std": statistics.stdev(values)}  # fmt: skip
-    summary["p_value"] = paired.p_value
-    summary["paired"] = paired.to_dict()
-    return summary
-
-
-def result_stem(result: dict) -> str:
-    """`sst2-mlp`, `rte-q+k`: the file name of a search result, without suffix."""
-    return f"{result['task']}-{result['module'].replace(',', '+')}"
-
-
-def card_notes(result: dict) -> str:
-    """The model card's account of a search's export: how Algorithm 1 chose the edit and what it measured."""
-    test, metric = result["test"], result["metric"]
-    layer = (
-        f"layer {result['layer']}, the largest condition number among the top {result['top_k']} ({result['top_layers']})"
-        if result["top_layers"]
-        else f"layer {result['layer']} (given)"
-    )
-    curve = ", ".join(f"{r:g}: {v:.4f}" for r, v in zip(result["rates"], result["validation"]["values"], strict=True))
-    return (
-        f"Algorithm 1 (svdicl search) on task `{result['task']}`, module `{result['module']}`, "
-        f"{result['shots_total']} demonstrations, seeds {[s['seed'] for s in result['seeds']]}, model "
-        f"`{result['model']['name']}`:\n\n"
-        f"- {layer};\n"
-        f"- validation {metric} per clipping rate (n = {result['validation']['n']}): {curve};\n"
-        f"- rate* = {result['rate_star']:g} (the validation argmax, ties to the smaller rate);\n"
-        f"- test {metric} (n = {test['n']}): unpruned {_card_estimate(test['baseline'])}, this model "
-        f"{_card_estimate(test['pruned'])}, paired p = {test['p_value']:.3g} ({test['paired'].get('method', 'paired test')}).\n"
-    )
-
-
-def _card_estimate(entry: dict) -> str:
-    return f"{entry['value']:.4f} [{entry['ci_low']:.4f}, {entry['ci_high']:.4f}]"
-
-
-def write_search(result: dict, directory: str | Path, *, data_dir: str | Path | None = None) -> list[Path]:
-    """DIR/search/<task>-<module>.json plus replayable configs: `.yaml` for `svdicl eval --config` (the
-    test evaluation of the chosen model) and, when rate* > 0, `.prune.yaml` for `svdicl prune --config`.
-
-    Returns the paths written, the JSON first and the eval config second."""
-    folder = Path(directory) / SEARCH_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = result_stem(result)
-    spec = f"{result['layer']}:{result['module']}:{result['rate_star']:g}"
-    prune = [spec] if result["rate_star"] > 0 else []
-    common = {"model": result["model"]["name"], "dtype": result["model"]["dtype"], "prune": prune,
-              "svd_dtype": result["scoring"]["options"]["svd"]}  # fmt: skip
-    evaluation = {
-        "task": result["task_source"],
-        "shots_per_class": result["shots"],
-        "seed": [s["seed"] for s in result["seeds"]],
-        "split": "test",
-        "limit": result["limit"]["test"],
-        "length_normalize": result["scoring"]["options"]["length_normalize"],
-        **({"data_dir": str(Path(data_dir).resolve())} if data_dir is not None else {}),
-        **common,
-    }
-    where = f"{result['task']}, {result['module']} of layer {result['layer']}, rate* {result['rate_star']:g}"
-    unpruned = " (rate* = 0: the unpruned model)" if not prune else ""
-    files = {
-        f"{stem}.yaml": (
-            f"# Algorithm 1's choice for {where}{unpruned}.\n"
-            f"# Replays the test evaluation of the chosen model: svdicl eval --config {SEARCH_DIR}/{stem}.yaml --output DIR\n",
-            evaluation,
-        )
-    }
-    if prune:  # rate* = 0 leaves nothing to prune
-        files[f"{stem}.prune.yaml"] = (
-            f"# Algorithm 1's choice for {where}.\n"
-            f"# Saves the chosen model: svdicl prune --config {SEARCH_DIR}/{stem}.prune.yaml --output DIR\n",
-            common,
-        )
-    (folder / f"{stem}.prune.yaml").unlink(missing_ok=True)
-    written = [_write(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()]
-    result = {
-        **result,
-        "config": f"{SEARCH_DIR}/{stem}.yaml",
-        "prune_config": f"{SEARCH_DIR}/{stem}.prune.yaml" if prune else None,
-    }
-    written.insert(0, _write(folder / f"{stem}.json", json.dumps(result, indent=2, allow_nan=False) + "\n"))
-    return written
-
-
-def _write(path: Path, text: str) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
+        summary[name] = TestMetric(statistics.fmean(values), interval.low, interval.high, statistics.stdev(values))
+    return TestSummary(baselines[0].n, summary["baseline"], summary["pruned"], paired)

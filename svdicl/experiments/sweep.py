@@ -11,7 +11,7 @@ The unpruned model (rate 0) is one cell per (task, split, shots, seed), shared b
 the rate-0 point of every curve.  Each cell is stored the moment it is scored, so a sweep
 killed at any point resumes where it stopped and ends with the same store as one that ran
 through.  `evaluate_calls` does this for any calls (Algorithm 1 in experiments/search.py uses it
-too), each call's missing cells as one job on an executor (svdicl.executors: this process, or
+too), each call's missing cells as one job on an executor (svdicl.experiments.executors: this process, or
 Ray workers that hold the model); the driver alone writes the store, whatever the executor.
 """
 
@@ -27,15 +27,15 @@ from pathlib import Path
 
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
-from svdicl.executors import Executor, Job, LocalExecutor
 from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.executors import Executor, Job, LocalExecutor
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
 from svdicl.prompts import sample_demonstrations, shots_per_class
-from svdicl.prune import EditRecord, PruneSpec
+from svdicl.prune import EditRecord
 from svdicl.scoring import check_path
+from svdicl.specs import PruneSpec, check_rate
 from svdicl.store import UNPRUNED, Cell, CellKey, Result, Store
-from svdicl.svd import check_rate
 from svdicl.targets import layer_stack, parse_layers, resolve
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import TaskSplits, content_digest, load_splits
@@ -376,7 +376,7 @@ def score_job(
 ) -> Iterator[tuple[CellKey, Result, float]]:
     """The cells of one job scored in one evaluate_edits call: each cell's key, stored result and seconds.
 
-    The work function of every executor (svdicl.executors): it runs wherever the model is."""
+    The work function of every executor (svdicl.experiments.executors): it runs wherever the model is."""
     started = time.perf_counter()
     scored = evaluate_edits(loaded, job.run, [specs for _, specs in job.cells], **scoring.edit_options(), progress=progress)
     for (key, _), (record, result) in zip(job.cells, scored, strict=True):

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from svdicl import hub
 from svdicl.errors import SvdiclError
 from svdicl.tasks import SPLITS, TaskConfig
 
@@ -128,9 +129,7 @@ def content_digest(task: TaskConfig, *groups: Sequence[Example]) -> str:
 
 
 def _hub_rows(task: TaskConfig, source: str) -> list[dict]:
-    from svdicl.models import _hub_reachable
-
-    if task.hub is None or not _hub_reachable():
+    if task.hub is None or not hub.reachable():
         where = "it has no Hub dataset" if task.hub is None else "the Hugging Face Hub is unreachable"
         raise SvdiclError(
             f"task {task.name}: no local data folder given and {where}; set SVDICL_DATA or --data-dir to a folder of "
@@ -138,8 +137,8 @@ def _hub_rows(task: TaskConfig, source: str) -> list[dict]:
         )
     import datasets
 
-    hub = task.hub
-    data = datasets.load_dataset(hub.path, hub.name, revision=hub.revision, split=source)
+    dataset = task.hub
+    data = datasets.load_dataset(dataset.path, dataset.name, revision=dataset.revision, split=source)
     return data.to_list()
 
 

@@ -8,7 +8,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from svdicl.report import COLORS, STYLE
+from svdicl.style import COLORS, STYLE
 from svdicl.theory.lemma1 import PERTURBED, Draw
 from svdicl.theory.linreg import Curve, PruneResult
 from svdicl.theory.norms import EXAMPLES, NormRow

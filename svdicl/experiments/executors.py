@@ -28,10 +28,12 @@ from multiprocessing import connection
 from pathlib import Path
 from typing import Any, Protocol
 
+from svdicl.aliases import ALIASES
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import EvalRun
-from svdicl.models import ALIASES, LoadedModel, load_model
-from svdicl.prune import PruneSpec
+from svdicl.export import load_any
+from svdicl.models import LoadedModel
+from svdicl.specs import PruneSpec
 from svdicl.store import CellKey
 from svdicl.threads import ThreadPlan, apply_torch_threads, thread_plan
 
@@ -148,7 +150,7 @@ class _Worker:
         torch.set_num_threads(threads)
         self.failure: Exception | None = None
         try:
-            self.loaded = load_model(**model)
+            self.loaded = load_any(**model)
             if self.loaded.fingerprint != fingerprint:
                 raise SvdiclError(
                     f"a worker loaded other weights from {model['source']!r} than the driver (fingerprint "
