@@ -211,7 +211,7 @@ class KillingStore(Store):
     def put(self, key, result, seconds=0.0):
         self.puts[key.id] += 1
         if self.killed is None:
-            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.line.cells))
-            self.killed = (task.received, len(task.line.cells))
+            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.job.cells))
+            self.killed = (task.received, len(task.job.cells))
             self.kill(task)
         return super().put(key, result, seconds)

@@ -1,5 +1,5 @@
 """Executors: a sweep (and a search) on Ray workers fills the store the local executor fills; a worker
-killed mid-line loses no finished cell and the sweep completes; workers are planned from the cluster's
+killed mid-job loses no finished cell and the sweep completes; workers are planned from the cluster's
 resources; a missing ray and Ray flags without it are one-line errors."""
 
 from __future__ import annotations
@@ -64,16 +64,16 @@ def test_cli_sweep_on_ray_fills_the_store_the_local_executor_fills(toy, ray_clus
     assert main([*argv, "--output", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
     assert "18 cells, 18 scored now" in capsys.readouterr().out
     cells = Store(tmp_path / "ray").cells()
-    assert {c.info["scoring"]["path"] for c in cells} == {"layer"}  # whole lines shipped: the layer cache pays
+    assert {c.info["scoring"]["path"] for c in cells} == {"layer"}  # whole jobs shipped: the layer cache pays
     assert main([*argv, "--output", str(tmp_path / "local")]) == 0
     assert_same_contents(contents(Store(tmp_path / "local")), contents(Store(tmp_path / "ray")))
     assert main([*argv, "--output", str(tmp_path / "ray")]) == 0  # resume reads the store, whichever executor filled it
     assert "18 cells, 0 scored now and 18 from the store" in capsys.readouterr().out
 
 
-def test_a_worker_killed_mid_line_loses_no_finished_cell_and_the_sweep_completes(toy, workers, tmp_path):
+def test_a_worker_killed_mid_job_loses_no_finished_cell_and_the_sweep_completes(toy, workers, tmp_path):
     task, folder = toy
-    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # lines of 3-4 cells, so the kill lands mid-line
+    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # jobs of 3-4 cells, so the kill lands mid-job
     store = KillingStore(tmp_path / "ray", workers, kill=_kill_ray_actor)
     restarts = workers.restarts
     loaded = load_model(str(folder))
