@@ -25,6 +25,8 @@ MODULES = [
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search"]),
     ("svdicl.experiments.search_output", ["SearchRecord", "write_search", "read_search"]),
+    ("svdicl.experiments.searches", ["search_configs", "run_searches", "export_rate_star"]),
+    ("svdicl.experiments.launch", ["ExecutorOptions", "start_executor"]),
     ("svdicl.experiments.arms", ["Arm", "summarize"]),
     ("svdicl.calibration", ["parse_calibration", "prior", "calibrate", "apply", "probe_queries"]),
     ("svdicl.bias", ["bias_metrics", "margin_auc"]),

@@ -230,33 +230,14 @@ def search(
     Other keywords (batch_size, length_normalize, svd, allow_tied, path, cache_memory) make the
     svdicl.experiments.sweep.Scoring that `svdicl search` builds from its flags.
     """
-    from svdicl.experiments.search import SearchConfig, conditions_for
-    from svdicl.experiments.search import search as run_search
-    from svdicl.experiments.search_output import write_search
-    from svdicl.experiments.sweep import PAPER_RATES, Progress, Scoring
-    from svdicl.store import Store
-    from svdicl.tasks import get_task
-    from svdicl.tasks.data import load_splits
+    from svdicl.experiments.searches import run_searches, search_configs
+    from svdicl.experiments.sweep import PAPER_RATES, Scoring
 
     loaded = _loaded(model, tokenizer, name)
-    config = SearchConfig(
-        task=str(task), module=module, rates=PAPER_RATES if rates is None else rates, top_k=top_k, layer=layer,
-        shots=shots, seeds=tuple(seeds),
-        limit_validation=limit if limit_validation is None else limit_validation,
-        limit_test=limit if limit_test is None else limit_test, metric=metric,
+    (config,) = search_configs(
+        [str(task)], [module], rates=PAPER_RATES if rates is None else rates, top_k=top_k, layer=layer, shots=shots,
+        seeds=seeds, limit=limit, limit_validation=limit_validation, limit_test=limit_test, metric=metric,
     )  # fmt: skip
-    splits = load_splits(get_task(config.task), data_dir)
     with _folder(output) as folder:
-        store = Store(folder)
-        conditions = conditions_for(loaded, [config.module], folder) if config.layer is None else None
-        progress = Progress(config.examples(splits), "search", enabled=not quiet)
-        try:
-            result = run_search(
-                loaded, config, store, conditions=conditions, scoring=Scoring(**scoring), splits=splits,
-                model_name=loaded.source, progress=progress,
-            )  # fmt: skip
-        finally:
-            progress.close()
-        if output is not None:
-            write_search(result, folder, data_dir=data_dir)
-    return SearchResult.from_results(result.to_json(), output)
+        (searched,) = run_searches(loaded, [config], folder, scoring=Scoring(**scoring), data_dir=data_dir, progress=not quiet)
+    return SearchResult.from_results(searched.result.to_json(), output)

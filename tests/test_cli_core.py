@@ -240,6 +240,46 @@ def test_every_command_takes_the_same_keys_and_aliases_in_configs(tmp_path):
                 assert parse_list(got.get("task") or got.get("tasks")) == ["sst2"]
 
 
+PLURAL = {"task": "tasks", "seed": "seeds", "layer": "layers", "module": "modules", "rate": "rates", "format": "formats",
+          "prune_layer": "prune_layers", "prune_module": "prune_modules"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "command, values",
+    [
+        (["eval"], {"task": ["sst2", "rte"], "seed": [0, 1], "layer": "0,1", "module": "mlp"}),
+        (["prune"], {"layer": [0, 1], "module": "attn", "output": "o"}),
+        (["condition"], {"layer": "0-3", "module": "attn", "format": ["svg"], "output": "o"}),
+        (["report", "dir"], {"format": ["pdf"]}),
+        (["sweep"], {"task": "sst2", "seed": [0, 1], "layer": [0, 1], "module": "mlp", "rate": [0.5, 0.9], "format": ["svg"]}),
+        (["search"], {"task": "sst2", "seed": [0, 1], "module": "attn", "rate": [0.5], "format": ["svg"]}),
+        (["theory", "lemma1"], {"format": ["svg"], "output": "o"}),
+        (["theory", "norms"], {"layer": "0,1", "rate": [0.5, 0.9], "format": ["svg"], "output": "o"}),
+        (["theory", "linreg"], {"rate": [0.5], "prune_layer": "0", "prune_module": "mlp", "format": ["svg"], "output": "o"}),
+    ],
+)
+def test_each_command_takes_its_lists_in_the_singular_and_the_plural(tmp_path, command, values):
+    default = vars(parse_args([*command, "--output", "o"]))
+    parsed = []
+    for number, config in (("singular", values), ("plural", {PLURAL.get(k, k): v for k, v in values.items()})):
+        args = vars(parse_args([*command, "--config", write_config(tmp_path, config, f"{number}.yaml")]))
+        parsed.append({key: value for key, value in args.items() if key != "config"})
+    assert parsed[0] == parsed[1]
+    changed = {key for key in parsed[0] if parsed[0][key] != default.get(key)}
+    assert len(changed - {"output"}) == len(set(values) - {"output"}), changed  # every key reached its flag
+    with pytest.raises(SvdiclError, match=r"keys '.*' and '.*' set the same flag"):
+        key = next(iter(set(values) - {"output"}))
+        parse_args([*command, "--config", write_config(tmp_path, {key: values[key], PLURAL[key]: values[key]})])
+
+
+def test_a_command_own_flag_comes_before_the_other_number(tmp_path):
+    assert parse_args(["search", "--config", write_config(tmp_path, {"layer": -1})]).layer == "-1"  # one layer, its own
+    assert parse_args(["eval", "--config", write_config(tmp_path, {"rate": 0.5})]).rate == 0.5
+    for command, key in (("search", "layers"), ("eval", "rates"), ("prune", "rates")):  # one value: no plural key
+        with pytest.raises(SvdiclError, match=f"unknown key '{key}'"):
+            parse_args([command, "--config", write_config(tmp_path, {key: "1"})])
+
+
 def test_a_config_may_give_required_flags(tmp_path):
     config = write_config(tmp_path, {"output": "out", "top_k": 2})
     for argv in (["condition", "--config", config], ["-q", "condition", f"--config={config}"]):

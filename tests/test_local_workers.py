@@ -9,6 +9,7 @@ from test_sweep import assert_same_contents, contents, grid, one_line_error, sav
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.executors import LocalExecutor, ProcessExecutor, open_executor
+from svdicl.experiments.launch import ExecutorOptions, start_executor
 from svdicl.experiments.sweep import sweep
 from svdicl.models import load_model
 from svdicl.store import Store
@@ -121,6 +122,23 @@ def test_one_worker_runs_in_this_process_with_its_threads(toy):
     executor = open_executor("local", loaded, {"source": str(folder)}, plan=thread_plan(1, 1, total=2, load=0.0))
     assert isinstance(executor, LocalExecutor) and executor.loaded is loaded and executor.threads == 1
     assert isinstance(open_executor("local", loaded, None, plan=thread_plan(2, 1)), LocalExecutor)  # no model to load: here
+
+
+def test_executor_options_refuse_the_other_executor_flags_before_a_model_loads_and_plan_one_process_per_gpu(toy):
+    for options, problem in (
+        ({"address": "auto"}, "--address is for the Ray executor; add --executor ray"),
+        ({"gpus_per_worker": 1.0}, "--gpus-per-worker is for the Ray executor"),
+        ({"kind": "ray", "threads_per_worker": 2}, "--threads-per-worker is for the local executor"),
+        ({"kind": "dask"}, "unknown executor 'dask'; use local or ray"),
+    ):
+        with pytest.raises(SvdiclError, match=problem):
+            ExecutorOptions(**options)
+    _, folder = toy
+    loaded = load_model(str(folder))
+    executor, line = start_executor(ExecutorOptions(), loaded, {"source": str(folder), "device": "cuda:0"})
+    assert isinstance(executor, LocalExecutor) and executor.threads == 1 and line.startswith("local: 1 worker(s) x 1 thread(s)")
+    executor, line = start_executor(ExecutorOptions(workers=2), loaded)  # no model to load: this process
+    assert isinstance(executor, LocalExecutor) and executor.loaded is loaded and line.startswith("local: 2 worker(s)")
 
 
 def test_torch_threads_default_to_the_free_cores_unless_omp_says(monkeypatch):

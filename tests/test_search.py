@@ -31,6 +31,7 @@ from svdicl.experiments.search import (
     seed_mean_ci,
 )
 from svdicl.experiments.search_output import read_search, write_search
+from svdicl.experiments.searches import export_folders, search_configs
 from svdicl.prune import EditRecord, pruned
 from svdicl.report import build_report
 from svdicl.requests import Scores
@@ -248,6 +249,24 @@ def test_cli_search_errors_are_one_line(toy, model_folder, capsys, tmp_path):
     full.mkdir()
     (full / "keep.txt").write_text("x")
     assert "not empty" in one_line_error(capsys, *base, "--tasks", str(toy), "--export", str(full))
+
+
+def test_search_configs_are_one_per_task_and_module_with_the_flags_conventions(tmp_path):
+    configs = search_configs(
+        ["sst2", "rte"], ["mlp", "attn", "mlp"], shots=4, shots_total=True, limit=9, limit_test=5, layer="-1"
+    )
+    assert [(c.task, c.module) for c in configs] == [("sst2", "mlp"), ("sst2", "attn"), ("rte", "mlp"), ("rte", "attn")]
+    assert {(c.shots, c.limit_validation, c.limit_test, c.layer) for c in configs} == {(2, 9, 5, -1)}  # 4 in all: 2 per class
+    assert search_configs(["sst2"], ["mlp"], shots=4)[0].shots == 4 and search_configs(["sst2"], ["mlp"])[0].shots is None
+    with pytest.raises(SvdiclError, match="--layer takes one layer index such as 26 or -1, not 'first2'"):
+        search_configs(["sst2"], ["mlp"], layer="first2")
+    assert export_folders(configs, None) == {}
+    assert export_folders(configs[:1], tmp_path / "e") == {configs[0]: tmp_path / "e"}  # one search: the folder itself
+    assert export_folders(configs[:2], tmp_path / "e") == {c: tmp_path / "e" / f"sst2-{c.module}" for c in configs[:2]}
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "keep.txt").write_text("x")
+    with pytest.raises(SvdiclError, match="not empty"):
+        export_folders(configs[:1], tmp_path / "e")
 
 
 def test_example_algorithm1_config_is_valid():

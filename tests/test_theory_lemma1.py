@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
+from svdicl.theory.checks import Lemma1Settings, lemma1_check
 from svdicl.theory.lemma1 import (
     PERTURBED,
     LinearAttention,
@@ -125,3 +126,14 @@ def test_cli_lemma1_writes_results_and_exits_zero(tmp_path, capsys):
     assert {p.name for p in tmp_path.iterdir()} == {"lemma1.json", "lemma1.csv", "lemma1.png", "lemma1.svg"}
     assert "fails the check, as it must" in capsys.readouterr().out
     assert main(["-q", "theory", "lemma1", "--draws", "0", "--output", str(tmp_path)]) == 2
+
+
+def test_lemma1_settings_refuse_bad_values_and_the_check_returns_its_numbers():
+    with pytest.raises(SvdiclError, match="--max-demos must be at least 1, not 0"):
+        Lemma1Settings(max_demos=0)
+    with pytest.raises(SvdiclError, match="--tolerance must be a finite number >= 0, not nan"):
+        Lemma1Settings(tolerance=float("nan"))
+    check = lemma1_check(Lemma1Settings(draws=3, dim=4, layers=2))
+    assert check.ok and len(check.draws) == 3 and check.summary["draws"] == 3
+    headers, rows = check.table()
+    assert len(rows) == 3 and len(headers) == len(rows[0]) and check.to_json()["settings"]["dim"] == 4

@@ -13,6 +13,7 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.targets import resolve
 from svdicl.theory import linreg
+from svdicl.theory.checks import LinRegSettings
 from svdicl.theory.linreg import (
     Curve,
     LinRegConfig,
@@ -161,3 +162,19 @@ def test_cli_linreg_end_to_end_with_a_yaml_config_then_resume(tmp_path, capsys):
     assert main([*args, "--steps", "6"]) == 2  # another config in the same folder
     assert main([*args, "--steps", "6", "--overwrite"]) == 0
     assert read_state(out)["step"] == 6
+
+
+def test_linreg_settings_resolve_the_table_and_refuse_what_cannot_run():
+    settings = LinRegSettings(TINY, prune_layers="all", prune_modules="attn, mlp", rates=(0.9,))
+    assert (settings.shots, settings.layers, settings.modules, settings.rates) == (
+        TINY.points - 1,
+        (0, 1),
+        ("attn", "mlp"),
+        (0.0, 0.9),
+    )
+    with pytest.raises(SvdiclError, match=rf"--shots {TINY.points} is outside 0..{TINY.points - 1}"):
+        LinRegSettings(TINY, shots=TINY.points)
+    with pytest.raises(SvdiclError, match="--eval-prompts must be at least 1, not 0"):
+        LinRegSettings(TINY, eval_prompts=0)
+    with pytest.raises(SvdiclError, match="unknown module 'gate'"):
+        LinRegSettings(TINY, prune_modules="gate")

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from svdicl.cli import main
+from svdicl.errors import SvdiclError
 from svdicl.prompts import demonstrations_text, sample_demonstrations
 from svdicl.svd import kept_rank
 from svdicl.tasks import get_task
 from svdicl.tasks.data import load_splits
+from svdicl.theory.checks import NormsSettings, norms_check
 from svdicl.theory.lemma1 import LinearAttention, implicit_update
 from svdicl.theory.norms import (
     EXAMPLES,
@@ -125,3 +127,13 @@ def test_cli_norms_random_only(tmp_path):
     assert len(lines) == 1 + 4 * len(EXAMPLES) * 3
     assert (tmp_path / "norms.png").stat().st_size > 0
     assert main(["-q", "theory", "norms", "--random-only", "--rates", "1.5", "--output", str(tmp_path)]) == 2
+
+
+def test_norms_settings_refuse_an_empty_demonstrations_block_before_any_work():
+    with pytest.raises(SvdiclError, match="--shots must be at least 1: the norms need a demonstrations block"):
+        NormsSettings(shots=0)
+    assert NormsSettings(task=None, shots=0, rates=(0.9, 0.5)).rates == (0.0, 0.5, 0.9)  # random blocks only: no shots
+    with pytest.raises(SvdiclError, match="the norms of a real model need the model"):
+        norms_check(NormsSettings(draws=1, dim=4, demos=2))
+    check = norms_check(NormsSettings(draws=2, dim=4, demos=3, rates=(0.5,), task=None))
+    assert check.ok and list(check.summary) == ["random"] and len(check.rows) == 2 * len(EXAMPLES) * 2

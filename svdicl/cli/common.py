@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from svdicl.cli.config import ArgumentGroup
 from svdicl.errors import SvdiclError
 
 LM_EVAL_BACKENDS = ("hf", "hf-auto", "huggingface", "vllm", "sglang", "local-completions", "openai-completions")
@@ -94,7 +95,7 @@ def add_prune_args(parser: argparse.ArgumentParser) -> None:
     add_svd_args(group)
 
 
-def add_svd_args(group: argparse._ArgumentGroup) -> None:
+def add_svd_args(group: ArgumentGroup) -> None:
     """The SVD flags: its dtype and whether a tied weight may be pruned."""
     group.add_argument(
         "--svd-dtype", default="float32", choices=["float32", "float64"], help="dtype of the SVD (default: float32)"
@@ -111,7 +112,7 @@ PATHS = {
 }
 
 
-def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) -> argparse._ArgumentGroup:
+def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) -> ArgumentGroup:
     """Scoring flags of eval, sweep and search; `paths` are the execution paths the command has (fastest first)."""
     group = parser.add_argument_group("scoring")
     group.add_argument(
@@ -201,7 +202,7 @@ def one_seed(text: str) -> str:
     return text
 
 
-def add_demonstration_args(group: argparse._ArgumentGroup, several: bool) -> None:
+def add_demonstration_args(group: ArgumentGroup, several: bool) -> None:
     """--shots/--shots-per-class (svdicl's and the authors' count), --num_fewshot (lm-eval's total), --seed/--seeds.
 
     `several`: the shot flags take comma lists (a sweep's grid); otherwise one number each.
@@ -250,7 +251,7 @@ def shots_for(args: argparse.Namespace, task) -> int | None:
     return shots_per_class(task, args.num_fewshot) if args.num_fewshot is not None else args.shots
 
 
-def add_output_arg(group: argparse._ArgumentGroup, help: str, **kwargs) -> None:
+def add_output_arg(group: ArgumentGroup, help: str, **kwargs) -> None:
     """--output (lm-eval's --output_path): always a folder; --log_samples, accepted since samples are always written."""
     group.add_argument("--output", "--output-path", "--output_path", dest="output", help=help, **kwargs)
     group.add_argument(
@@ -267,4 +268,83 @@ def output_folder(text: str) -> Path:
     folder = Path(text)
     if folder.suffix in (".json", ".jsonl"):
         raise SvdiclError(f"--output {text} names a file; svdicl writes results.json and samples into a folder: give one")
+    return folder
+
+
+def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
+    """Scoring flags shared by sweep and search: every path, the precision, and the SVD's."""
+    group = add_scoring_args(p, paths=("layer", "prefix", "plain"))
+    group.add_argument(
+        "--precision",
+        default="float32",
+        choices=["float32", "mixed"],
+        help="float32 = the reference; mixed = decoder matmuls in bfloat16, every example whose decision could differ "
+        "re-scored in float32 (experimental: see docs/fast-paths.md; default: float32)",
+    )
+    add_svd_args(group)
+
+
+def add_executor_args(p: argparse.ArgumentParser) -> None:
+    """Where cells are computed, shared by sweep and search."""
+    group = p.add_argument_group("executor (where cells are computed; the store is written here either way)")
+    group.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="local = this process; ray = worker actors that each load the model once and score whole sweep lines "
+        '(pip install "svdicl[ray]") (default: local)',
+    )
+    group.add_argument("--address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start one on this machine)")
+    group.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes, each loads the model once (default local: the free cores, max(1, cores - load average); "
+        "ray: one per GPU with --gpus-per-worker, else one per CPU)",
+    )
+    group.add_argument(
+        "--threads-per-worker",
+        type=int,
+        metavar="T",
+        help="torch threads of each local worker process (default: 1; one process per free core is faster on a busy machine)",
+    )
+    group.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        metavar="N",
+        help="GPUs each Ray worker reserves; its --device cuda is then its own (default: 1 with --device cuda, else 0)",
+    )
+
+
+def executor_options(args: argparse.Namespace):
+    """The executor the executor flags ask for, checked now (before the model loads)."""
+    from svdicl.experiments.launch import ExecutorOptions
+
+    return ExecutorOptions(args.executor, args.workers, args.threads_per_worker, args.address, args.gpus_per_worker)
+
+
+def scoring_from(args: argparse.Namespace):
+    """The Scoring of sweep and search that the scoring flags describe."""
+    from svdicl.experiments.sweep import Scoring
+    from svdicl.memory import parse_memory
+
+    return Scoring(
+        batch_size=args.batch_size,
+        length_normalize=args.length_normalize,
+        svd=args.svd_dtype,
+        allow_tied=args.allow_tied,
+        path=args.path,
+        cache_memory=parse_memory(args.cache_memory),
+        precision=args.precision,
+        calibration=args.calibration,
+    )
+
+
+def check_output(output: str | None) -> Path:
+    """The --output folder of a result store; a one-line error if missing or a file."""
+    if not output:
+        raise SvdiclError("give --output DIR: the folder that holds the result store (and resumes it)")
+    folder = output_folder(output)
+    if folder.exists() and not folder.is_dir():
+        raise SvdiclError(f"--output {folder} is a file; give a folder")
     return folder

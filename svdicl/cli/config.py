@@ -5,7 +5,8 @@ option strings, destination, kind), so a config file is turned into the very fla
 would type and argparse converts and checks them exactly as on the command line: `limit: 8.5`
 fails as `--limit 8.5` does.  A key is any long spelling of a flag with dashes or underscores
 (`num_fewshot`, `num-fewshot`, `output_path`, `seed`, `seeds` ...), so every command takes the
-same keys as its flags.  Usage errors are one line, like every other svdicl error.
+same keys as its flags, and for the lists of `NUMBERS` the singular and the plural alike.  Usage
+errors are one line, like every other svdicl error.
 """
 
 from __future__ import annotations
@@ -20,6 +21,21 @@ from typing import Any
 from svdicl.errors import SvdiclError, read_text
 
 SWITCH, LIST, VALUE = "switch", "list", "value"
+
+# Keys in the singular and the plural: where a command has the plural flag (`--layers`) the singular key means it
+# too, as the command line takes `--layer` for `--layers`; where it has a singular flag that takes several values
+# (`--format png svg`, eval's repeatable `--task`), so does the plural.  A command's own flag of either spelling
+# comes first (search's `--layer` is one layer; eval's `--rate` one rate, so eval has no `rates` key).
+NUMBERS = (
+    ("task", "tasks"),
+    ("seed", "seeds"),
+    ("layer", "layers"),
+    ("module", "modules"),
+    ("rate", "rates"),
+    ("format", "formats"),
+    ("prune_layer", "prune_layers"),
+    ("prune_module", "prune_modules"),
+)
 
 
 @dataclass(frozen=True)
@@ -56,9 +72,9 @@ class Parser(argparse.ArgumentParser):
         _record(self.flags, action, kwargs)
         return action
 
-    def add_argument_group(self, *args, **kwargs) -> _Group:
+    def add_argument_group(self, *args, **kwargs) -> ArgumentGroup:
         """A group whose flags go into this parser's table too."""
-        return _Group(super().add_argument_group(*args, **kwargs), self.flags)
+        return ArgumentGroup(super().add_argument_group(*args, **kwargs), self.flags)
 
     def add_subparsers(self, **kwargs) -> argparse.Action:
         """Subcommands, kept as `commands` so configs and `-1` values can find every command's flags."""
@@ -88,13 +104,14 @@ class Parser(argparse.ArgumentParser):
         return found
 
 
-class _Group:
-    """An argument group that records its flags in its parser's table."""
+class ArgumentGroup:
+    """An argument group (of `Parser.add_argument_group`) that records its flags in its parser's table."""
 
-    def __init__(self, group: argparse._ArgumentGroup, flags: list[Flag]) -> None:
+    def __init__(self, group: Any, flags: list[Flag]) -> None:
         self._group, self._flags = group, flags
 
     def add_argument(self, *args, **kwargs) -> argparse.Action:
+        """argparse's add_argument on the group, recording the flag."""
         action = self._group.add_argument(*args, **kwargs)
         _record(self._flags, action, kwargs)
         return action
@@ -162,7 +179,7 @@ def given_dests(flags: Sequence[Flag], argv: Sequence[str]) -> set[str]:
 
 def config_argv(flags: Sequence[Flag], values: Mapping[str, Any], origin: str, given: set[str]) -> list[str]:
     """The command-line text of a config mapping; keys the command line sets itself are left out (it wins)."""
-    by_key = {key: flag for flag in flags for key in flag.keys}
+    by_key = config_keys(flags)
     seen: dict[str, str] = {}
     argv: list[str] = []
     for key, value in values.items():
@@ -178,6 +195,18 @@ def config_argv(flags: Sequence[Flag], values: Mapping[str, Any], origin: str, g
         if flag.dest not in given and value is not None:
             argv += _argv(flag, value, f"config {origin}: key {key!r}")
     return argv
+
+
+def config_keys(flags: Sequence[Flag]) -> dict[str, Flag]:
+    """Every key a config of a command with `flags` may use: each flag's spellings, then the other number of a
+    `NUMBERS` list where the command has no flag of that spelling."""
+    keys = {key: flag for flag in flags for key in flag.keys}
+    for one, many in NUMBERS:
+        if many in keys and one not in keys:
+            keys[one] = keys[many]
+        elif one in keys and keys[one].kind == LIST and many not in keys:
+            keys[many] = keys[one]
+    return keys
 
 
 def _argv(flag: Flag, value: Any, where: str) -> list[str]:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from svdicl.cli.common import (
     add_demonstration_args,
+    add_executor_args,
     add_model_args,
     add_output_arg,
+    add_sweep_scoring_args,
+    check_output,
+    check_shot_flags,
+    executor_options,
     load,
     log,
+    model_options,
     positive_int,
+    scoring_from,
     seeds_from,
-    shots_for,
 )
-from svdicl.cli.sweep import add_executor_args, add_sweep_scoring_args, check_output, executor_from, scoring_from
 
 if TYPE_CHECKING:
     from svdicl.experiments.search_output import SearchRecord, TestMetric
@@ -92,43 +96,22 @@ def add(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run one Algorithm 1 search per task and module into one store, print each, optionally export rate*."""
     from svdicl.errors import SvdiclError
-    from svdicl.experiments.search import SearchConfig, conditions_for, search
-    from svdicl.experiments.search_output import card_notes, write_search
-    from svdicl.experiments.sweep import PAPER_RATES, Progress, load_task_splits, parse_list
-    from svdicl.export import save_pruned
-    from svdicl.outputs import check_output as check_export
+    from svdicl.experiments.searches import export_folders, export_rate_star, run_searches, search_configs
+    from svdicl.experiments.sweep import PAPER_RATES, load_task_splits, parse_list
     from svdicl.report import algorithm1_markdown, arms_markdown
-    from svdicl.specs import PruneSpec
-    from svdicl.store import Store
-    from svdicl.tasks import get_task
 
     if not args.tasks:
         raise SvdiclError("give --tasks, e.g. --tasks sst2 (and --modules mlp,attn)")
     folder = check_output(args.output)
-    seeds = seeds_from(args)
-    limits = {
-        "limit_validation": args.limit if args.limit_validation is None else args.limit_validation,
-        "limit_test": args.limit if args.limit_test is None else args.limit_test,
-    }
-    configs = list(
-        dict.fromkeys(
-            SearchConfig(
-                task=task,
-                module=module,
-                rates=PAPER_RATES if args.rates is None else args.rates,
-                top_k=args.top_k,
-                layer=_layer(args.layer),
-                shots=shots_for(args, get_task(task)),
-                seeds=seeds,
-                metric=args.metric,
-                arms=args.arms,
-                **limits,
-            )
-            for task in parse_list(args.tasks)
-            for module in parse_list(args.modules)
-        )
-    )
+    check_shot_flags(args)
+    configs = search_configs(
+        parse_list(args.tasks), parse_list(args.modules), rates=PAPER_RATES if args.rates is None else args.rates,
+        top_k=args.top_k, layer=args.layer, shots=args.shots if args.num_fewshot is None else args.num_fewshot,
+        shots_total=args.num_fewshot is not None, seeds=seeds_from(args), metric=args.metric, arms=args.arms,
+        limit=args.limit, limit_validation=args.limit_validation, limit_test=args.limit_test,
+    )  # fmt: skip
     scoring = scoring_from(args)
+    executor = executor_options(args)
     if args.dry_run:
         from svdicl.experiments.dryrun import dry_run_search
 
@@ -136,69 +119,32 @@ def run(args: argparse.Namespace) -> int:
         splits = load_task_splits([c.task for c in configs], args.data_dir)
         print(dry_run_search(loaded, configs, scoring, splits, output=folder).text())
         return 0
-    exports = {}
-    if args.export:
-        for config in configs:
-            where = Path(args.export) / f"{Path(config.task).stem}-{config.module.replace(',', '+')}"
-            exports[config] = check_export(args.export if len(configs) == 1 else where, args.overwrite)  # cleared when written
+    exports = export_folders(configs, args.export, args.overwrite)  # cleared only when written
     loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
-    store = Store(folder)
-    splits = load_task_splits([c.task for c in configs], args.data_dir)
-    conditions = None
-    ranked = [c.module for c in configs if c.layer is None]
-    if ranked:
-        log(args, "condition numbers of every layer (reused from --output when already there) ...")
-        conditions = conditions_for(loaded, ranked, folder, progress=not args.quiet)
-    executor = executor_from(args, loaded)
-    progress = Progress(sum(c.examples(splits[_name(c)]) for c in configs), "search", enabled=not args.quiet)
-    results = []
-    try:
-        for config in configs:
-            result = search(
-                loaded, config, store, conditions=conditions, scoring=scoring, splits=splits[_name(config)],
-                model_name=loaded.source, progress=progress, executor=executor,
-            )  # fmt: skip
-            results.append((result, write_search(result, folder, data_dir=args.data_dir)))
-    finally:
-        progress.close()
-        executor.close()
-    for result, _ in results:
-        _print(result)
-        if result.arms:
+    searched = run_searches(
+        loaded, configs, folder, scoring=scoring, executor=executor, model=model_options(args), data_dir=args.data_dir,
+        progress=not args.quiet, log=lambda line: log(args, line),
+    )  # fmt: skip
+    for one in searched:
+        _print(one.result)
+        if one.result.arms:
             print()
-            print(arms_markdown(result.to_json()))
+            print(arms_markdown(one.result.to_json()))
     print()
-    print(algorithm1_markdown([result.to_json() for result, _ in results]))
-    for config, (result, written) in zip(configs, results, strict=True):
-        print(f"search result: {written[0]}  (replay: svdicl eval --config {written[1]} --output DIR)")
-        if config in exports:
-            spec = PruneSpec(str(result.layer), result.module, result.rate_star)
-            save_pruned(loaded, [spec], exports[config], format=args.export_format, svd=args.svd_dtype,
-                        allow_tied=args.allow_tied, overwrite=args.overwrite,
-                        notes=card_notes(result))  # fmt: skip
-            print(f"saved the rate*-pruned model ({spec}) to {exports[config]}")
+    print(algorithm1_markdown([one.result.to_json() for one in searched]))
+    for one in searched:
+        print(f"search result: {one.files[0]}  (replay: svdicl eval --config {one.files[1]} --output DIR)")
+        if one.config in exports:
+            spec = export_rate_star(
+                loaded, one.result, exports[one.config], format=args.export_format, svd=args.svd_dtype,
+                allow_tied=args.allow_tied, overwrite=args.overwrite,
+            )  # fmt: skip
+            print(f"saved the rate*-pruned model ({spec}) to {exports[one.config]}")
     if not args.no_report:
         from svdicl.report import build_report
 
         print(f"report: {build_report(folder, formats=args.format).page}")
     return 0
-
-
-def _layer(text: str | None) -> int | None:
-    from svdicl.errors import SvdiclError
-
-    if text is None:
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise SvdiclError(f"--layer takes one layer index such as 26 or -1, not {text!r}") from None
-
-
-def _name(config) -> str:
-    from svdicl.tasks import get_task
-
-    return get_task(config.task).name
 
 
 def _print(result: SearchRecord) -> None:

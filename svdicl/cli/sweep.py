@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import argparse
 from collections import Counter
-from pathlib import Path
 
 from svdicl.cli.common import (
     add_demonstration_args,
+    add_executor_args,
     add_model_args,
     add_output_arg,
-    add_scoring_args,
-    add_svd_args,
+    add_sweep_scoring_args,
+    check_output,
     check_shot_flags,
+    executor_options,
     load,
-    output_folder,
+    log,
+    model_options,
     positive_int,
+    scoring_from,
     seeds_from,
 )
 
@@ -72,108 +75,6 @@ def add(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def add_sweep_scoring_args(p: argparse.ArgumentParser) -> None:
-    """Scoring flags shared by sweep and search: every path, the precision, and the SVD's."""
-    group = add_scoring_args(p, paths=("layer", "prefix", "plain"))
-    group.add_argument(
-        "--precision",
-        default="float32",
-        choices=["float32", "mixed"],
-        help="float32 = the reference; mixed = decoder matmuls in bfloat16, every example whose decision could differ "
-        "re-scored in float32 (experimental: see docs/fast-paths.md; default: float32)",
-    )
-    add_svd_args(group)
-
-
-def add_executor_args(p: argparse.ArgumentParser) -> None:
-    """Where cells are computed, shared by sweep and search."""
-    group = p.add_argument_group("executor (where cells are computed; the store is written here either way)")
-    group.add_argument(
-        "--executor",
-        default="local",
-        choices=["local", "ray"],
-        help="local = this process; ray = worker actors that each load the model once and score whole sweep lines "
-        '(pip install "svdicl[ray]") (default: local)',
-    )
-    group.add_argument("--address", help="Ray cluster to join, e.g. auto or HEAD:6379 (default: start one on this machine)")
-    group.add_argument(
-        "--workers",
-        type=int,
-        metavar="N",
-        help="worker processes, each loads the model once (default local: the free cores, max(1, cores - load average); "
-        "ray: one per GPU with --gpus-per-worker, else one per CPU)",
-    )
-    group.add_argument(
-        "--threads-per-worker",
-        type=int,
-        metavar="T",
-        help="torch threads of each local worker process (default: 1; one process per free core is faster on a busy machine)",
-    )
-    group.add_argument(
-        "--gpus-per-worker",
-        type=float,
-        metavar="N",
-        help="GPUs each Ray worker reserves; its --device cuda is then its own (default: 1 with --device cuda, else 0)",
-    )
-
-
-def executor_from(args: argparse.Namespace, loaded):
-    """The executor the executor flags name; Ray workers load the model the model flags name."""
-    from svdicl.cli.common import log, model_options
-    from svdicl.errors import SvdiclError
-    from svdicl.experiments.executors import RaySettings, open_executor
-    from svdicl.threads import thread_plan, workers_that_fit
-
-    if args.executor == "local":
-        given = [flag for flag in ("address", "gpus_per_worker") if getattr(args, flag) is not None]
-        if given:
-            raise SvdiclError(f"--{given[0].replace('_', '-')} is for the Ray executor; add --executor ray")
-        on_cpu = (args.device or "cpu") == "cpu" and not args.device_map
-        size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-        fits = workers_that_fit(size)  # each worker process holds its own copy
-        workers = args.workers if args.workers is not None or on_cpu else 1  # one process owns a GPU
-        plan = thread_plan(workers, args.threads_per_worker, fits=fits)
-        executor = open_executor("local", loaded, model_options(args), plan=plan)
-        log(args, f"local: {plan.describe()}")
-        return executor
-    if args.threads_per_worker is not None:
-        raise SvdiclError("--threads-per-worker is for the local executor; Ray workers share the CPUs they reserve")
-    settings = RaySettings(address=args.address, workers=args.workers, gpus_per_worker=args.gpus_per_worker)
-    executor = open_executor("ray", loaded, model_options(args), settings)
-    plan = executor.plan
-    log(args, f"ray: {plan.workers} worker(s) loading {args.model}, each with {plan.threads} thread(s), {plan.gpus:g} GPU(s)")
-    return executor
-
-
-def scoring_from(args: argparse.Namespace):
-    """The Scoring that the shared scoring flags describe."""
-    from svdicl.experiments.sweep import Scoring
-    from svdicl.memory import parse_memory
-
-    return Scoring(
-        batch_size=args.batch_size,
-        length_normalize=args.length_normalize,
-        svd=args.svd_dtype,
-        allow_tied=args.allow_tied,
-        path=args.path,
-        cache_memory=parse_memory(args.cache_memory),
-        precision=args.precision,
-        calibration=args.calibration,
-    )
-
-
-def check_output(output: str | None) -> Path:
-    """The --output folder of a result store; a one-line error if missing or a file."""
-    from svdicl.errors import SvdiclError
-
-    if not output:
-        raise SvdiclError("give --output DIR: the folder that holds the result store (and resumes it)")
-    folder = output_folder(output)
-    if folder.exists() and not folder.is_dir():
-        raise SvdiclError(f"--output {folder} is a file; give a folder")
-    return folder
-
-
 def paths_used(cells) -> str:
     """`layer 48, prefix 1 (fallback: ...)`: how the cells were scored."""
     counts = Counter(str(c.info.get("scoring", {}).get("path")) for c in cells)
@@ -185,6 +86,7 @@ def paths_used(cells) -> str:
 def run(args: argparse.Namespace) -> int:
     """Score every cell of the grid into the store in --output (resuming), then draw the report."""
     from svdicl.errors import SvdiclError
+    from svdicl.experiments.launch import start_executor
     from svdicl.experiments.sweep import PAPER_RATES, SweepGrid, parse_ints, parse_list, sweep
     from svdicl.store import Store
 
@@ -205,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit,
     )
     scoring = scoring_from(args)
+    options = executor_options(args)
     loaded = load(args, on_cpu=args.executor != "local")  # Ray workers load their own copy where the scoring runs
     if args.dry_run:
         from svdicl.experiments.dryrun import dry_run_sweep
@@ -212,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
         print(dry_run_sweep(loaded, grid, scoring, data_dir=args.data_dir, output=folder).text())
         return 0
     store = Store(folder)
-    executor = executor_from(args, loaded)
+    executor, plan = start_executor(options, loaded, model_options(args))
+    log(args, plan)
     try:
         result = sweep(
             loaded, grid, store, scoring=scoring, data_dir=args.data_dir, model_name=loaded.source, progress=not args.quiet,

@@ -5,6 +5,7 @@
     norms    Examples 1-4: truncating W_V, W_K, W_Q or the MLP lowers a bound on ||dW||_F
     linreg   a GPT-2 trained on in-context linear regression vs least squares, pruned shallow vs deep
     figures  the figures of all three
+    checks   each check end to end: settings checked, numbers computed, JSON, CSV and figures written
 
 Command line: `svdicl theory lemma1 | norms | linreg`.
 """
