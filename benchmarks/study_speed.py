@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,6 +112,7 @@ def main() -> None:
     print(f"{args.model} | {args.task} layer {args.layer} {args.module} | {args.validation} validation x 8 rates, "
           f"{args.test} test x every arm | thread policy now: {plan.describe()}; each side runs 1 worker x 1 thread")  # fmt: skip
     sides = {}
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # so the temporary worktree is removed on `kill` too
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         old = scratch / "baseline-tree"

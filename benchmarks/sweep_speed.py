@@ -36,7 +36,8 @@ import measure
 import model_flags
 import torch
 
-from svdicl.experiments.evaluate import EvalRun, evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.runs import EvalRun, prepare_run
 from svdicl.experiments.sweep import PAPER_RATES, Scoring, parse_rates
 from svdicl.memory import DEFAULT_CACHE_MEMORY, parse_memory
 from svdicl.requests import Request

@@ -34,7 +34,9 @@ import measure
 import model_flags
 import torch
 
-from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.prune import pruned
 from svdicl.requests import Request, shared_prefix
 from svdicl.specs import PruneSpec

@@ -20,7 +20,10 @@ PAGE = Path(__file__).with_name("api.md")
 MODULES = [
     ("svdicl.models", ["load_model"]),
     ("svdicl.tasks", ["get_task", "TaskConfig"]),
-    ("svdicl.experiments.evaluate", ["prepare_run", "evaluate_run", "evaluate_edits", "evaluate", "EvalRun", "RunResult"]),
+    ("svdicl.experiments.runs", ["prepare_run", "EvalRun", "RunResult"]),
+    ("svdicl.experiments.run_scoring", ["evaluate_run"]),
+    ("svdicl.experiments.edits", ["evaluate_edits"]),
+    ("svdicl.experiments.evaluate", ["evaluate"]),
     ("svdicl.experiments.condition", ["condition_numbers", "MatrixCondition"]),
     ("svdicl.experiments.sweep", ["SweepGrid", "Scoring", "sweep"]),
     ("svdicl.experiments.search", ["SearchConfig", "search"]),

@@ -9,8 +9,9 @@ memory; `load_model`, `pruned`/`prune` and `save_pruned`/`load_pruned` are the p
 """
 
 from svdicl.aliases import ALIASES
-from svdicl.api import Evaluation, SearchResult, SeedEvaluation, evaluate, search
+from svdicl.api import SearchResult, evaluate, search
 from svdicl.errors import SvdiclError
+from svdicl.experiments.eval_result import Evaluation, SeedEvaluation
 from svdicl.export import load_any as load_model
 from svdicl.export import load_pruned, save_pruned
 from svdicl.lowrank import LowRankLinear

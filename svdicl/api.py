@@ -2,7 +2,7 @@
 
 They run the same code as `svdicl eval` and `svdicl search` (svdicl.experiments.evaluate.evaluate
 and svdicl.experiments.search.search), write the same files when given `output`, and return
-frozen dataclasses instead of JSON-shaped dicts (the dict stays available as `.results`).
+frozen dataclasses instead of JSON-shaped dicts (the dict stays available as `.results`, or `to_json()`).
 `model` is what `svdicl.load_model` returns, or a transformers model already in memory together
 with its `tokenizer` (svdicl.wrap fingerprints its weights):
 
@@ -23,68 +23,11 @@ from pathlib import Path
 
 import torch
 
+from svdicl.experiments.eval_result import Evaluation
 from svdicl.models import LoadedModel, wrap
 from svdicl.specs import PruneSpec
 from svdicl.stats import Estimate
 from svdicl.tasks import TaskConfig
-
-
-@dataclass(frozen=True)
-class SeedEvaluation:
-    """One seed's demonstrations: metrics with 95% bootstrap intervals over the scored examples."""
-
-    seed: int
-    n_examples: int
-    accuracy: Estimate
-    macro_f1: Estimate
-    n_ties: int
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """What `svdicl.evaluate` returns: one entry per seed, their mean, and results.json as `results`."""
-
-    task: str
-    split: str
-    shots_per_class: int
-    edit: str  # the applied edit's key, "none" for the unpruned model
-    runs: tuple[SeedEvaluation, ...]
-    folder: Path | None  # where results.json and samples.jsonl were written, if anywhere
-    results: dict
-
-    @property
-    def accuracy(self) -> float:
-        """Mean accuracy over the seeds (each seed's interval is in `runs`)."""
-        return self.results["summary"]["accuracy"]["mean"]
-
-    @property
-    def macro_f1(self) -> float:
-        """Mean macro-F1 over the seeds."""
-        return self.results["summary"]["macro_f1"]["mean"]
-
-    @classmethod
-    def from_results(cls, results: dict, folder: str | Path | None = None) -> Evaluation:
-        """Read the typed view of a results.json dict (e.g. `json.load` of an eval folder's file)."""
-        config = results["config"]
-        runs = tuple(
-            SeedEvaluation(
-                seed=run["seed"],
-                n_examples=run["n_examples"],
-                accuracy=_read_estimate(run["metrics"]["accuracy"]),
-                macro_f1=_read_estimate(run["metrics"]["macro_f1"]),
-                n_ties=run["n_ties"],
-            )
-            for run in results["runs"]
-        )
-        return cls(
-            task=config["task"]["name"],
-            split=config["split"],
-            shots_per_class=config["shots_per_class"],
-            edit=config["edit"]["key"],
-            runs=runs,
-            folder=None if folder is None else Path(folder),
-            results=results,
-        )
 
 
 @dataclass(frozen=True)
@@ -126,22 +69,13 @@ class SearchResult:
             rates=tuple(results["rates"]),
             validation=tuple(results["validation"]["values"]),
             rate_star=results["rate_star"],
-            baseline=_read_estimate(test["baseline"]),
-            pruned=_read_estimate(test["pruned"]),
+            baseline=Estimate.from_dict(test["baseline"]),
+            pruned=Estimate.from_dict(test["pruned"]),
             p_value=test["p_value"],
             arms=tuple(results.get("arms", ())),
             folder=None if folder is None else Path(folder),
             results=results,
         )
-
-
-def _read_estimate(entry: dict) -> Estimate:
-    """An Estimate from its results-file dict (confidence, resamples and method when recorded)."""
-    recorded = {name: entry[key] for name, key in _ESTIMATE_KEYS if key in entry}
-    return Estimate(entry["value"], entry["ci_low"], entry["ci_high"], **recorded)
-
-
-_ESTIMATE_KEYS = (("confidence", "confidence"), ("resamples", "resamples"), ("method", "ci_method"))
 
 
 def _loaded(model: LoadedModel | torch.nn.Module, tokenizer, name: str | None) -> LoadedModel:
@@ -182,11 +116,10 @@ def evaluate(
     from svdicl.experiments.evaluate import evaluate as run_evaluation
 
     loaded = _loaded(model, tokenizer, name)
-    results = run_evaluation(
+    return run_evaluation(
         loaded, task, split=split, shots=shots, seeds=tuple(seeds), limit=limit, specs=_specs(prune),
         data_dir=data_dir, output=output, quiet=quiet, **options,
     )  # fmt: skip
-    return Evaluation.from_results(results, output)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from svdicl.errors import SvdiclError, write_error
+from svdicl.files import write_atomic
 
 CACHE_OFF = ("off", "none", "0", "false")  # --cache-dir / SVDICL_CACHE values that turn the cache off
 
@@ -118,8 +119,6 @@ def _write_entry(path: Path, text: str) -> None:
     """Write a small cache entry atomically (a temporary file renamed); a cache that cannot be written is skipped."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(text + "\n")
-        os.replace(partial, path)
+        write_atomic(path, text + "\n", unique=True)
     except OSError:
         pass

@@ -62,11 +62,6 @@ def unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
-def supported(model: nn.Module) -> bool:
-    """Whether the model has the fast paths (shared-prefix and layer caches)."""
-    return unsupported_reason(model) is None
-
-
 def fast_family(model: nn.Module) -> Family:
     """The model's family, whose columns the layer loop reads; a one-line error when it has no fast path."""
     reason = unsupported_reason(model)

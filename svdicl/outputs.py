@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from svdicl.errors import SvdiclError
+from svdicl.files import write_atomic
 
 try:
     import fcntl
@@ -169,9 +170,7 @@ def _files(folder: Path) -> list[str]:
 
 
 def _write_manifest(folder: Path, manifest: dict) -> None:
-    partial = folder / (MANIFEST + ".partial")
-    partial.write_text(json.dumps({"svdicl": "output manifest", **manifest}, indent=1) + "\n", encoding="utf-8")
-    partial.replace(folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps({"svdicl": "output manifest", **manifest}, indent=1) + "\n")
 
 
 def remove_if_empty(folder: str | Path) -> None:

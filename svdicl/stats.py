@@ -17,7 +17,7 @@ examples.  These are the numbers that say whether a difference is real:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -90,6 +90,12 @@ class Estimate:
             "resamples": self.resamples,
             "ci_method": self.method,
         }
+
+    @classmethod
+    def from_dict(cls, entry: Mapping) -> Estimate:
+        """An estimate as `to_dict` wrote it (confidence, resamples and method when recorded)."""
+        keys = {"confidence": "confidence", "resamples": "resamples", "method": "ci_method"}
+        return cls(entry["value"], entry["ci_low"], entry["ci_high"], **{k: entry[v] for k, v in keys.items() if v in entry})
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:

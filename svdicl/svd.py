@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 import weakref
 from dataclasses import dataclass
 from fractions import Fraction
@@ -24,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from svdicl.errors import SvdiclError
+from svdicl.files import replaced
 from svdicl.specs import check_rate
 
 SVD_DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -185,14 +184,8 @@ class FactorStore:
         tensors = {name: getattr(factors, name).detach().to("cpu").contiguous() for name in ("u", "s", "vh")}
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            handle, temporary = tempfile.mkstemp(dir=self.folder, prefix=path.name, suffix=".tmp")
-            os.close(handle)
-            try:
-                save_file(tensors, temporary, metadata=self._metadata(key, dtype, matrix))
-                os.replace(temporary, path)
-            finally:
-                if os.path.exists(temporary):
-                    os.unlink(temporary)
+            with replaced(path, unique=True) as partial:
+                save_file(tensors, str(partial), metadata=self._metadata(key, dtype, matrix))
         except OSError as exc:
             raise SvdiclError(
                 f"cannot write the factor cache file {path} ({exc}); fix the folder's permissions or space"

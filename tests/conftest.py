@@ -7,13 +7,14 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 
-from svdicl.store import Store
+from svdicl.store import Cell, CellKey, Result, Store
 
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
@@ -201,8 +202,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 class KillingStore(Store):
-    """Counts every put; after the first, kills (by `kill(task)`) the worker whose line still has cells to score:
-    an executor must redo that line's unfinished cells on a fresh worker and lose none."""
+    """Counts every put; after the first, kills (by `kill(task)`) the worker whose job still has cells to score:
+    an executor must redo that job's unfinished cells on a fresh worker and lose none."""
 
     def __init__(self, path, executor, kill) -> None:
         super().__init__(path)
@@ -215,3 +216,28 @@ class KillingStore(Store):
             self.killed = (task.received, len(task.job.cells))
             self.kill(task)
         return super().put(key, result, seconds)
+
+
+class _Computing:
+    """An executor without a model: `compute(key)` for each cell of each job, in this process."""
+
+    def __init__(self, compute) -> None:
+        self.compute = compute
+
+    def map(self, work, jobs, progress=None):
+        for job in jobs:
+            for key, _ in job.cells:
+                yield key, self.compute(key), 0.0
+
+    def close(self) -> None:
+        pass
+
+
+def fill(store: Store, keys, compute: Callable[[CellKey], Result]) -> list[Cell]:
+    """Store `compute(key)` for every key missing from `store` as sweeps and searches do (evaluate_calls: claims,
+    waiting for cells other processes compute, resuming), each key its own job; the cells in key order, once each."""
+    from svdicl.experiments.sweep import evaluate_calls
+
+    keys = list(dict.fromkeys(keys))
+    evaluate_calls(None, [(lambda: None, [(key, ())]) for key in keys], store, executor=_Computing(compute))
+    return [store.get(key) for key in keys]

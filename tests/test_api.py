@@ -12,7 +12,8 @@ from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
 import svdicl
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
@@ -87,7 +88,7 @@ def test_evaluate_through_wrap_equals_evaluate_of_the_loaded_model(task_dir, one
     loaded = LoadedModel(model, tokenizer, "tiny", fingerprint(model), "float32")
     task = get_task(str(task_dir / "toy.yaml"))
     reference = cli_evaluate(loaded, task, seeds=(3,), limit=15, specs=[PruneSpec("0", "attn", 0.5)],
-                             data_dir=task_dir / "data", quiet=True)  # fmt: skip
+                             data_dir=task_dir / "data", quiet=True).to_json()  # fmt: skip
     result = svdicl.evaluate(model, task, tokenizer=tokenizer, name="tiny", seeds=[3], limit=15,
                              prune=[PruneSpec("0", "attn", 0.5)], data_dir=task_dir / "data")  # fmt: skip
     assert result.results["runs"][0]["metrics"] == reference["runs"][0]["metrics"]

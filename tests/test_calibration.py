@@ -17,7 +17,10 @@ from svdicl import calibration as cal
 from svdicl.bias import balanced_accuracy, bias_metrics, margin_auc, prediction_counts, top_answer_share
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate, evaluate_edits, evaluate_run, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.evaluate import evaluate
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import Scoring, SweepGrid, sweep
 from svdicl.prune import pruned
 from svdicl.scoring import score_requests
@@ -149,7 +152,9 @@ def test_eval_with_calibration_scores_probes_on_the_same_path_and_writes_them(to
         _, _, expected = by_hand(values, rows)
         assert list(c.calibrated.predictions) == expected
         assert c.accuracy.value == pytest.approx(np.mean(np.array(expected) == np.array(run.gold)))
-    results = evaluate(loaded, str(toy), shots=2, seeds=(1,), limit=16, data_dir=data, output=tmp_path / "e", calibration="all")
+    results = evaluate(
+        loaded, str(toy), shots=2, seeds=(1,), limit=16, data_dir=data, output=tmp_path / "e", calibration="all"
+    ).to_json()
     metrics = results["runs"][0]["metrics"]
     for c in plain.calibrated:
         assert metrics[f"{c.calibrated.method}:accuracy"]["value"] == c.accuracy.value

@@ -10,7 +10,8 @@ from test_fast_paths import edits_at, tiny_loaded
 from test_forward import build
 from test_scoring import reference_logprobs
 
-from svdicl.experiments.evaluate import evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.runs import prepare_run
 from svdicl.prune import prune, pruned
 from svdicl.specs import PruneSpec
 from svdicl.svd import svd_factors

@@ -10,7 +10,8 @@ import pytest
 from test_sweep import grid, save_model, toy_loaded
 
 from svdicl.cli import main
-from svdicl.experiments.evaluate import evaluate, prepare_run
+from svdicl.experiments.evaluate import evaluate
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import load_task_splits, sweep
 from svdicl.requests import forwarded_tokens
 from svdicl.store import Store
@@ -100,7 +101,9 @@ def test_zero_shot_eval_scores_once_and_records_the_reuse(toy):
         calls = LayerCalls(loaded.model)
         out = toy.parent / f"eval-{len(seeds)}"
         results.append(
-            evaluate(loaded, str(toy), shots=0, seeds=seeds, limit=9, data_dir=toy.parent / "data", output=out, quiet=True)
+            evaluate(
+                loaded, str(toy), shots=0, seeds=seeds, limit=9, data_dir=toy.parent / "data", output=out, quiet=True
+            ).to_json()
         )
         counts.append(calls.count)
     assert counts[0] == counts[1] > 0
@@ -132,9 +135,9 @@ def test_only_the_examples_to_score_are_tokenized(toy):
     prepare_run(loaded, str(toy), limit=5, data_dir=toy.parent / "data")
     assert counting.texts == 5 * 2  # 5 examples x 2 label words
     options = dict(seeds=(0, 1), limit=5, data_dir=toy.parent / "data", output=toy.parent / "out", quiet=True)
-    first = evaluate(loaded, str(toy), **options)
+    first = evaluate(loaded, str(toy), **options).to_json()
     counting.texts = 0
-    assert evaluate(loaded, str(toy), **options) == first
+    assert evaluate(loaded, str(toy), **options).to_json() == first
     assert counting.texts == 0  # a finished evaluation is returned without tokenizing its prompts again
 
 

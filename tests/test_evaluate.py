@@ -8,14 +8,17 @@ import json
 import pytest
 from conftest import tiny_model, tiny_tokenizer, write_toy_task
 
-import svdicl.experiments.evaluate as evaluation
+import svdicl.experiments.run_scoring as evaluation
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate, evaluate_run, prepare_run
+from svdicl.experiments.evaluate import evaluate
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import pruned
 from svdicl.scoring import choose
 from svdicl.specs import PruneSpec
+from svdicl.store import Store
 from svdicl.tasks import get_task
 
 N_TEST = 100
@@ -44,9 +47,9 @@ def test_results_and_samples_agree(task_dir):
     out = task_dir / "out"
     results = evaluate(
         loaded, get_task(str(task_dir / "toy.yaml")), seeds=(0, 1), data_dir=task_dir / "data", output=out, quiet=True
-    )
+    ).to_json()
     assert json.loads((out / "results.json").read_text()) == results
-    assert not (out / "progress.json").exists()
+    assert len(Store(out / "store")) == 2 and not list((out / "store").rglob("*.unfinished"))
     samples = read_samples(out)
     n = N_TEST - 10
     assert len(samples) == 2 * n
@@ -76,7 +79,7 @@ def test_results_and_samples_agree(task_dir):
 def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
     loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
     options = dict(seeds=(0,), data_dir=task_dir / "data", quiet=True)
-    reference = evaluate(loaded, task, output=task_dir / "reference", **options)
+    reference = evaluate(loaded, task, output=task_dir / "reference", **options).to_json()
 
     real_score, calls = evaluation.score_requests, []
 
@@ -90,12 +93,14 @@ def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
     out = task_dir / "out"
     with pytest.raises(KeyboardInterrupt):
         evaluate(loaded, task, output=out, **options)
-    assert len(read_samples(out)) == evaluation.CHUNK and (out / "progress.json").exists()
-    with open(out / "samples.jsonl", "a") as handle:
-        handle.write('{"seed": 0, "id": "te')  # a line torn by the interruption
+    (unfinished,) = (out / "store").rglob("*.unfinished")  # the rows of the seed in flight, kept every CHUNK examples
+    kept = [json.loads(line) for line in unfinished.read_text().splitlines()]
+    assert len(kept) == evaluation.CHUNK and len(Store(out / "store")) == 0 and not (out / "results.json").exists()
+    with open(unfinished, "a") as handle:
+        handle.write('{"id": "te')  # a line torn by the interruption
 
     monkeypatch.setattr(evaluation, "score_requests", real_score)
-    results = evaluate(loaded, task, output=out, **options)
+    results = evaluate(loaded, task, output=out, **options).to_json()
     assert results["runs"][0]["timing"]["examples_reused"] == evaluation.CHUNK
     assert results["runs"][0]["timing"]["examples_scored"] == N_TEST - 10 - evaluation.CHUNK
     resumed, fresh = read_samples(out), read_samples(task_dir / "reference")
@@ -108,17 +113,17 @@ def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
 def test_finished_output_is_reused_and_a_different_run_is_refused(task_dir, monkeypatch):
     loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
     options = dict(data_dir=task_dir / "data", output=task_dir / "out", quiet=True)
-    first = evaluate(loaded, task, **options)
+    first = evaluate(loaded, task, **options).to_json()
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("a finished evaluation must not be scored again")
 
     monkeypatch.setattr(evaluation, "score_requests", no_scoring)
-    assert evaluate(loaded, task, **options) == first
+    assert evaluate(loaded, task, **options).to_json() == first
     with pytest.raises(SvdiclError, match=r"holds a different evaluation.*--overwrite"):
         evaluate(loaded, task, shots=1, **options)
     monkeypatch.undo()
-    assert evaluate(loaded, task, shots=1, overwrite=True, **options)["config"]["shots_per_class"] == 1
+    assert evaluate(loaded, task, shots=1, overwrite=True, **options).shots_per_class == 1
 
 
 def test_one_prepared_run_is_scored_under_an_edit_and_restored(task_dir):
@@ -130,7 +135,9 @@ def test_one_prepared_run_is_scored_under_an_edit_and_restored(task_dir):
     after = evaluate_run(loaded, run)
     assert after.scores == before.scores
     assert edited.scores != before.scores
-    results = evaluate(loaded, task, limit=12, specs=[PruneSpec.parse("1:mlp:0.9")], data_dir=task_dir / "data", quiet=True)
+    results = evaluate(
+        loaded, task, limit=12, specs=[PruneSpec.parse("1:mlp:0.9")], data_dir=task_dir / "data", quiet=True
+    ).to_json()
     assert results["config"]["edit"]["key"] == "1:mlp:0.9"
     assert results["runs"][0]["metrics"]["accuracy"]["value"] == pytest.approx(edited.accuracy.value)
     assert [choose(s)[0] for s in edited.scores] == list(edited.predictions)
@@ -172,3 +179,22 @@ def test_cli_eval_end_to_end(task_dir, capsys):
     assert error.startswith("svdicl: error:") and "only 20 demonstration candidates" in error and "\n" not in error
     assert main(["-q", "eval", "--task", "nope", "--output", str(out)]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_each_seed_is_a_cell_keyed_as_a_sweep_keys_it(task_dir):
+    """One results layer: an eval folder's store holds one cell per seed under the key a sweep of the same run uses."""
+    from svdicl.experiments.sweep import Scoring, run_key
+    from svdicl.tasks.data import load_splits
+
+    loaded, task = tiny_loaded(), get_task(str(task_dir / "toy.yaml"))
+    out = task_dir / "out"
+    evaluation = evaluate(loaded, task, seeds=(0, 3), limit=12, data_dir=task_dir / "data", output=out, quiet=True)
+    splits = load_splits(task, task_dir / "data")
+    keys = [run_key(loaded, splits, "test", task.shots, seed, 12, Scoring()) for seed in (0, 3)]
+    store = Store(out / "store")
+    assert [cell.key for cell in store.cells()] == keys
+    rows = read_samples(out)
+    for run, key in zip(evaluation.runs, keys, strict=True):
+        cell = store.get(key)
+        assert cell.n == run.n_examples == 12 and cell.value("accuracy") == run.accuracy.value
+        assert store.samples(cell) == [row for row in rows if row["seed"] == run.seed]

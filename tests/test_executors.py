@@ -13,8 +13,8 @@ from test_sweep import assert_same_contents, contents, grid, one_line_error, sav
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import prepare_run
 from svdicl.experiments.executors import Job, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.search import SearchConfig, search
 from svdicl.experiments.sweep import Scoring, score_job, sweep
 from svdicl.models import load_model

@@ -17,7 +17,9 @@ from test_forward import build
 from svdicl import forward as fw
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_edits, evaluate_run, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.memory import cache_cost
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import pruned

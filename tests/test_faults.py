@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 import transformers
-from conftest import tiny_model, tiny_tokenizer
+from conftest import fill, tiny_model, tiny_tokenizer
 from test_store import contents, fake_result, sweep_keys
 
-from svdicl import store as store_module
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.store import CELLS_FILE, Store, run_cells
+from svdicl.store import CELLS_FILE, Store
+from svdicl.store import folder as store_module
 
 # ----- kill -9 at each write step of Store.put -----
 
@@ -35,24 +35,25 @@ KILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 from test_store import fake_result, sweep_keys
-from svdicl import store
+from svdicl import files
+from svdicl.store import Store, folder
 
 def die(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 
 step = {step!r}
-s = store.Store({folder!r})
+s = Store({folder!r})
 keys = sweep_keys()[:3]
 for key in keys[:2]:
     s.put(key, fake_result(key))
 if step == "samples written, not renamed":
-    store.os.replace = die
+    os.replace = die
 elif step == "samples renamed, no line":
-    store._fsync_dir = die
+    files.fsync_dir = die
 elif step == "half a line":
-    store._write_all = lambda fd, data: store.os.write(fd, data[: len(data) // 2]) and die()
+    folder._write_all = lambda fd, data: os.write(fd, data[: len(data) // 2]) and die()
 elif step == "line written, not synced":
-    store._write_all = lambda fd, data: store.os.write(fd, data) and die()
+    folder._write_all = lambda fd, data: os.write(fd, data) and die()
 s.put(keys[2], fake_result(keys[2]))
 """
 
@@ -74,9 +75,9 @@ def test_kill_at_each_write_step_loses_only_the_cell_in_flight(tmp_path, step):
     assert [c.id for c in store.cells()] == [k.id for k in keys[: 3 if written else 2]]
     cut = [str(w.message) for w in caught if "cut short" in str(w.message)]
     assert len(cut) == (step == "half a line")  # only a torn line needs cutting
-    run_cells(store, keys, fake_result, progress=False)  # the rerun finishes the cell in flight
+    fill(store, keys, fake_result)  # the rerun finishes the cell in flight
     reference = Store(tmp_path / "reference")
-    run_cells(reference, keys, fake_result, progress=False)
+    fill(reference, keys, fake_result)
     assert contents(Store(folder)) == contents(reference)  # nothing lost, nothing mixed
     assert not list(folder.rglob("*.partial"))  # the rerun replaced the temp file a kill left
 
@@ -90,7 +91,7 @@ def test_torn_line_then_more_cells_leave_every_line_whole(tmp_path):
         handle.write(b'{"format": 1, "id": "0123", "model": "fp-a')  # a writer killed mid-line
     with pytest.warns(UserWarning, match="line 3 was cut short"):
         reopened = Store(tmp_path)
-    run_cells(reopened, keys, fake_result, progress=False)
+    fill(reopened, keys, fake_result)
     lines = (tmp_path / CELLS_FILE).read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == [k.id for k in keys]
 
@@ -119,9 +120,9 @@ def test_full_disk_mid_line_keeps_the_store_as_it_was(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert (tmp_path / CELLS_FILE).read_bytes() == before  # the half line is cut again
     assert [p.name for p in (tmp_path / "samples").rglob("*.jsonl")] == [Path(store.get(keys[0]).samples).name]
-    run_cells(store, keys, fake_result, progress=False)  # space freed: the same store goes on
+    fill(store, keys, fake_result)  # space freed: the same store goes on
     reference = Store(tmp_path / "reference")
-    run_cells(reference, keys, fake_result, progress=False)
+    fill(reference, keys, fake_result)
     assert contents(Store(tmp_path)) == contents(reference)
 
 

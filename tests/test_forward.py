@@ -143,8 +143,7 @@ def test_stale_inputs_are_refused():
 def test_unsupported_family_is_reported(family):
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(TINY_CONFIGS[family]()).eval()
-    assert not fw.supported(model)
-    assert family in fw.unsupported_reason(model)
+    assert family in (fw.unsupported_reason(model) or "")  # None: the fast paths would serve it
     with pytest.raises(SvdiclError, match="no fast path"):
         fw.LayerCache(model, [1, 2, 3], 0)
 

@@ -10,7 +10,8 @@ from conftest import tiny_model, tiny_tokenizer, write_toy_task
 from svdicl import calibration as cal
 from svdicl import precision as px
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_edits, prepare_run
+from svdicl.experiments.edits import evaluate_edits
+from svdicl.experiments.runs import prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import pruned
 from svdicl.requests import Scores

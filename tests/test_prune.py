@@ -12,7 +12,7 @@ import svdicl
 from svdicl import svd
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_edits
+from svdicl.experiments.edits import evaluate_edits
 from svdicl.export import save_pruned
 from svdicl.models import LoadedModel
 from svdicl.prune import control_seed

@@ -7,7 +7,8 @@ import csv
 
 import pytest
 
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import SweepGrid, sweep
 from svdicl.prune import pruned
 from svdicl.report import build_report

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import fill
 from matplotlib.collections import PathCollection, PolyCollection
 
 from svdicl.cli import main
@@ -26,7 +27,7 @@ from svdicl.report import (
     plot_shots,
     sweep_points,
 )
-from svdicl.store import CellKey, Result, Store, run_cells
+from svdicl.store import CellKey, Result, Store
 
 RATES = (0.1, 0.5, 0.9, 0.995)
 LAYERS = (0, 29)
@@ -66,7 +67,7 @@ def make_store(folder: Path, seeds=(0,), shots=(5,), tasks=("sst2", "copa"), mod
         for edit in ["none", *(f"{layer}:{module}:{rate}" for module in MODULES for layer in LAYERS for rate in RATES)]
     ]
     store = Store(folder)
-    run_cells(store, keys, result, progress=False)
+    fill(store, keys, result)
     return store
 
 
@@ -429,7 +430,7 @@ def test_seed_counts_are_per_column(tmp_path):
     """Seed 1 ran only the unpruned model and layer 29: no heading says "mean of 2 seeds" over single-seed cells."""
     store = make_store(tmp_path, tasks=("sst2",))
     keys = [CellKey("fp", "sst2", "test", 5, 1, edit) for edit in ("none", *(f"29:mlp:{r}" for r in RATES[:2]))]
-    run_cells(store, keys, result, progress=False)
+    fill(store, keys, result)
     build_report(tmp_path, metric="accuracy")
     lines = (tmp_path / "tables" / "sweep-test.md").read_text().splitlines()
     assert lines[0] == "**5-shot**"

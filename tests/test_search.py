@@ -20,7 +20,8 @@ from svdicl.calibration import METHODS
 from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import condition_numbers
-from svdicl.experiments.evaluate import evaluate_run, finish_run, prepare_run
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import finish_run, prepare_run
 from svdicl.experiments.search import (
     SearchConfig,
     candidate_rates,

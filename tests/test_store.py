@@ -15,9 +15,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import fill
 
 from svdicl.errors import SvdiclError
-from svdicl.store import CELLS_FILE, CellKey, Result, Store, run_cells
+from svdicl.store import CELLS_FILE, CellKey, Result, Store
 
 RATES = (0.0, 0.5, 0.9, 0.995)
 
@@ -88,7 +89,7 @@ def test_edited_model_never_reads_unedited_results(tmp_path):
     pruned = replace(unpruned, edit="29:mlp:0.9")
     assert store.get(pruned) is None and not store.has(pruned)
     calls = []
-    run_cells(store, [unpruned, pruned], lambda k: calls.append(k) or fake_result(k), progress=False)
+    fill(store, [unpruned, pruned], lambda k: calls.append(k) or fake_result(k))
     assert calls == [pruned]
     assert store.get(pruned).metrics != store.get(unpruned).metrics
 
@@ -111,7 +112,7 @@ def test_put_then_reopen_roundtrips_cell_and_samples(tmp_path):
 def test_interrupted_run_resumes_without_recomputing(tmp_path):
     keys = sweep_keys()
     reference = Store(tmp_path / "reference")
-    run_cells(reference, keys, fake_result, progress=False)
+    fill(reference, keys, fake_result)
     unique = len(set(keys))
     assert len(reference) == unique  # the rate-0 keys of both layers are one unpruned cell
 
@@ -125,12 +126,12 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 
     store = Store(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        run_cells(store, keys, interrupted, progress=False)
+        fill(store, keys, interrupted)
     finished = {c.id for c in Store(tmp_path / "run").cells()}
     assert len(finished) == 8
 
     resumed: Counter[str] = Counter()
-    run_cells(Store(tmp_path / "run"), keys, lambda k: resumed.update([k.id]) or fake_result(k), progress=False)
+    fill(Store(tmp_path / "run"), keys, lambda k: resumed.update([k.id]) or fake_result(k))
     assert not finished & set(resumed)  # no finished cell recomputed
     assert set(resumed) | finished == {k.id for k in keys} and max(resumed.values()) == 1
     assert contents(Store(tmp_path / "run")) == contents(reference)
@@ -139,8 +140,9 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path):
 SIGKILL_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
+from conftest import fill
 from test_store import fake_result, sweep_keys
-from svdicl.store import Store, run_cells
+from svdicl.store import Store
 
 log = open({log!r}, "a")
 
@@ -150,14 +152,14 @@ def compute(key):
         os.kill(os.getpid(), signal.SIGKILL)  # kill -9 with this cell in flight
     return fake_result(key)
 
-run_cells(Store({store!r}), sweep_keys(), compute, progress=False)
+fill(Store({store!r}), sweep_keys(), compute)
 """
 
 
 def test_kill_9_mid_sweep_loses_only_the_cell_in_flight(tmp_path):
     keys = sweep_keys()
     reference = Store(tmp_path / "reference")
-    run_cells(reference, keys, fake_result, progress=False)
+    fill(reference, keys, fake_result)
     log = tmp_path / "calls.log"
     script = SIGKILL_SCRIPT.format(tests=str(Path(__file__).parent), log=str(log), kill_at=6, store=str(tmp_path / "run"))
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
@@ -167,7 +169,7 @@ def test_kill_9_mid_sweep_loses_only_the_cell_in_flight(tmp_path):
     assert len(started) == 6 and finished == set(started[:5])
 
     resumed: list[str] = []
-    run_cells(Store(tmp_path / "run"), keys, lambda k: resumed.append(k.id) or fake_result(k), progress=False)
+    fill(Store(tmp_path / "run"), keys, lambda k: resumed.append(k.id) or fake_result(k))
     assert started[5] in resumed and not finished & set(resumed) and len(resumed) == len(set(resumed))
     assert contents(Store(tmp_path / "run")) == contents(reference)
 
@@ -252,7 +254,7 @@ def test_two_writers_share_one_store(tmp_path):
 
 def test_cells_filters(tmp_path):
     store = Store(tmp_path)
-    run_cells(store, sweep_keys(), fake_result, progress=False)
+    fill(store, sweep_keys(), fake_result)
     deep = store.cells(task="sst2", layers="29", seed=0)
     assert sorted(c.rate for c in deep) == [0.5, 0.9, 0.995]
     assert all(c.modules == "mlp" for c in deep)
@@ -279,21 +281,21 @@ def test_missing_samples_file_is_reported(tmp_path):
 
 def test_a_deleted_samples_file_is_recomputed_and_its_new_line_wins(tmp_path):
     keys = sweep_keys()[1:4]
-    run_cells(Store(tmp_path), keys, fake_result, progress=False)
+    fill(Store(tmp_path), keys, fake_result)
     gone = Store(tmp_path).get(keys[1])
     os.remove(tmp_path / gone.samples)
     store = Store(tmp_path)
-    assert not store.has(keys[1]) and store.missing(keys) == [keys[1]]
+    assert not store.has(keys[1]) and [k for k in keys if not store.has(k)] == [keys[1]]
     recomputed: list[str] = []
 
     def other(key: CellKey) -> Result:  # a different answer, so the test sees which line is read back
         recomputed.append(key.id)
         return replace(fake_result(key), metrics={"accuracy": 0.25}, samples=[{"id": "new"}])
 
-    run_cells(store, keys, other, progress=False)
+    fill(store, keys, other)
     assert recomputed == [keys[1].id]
     reopened = Store(tmp_path)
-    assert [c.id for c in reopened.cells()] == [k.id for k in keys] and not reopened.missing(keys)
+    assert [c.id for c in reopened.cells()] == [k.id for k in keys] and all(reopened.has(k) for k in keys)
     assert reopened.get(keys[1]).value("accuracy") == 0.25 and reopened.samples(reopened.get(keys[1])) == [{"id": "new"}]
     assert reopened.get(keys[0]).value("accuracy") == fake_result(keys[0]).metrics["accuracy"]["value"]
 
@@ -301,8 +303,9 @@ def test_a_deleted_samples_file_is_recomputed_and_its_new_line_wins(tmp_path):
 CONCURRENT_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})
+from conftest import fill
 from test_store import fake_result, sweep_keys
-from svdicl.store import Store, run_cells
+from svdicl.store import Store
 
 def compute(key):
     with open({log!r}, "a") as log:
@@ -312,7 +315,7 @@ def compute(key):
 
 while len(os.listdir({gate!r})) < 1:
     time.sleep(0.01)
-cells = run_cells(Store({store!r}), sweep_keys(), compute, progress=False)
+cells = fill(Store({store!r}), sweep_keys(), compute)
 assert len(cells) == len(set(sweep_keys())) and all(c is not None for c in cells)
 """
 
@@ -359,7 +362,26 @@ def test_a_claim_held_elsewhere_is_waited_for_and_a_dead_ones_is_recovered(tmp_p
     if not die:
         assert not Store(tmp_path).claim(sweep_keys()[2])  # another live process computes it
     computed: list[str] = []
-    run_cells(Store(tmp_path), sweep_keys()[:4], lambda k: computed.append(k.id) or fake_result(k), progress=False)
+    fill(Store(tmp_path), sweep_keys()[:4], lambda k: computed.append(k.id) or fake_result(k))
     proc.wait(timeout=60)
     assert sorted(computed) == sorted(k.id for k in sweep_keys()[:4])  # the released or dead claim's cell too
     assert len(Store(tmp_path)) == 4
+
+
+def test_rows_of_a_cell_in_flight_are_kept_cut_when_torn_and_dropped_when_it_is_stored(tmp_path):
+    store, key = Store(tmp_path), sweep_keys()[1]
+    assert store.claim(key) and store.unfinished_rows(key) == []
+    store.keep_unfinished(key, [{"id": "a", "x": 1}, {"id": "b", "x": float("nan")}])
+    with open(store.unfinished(key), "a") as handle:
+        handle.write('{"id": "c", "x"')  # a kill mid-write
+    assert store.unfinished_rows(key) == [{"id": "a", "x": 1}, {"id": "b", "x": None}]
+    store.keep_unfinished(key, [{"id": "c", "x": 3}])  # appended after the cut: every line whole
+    assert [row["id"] for row in Store(tmp_path).unfinished_rows(key)] == ["a", "b", "c"]
+    store.put(key, fake_result(key))
+    assert not store.unfinished(key).exists() and store.has(key)
+    other = sweep_keys()[2]
+    store.keep_unfinished(other, [{"id": "a"}])
+    with open(store.unfinished(other), "a") as handle:
+        handle.write("not json\n" + '{"id": "b"}\n')
+    with pytest.raises(SvdiclError, match=r"\.unfinished, line 2 is damaged; delete the file"):
+        store.unfinished_rows(other)

@@ -16,7 +16,8 @@ import svdicl.experiments.sweep as sweeping
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import evaluate_run, prepare_run
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import (
     SweepGrid,
     layer_sets,

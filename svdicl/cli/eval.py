@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from svdicl.cli.common import (
     add_demonstration_args,
@@ -19,6 +21,10 @@ from svdicl.cli.common import (
     seeds_from,
     shots_for,
 )
+
+if TYPE_CHECKING:
+    from svdicl.experiments.eval_result import Evaluation
+    from svdicl.stats import Estimate
 
 
 def add(sub) -> None:
@@ -99,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         if (folder / RESULTS_FILE).is_file() and not args.overwrite:
             log(args, f"{folder / RESULTS_FILE} exists; reporting it (if it is the same evaluation) without rescoring")
         with exclusive(folder, "eval"):  # a second eval into this folder at the same time is refused
-            results = evaluate(
+            evaluation = evaluate(
                 loaded,
                 task,
                 split=args.split,
@@ -120,37 +126,35 @@ def run(args: argparse.Namespace) -> int:
                 cache_memory=cache_memory,
                 calibration=args.calibration,
             )
-        _print(task.name, results, folder)
+        _print(task.name, evaluation, folder)
     return 0
 
 
-def _print(name: str, results: dict, folder: Path) -> None:
-    config = results["config"]
+def _print(name: str, evaluation: Evaluation, folder: Path) -> None:
     print(
-        f"{name}  split={config['split']}  shots={config['shots_total']} ({config['shots_per_class']}/class)  "
-        f"edit={config['edit']['key']}  path={config['scoring']['path']}  -> {folder / 'results.json'}"
+        f"{name}  split={evaluation.split}  shots={evaluation.shots_total} ({evaluation.shots_per_class}/class)  "
+        f"edit={evaluation.edit}  path={evaluation.path}  -> {folder / 'results.json'}"
     )
-    if config["scoring"].get("fallback"):
-        print(f"  ({config['scoring']['fallback']})")
-    for run in results["runs"]:
-        acc, f1 = run["metrics"]["accuracy"], run["metrics"]["macro_f1"]
+    if evaluation.fallback:
+        print(f"  ({evaluation.fallback})")
+    for run in evaluation.runs:
         print(
-            f"  seed {run['seed']:<4} n={run['n_examples']:<6} accuracy {_ci(acc)}  macro-F1 {_ci(f1)}"
-            f"  ties {run['n_ties']}  {run['timing']['wall_s']:.1f} s"
+            f"  seed {run.seed:<4} n={run.n_examples:<6} accuracy {_ci(run.accuracy)}  macro-F1 {_ci(run.macro_f1)}"
+            f"  ties {run.n_ties}  {run.wall_s:.1f} s"
         )
-        for method in [None, *run.get("calibration", {})]:
-            print(f"    {method or 'uncalibrated'}: {_bias(run['metrics'], f'{method}:' if method else '')}")
-    if len(results["runs"]) > 1:
-        acc, f1 = results["summary"]["accuracy"], results["summary"]["macro_f1"]
+        for method in [None, *run.calibration]:
+            print(f"    {method or 'uncalibrated'}: {_bias(run.values, f'{method}:' if method else '')}")
+    if len(evaluation.runs) > 1:
+        acc, f1 = evaluation.spread["accuracy"], evaluation.spread["macro_f1"]
         print(
-            f"  over {acc['n']} seeds: accuracy {acc['mean']:.4f} ± {acc['std']:.4f} (min {acc['min']:.4f}, max {acc['max']:.4f})"
-            f"  macro-F1 {f1['mean']:.4f} ± {f1['std']:.4f}\n  [ ]: 95% CI over examples; ±: standard deviation over seeds"
+            f"  over {acc.n} seeds: accuracy {acc.mean:.4f} ± {acc.std:.4f} (min {acc.min:.4f}, max {acc.max:.4f})"
+            f"  macro-F1 {f1.mean:.4f} ± {f1.std:.4f}\n  [ ]: 95% CI over examples; ±: standard deviation over seeds"
         )
 
 
-def _bias(metrics: dict, prefix: str) -> str:
+def _bias(values: Mapping[str, float | None], prefix: str) -> str:
     """Accuracy, balanced accuracy, top-answer share and (binary) AUC of one way of predicting."""
-    value = {name: metrics[prefix + name]["value"] for name in ("accuracy", "balanced_accuracy", "top_answer_share", "auc")}
+    value = {name: values[prefix + name] for name in ("accuracy", "balanced_accuracy", "top_answer_share", "auc")}
     auc = f"  AUC {value['auc']:.4f}" if value["auc"] is not None else ""
     return (
         f"accuracy {value['accuracy']:.4f}  balanced {value['balanced_accuracy']:.4f}"
@@ -158,5 +162,5 @@ def _bias(metrics: dict, prefix: str) -> str:
     )
 
 
-def _ci(estimate: dict) -> str:
-    return f"{estimate['value']:.4f} [{estimate['ci_low']:.4f}, {estimate['ci_high']:.4f}]"
+def _ci(estimate: Estimate) -> str:
+    return f"{estimate.value:.4f} [{estimate.low:.4f}, {estimate.high:.4f}]"

@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import PROGRESS_FILE, RESULTS_FILE, SAMPLES_FILE
+from svdicl.experiments.evaluate import RESULTS_FILE, SAMPLES_FILE, STORE_DIR
 from svdicl.stats import Estimate, PairedComparison, holm, paired_comparison, seed_mean_ci
+from svdicl.store import CELLS_FILE
 
 EVAL_FORMAT = "svdicl-eval/"
 SAMPLE_KEYS = ("seed", "id", "gold", "prediction", "correct")
@@ -109,7 +110,7 @@ def read_eval(folder: str | Path) -> EvalFolder:
         tasks = sorted(p.parent.name for p in folder.glob(f"*/{RESULTS_FILE}"))
         if tasks:
             raise SvdiclError(f"{folder} holds evaluations of several tasks ({', '.join(tasks)}); give one task's folder")
-        if (folder / PROGRESS_FILE).is_file():
+        if (folder / STORE_DIR / CELLS_FILE).is_file():
             raise SvdiclError(f"{folder} is an unfinished evaluation; rerun the same svdicl eval command to finish it")
         raise SvdiclError(f"{folder} holds no {RESULTS_FILE}; give the --output folder of svdicl eval")
     try:

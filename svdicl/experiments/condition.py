@@ -27,7 +27,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 
 from svdicl.errors import SvdiclError
+from svdicl.files import replaced, write_atomic
 from svdicl.prune import logical_matrix
 from svdicl.targets import family_of, layer_stack, resolve
 
@@ -219,9 +219,7 @@ class _PairCache:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             merged = {**self._read(), **self.new}
-            partial = self.path.with_name(f"{self.path.name}.{os.getpid()}.partial")
-            partial.write_text(json.dumps({k: list(v) for k, v in merged.items()}, sort_keys=True))
-            os.replace(partial, self.path)
+            write_atomic(self.path, json.dumps({k: list(v) for k, v in merged.items()}, sort_keys=True), unique=True)
         except OSError:
             pass
 
@@ -270,12 +268,10 @@ def write_conditions(
     given = {c.module for c in conditions}
     kept = [c for c in stored_conditions(folder, fingerprint) if c.module not in given]
     conditions = sorted([*kept, *conditions], key=lambda c: (c.layer is None, c.layer or 0))  # stable: by layer
-    partial = csv_path.with_name(CSV_FILE + ".partial")
-    with open(partial, "w", newline="", encoding="utf-8") as handle:
+    with replaced(csv_path) as partial, open(partial, "w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(c.to_row() for c in conditions)
-    partial.replace(csv_path)
     groups = sorted({c.group for c in conditions if c.group and c.layer is not None})
     summary = {
         "format": "svdicl.conditions/1",
@@ -288,9 +284,7 @@ def write_conditions(
         "top_layers": {g: top_layers(conditions, g, top_k) for g in groups},
         "top_k": top_k,
     }
-    partial = json_path.with_name(JSON_FILE + ".partial")
-    partial.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    partial.replace(json_path)
+    write_atomic(json_path, json.dumps(summary, indent=2) + "\n")
     return [csv_path, json_path]
 
 

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from svdicl.experiments.evaluate import EvalRun, evaluate_run, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.run_scoring import evaluate_run
+from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.requests import forwarded_tokens
 from svdicl.store import CELLS_FILE, Cell

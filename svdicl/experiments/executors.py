@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from svdicl.aliases import ALIASES
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import EvalRun
+from svdicl.experiments.runs import EvalRun
 from svdicl.export import load_any
 from svdicl.models import LoadedModel
 from svdicl.specs import PruneSpec

@@ -41,8 +41,8 @@ from svdicl.experiments.condition import (
     top_layers,
     write_conditions,
 )
-from svdicl.experiments.evaluate import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.executors import Executor
+from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.search_output import (
     CalibratedCurve,
     ScoringInfo,

@@ -20,6 +20,7 @@ import yaml
 
 from svdicl.errors import SvdiclError
 from svdicl.experiments.condition import AGGREGATE
+from svdicl.files import write_atomic
 from svdicl.stats import PairedComparison
 
 SEARCH_DIR = "search"
@@ -278,21 +279,16 @@ def write_search(result: SearchRecord, directory: str | Path, *, data_dir: str |
             common,
         )
     (folder / f"{stem}.prune.yaml").unlink(missing_ok=True)
-    written = [_write(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()]
+    written = [
+        write_atomic(folder / name, text + yaml.safe_dump(values, sort_keys=False)) for name, (text, values) in files.items()
+    ]
     data = {
         **result.to_json(),
         "config": f"{SEARCH_DIR}/{stem}.yaml",
         "prune_config": f"{SEARCH_DIR}/{stem}.prune.yaml" if prune else None,
     }
-    written.insert(0, _write(folder / f"{stem}.json", json.dumps(data, indent=2, allow_nan=False) + "\n"))
+    written.insert(0, write_atomic(folder / f"{stem}.json", json.dumps(data, indent=2, allow_nan=False) + "\n"))
     return written
-
-
-def _write(path: Path, text: str) -> Path:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
 
 
 def read_search(path: str | Path) -> dict[str, Any]:

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from svdicl.calibration import parse_calibration
 from svdicl.errors import SvdiclError
-from svdicl.experiments.evaluate import EvalRun, RunResult, evaluate_edits, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.executors import Executor, Job, LocalExecutor
+from svdicl.experiments.runs import EvalRun, RunResult, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.precision import check_precision
 from svdicl.prompts import sample_demonstrations, shots_per_class

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from svdicl.errors import SvdiclError
+from svdicl.files import replaced, write_atomic
 from svdicl.prune import pruned
 from svdicl.theory.norms import RATES
 
@@ -177,15 +177,8 @@ def _optimizer(model: nn.Module, config: LinRegConfig) -> torch.optim.AdamW:
 
 
 def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(partial))
-    os.replace(partial, path)
-
-
-def _atomic_json(value: dict, path: Path) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(partial, path)
+    with replaced(path) as partial:
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(partial))
 
 
 def checkpoint_path(output: Path, step: int) -> Path:
@@ -282,7 +275,7 @@ def _checkpoint(output: Path, model: nn.Module, optimizer: torch.optim.Optimizer
     _atomic_save(model.state_dict(), checkpoint_path(output, step))
     _atomic_save(_optimizer_tensors(optimizer), _optimizer_path(output, step))
     state.update(step=step, checkpoints=[*state["checkpoints"], step], train_seconds=state["train_seconds"] + seconds)
-    _atomic_json(state, output / STATE_FILE)
+    write_atomic(output / STATE_FILE, json.dumps(state, indent=2) + "\n")
     if previous:
         _optimizer_path(output, previous).unlink(missing_ok=True)
 
