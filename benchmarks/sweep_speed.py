@@ -40,8 +40,8 @@ from svdicl.experiments.cells import Scoring
 from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.grid import PAPER_RATES, parse_rates
 from svdicl.experiments.runs import EvalRun, prepare_run
-from svdicl.forward import DEFAULT_CACHE_MEMORY, parse_memory
-from svdicl.scoring import Request
+from svdicl.memory import DEFAULT_CACHE_MEMORY, parse_memory
+from svdicl.requests import Request
 from svdicl.specs import PruneSpec
 from svdicl.svd import cuda_driver, kept_rank
 from svdicl.targets import layer_stack, parse_layers, resolve

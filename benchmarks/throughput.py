@@ -38,7 +38,7 @@ from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.prune import pruned
-from svdicl.scoring import Request, shared_prefix
+from svdicl.requests import Request, shared_prefix
 from svdicl.specs import PruneSpec
 
 

@@ -15,14 +15,16 @@ norm and head, with transformers' own mask functions and a `Cache` that serves t
   entering layer l.  Per weight edit: layers l..L for the prefix, then for the suffixes.
 
 Suffix positions continue the prefix's (P, P+1, ...), so a row scores exactly as the plain
-forward of prefix + suffix does.  Families outside `SUPPORTED` are reported by
-`unsupported_reason`; callers then use the plain batched forward and record why.
+forward of prefix + suffix does.  What differs between families (final norm, cache keyword,
+rotary embedding, layer types) is read from their row of svdicl.targets' table; families
+without a fast path there (outside `SUPPORTED`) are reported by `unsupported_reason`, and
+callers then use the plain batched forward and record why.  How much memory the caches take
+is planned in svdicl.memory.
 """
 
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,43 +34,19 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from svdicl.errors import SvdiclError
-from svdicl.targets import family_of, layer_stack
+from svdicl.targets import FAMILIES, Family, family_of, layer_stack
 
-
-@dataclass(frozen=True)
-class _Arch:
-    """What the generic layer loop needs to know about a family's base model."""
-
-    base: str  # module holding the embeddings, rotary embedding and final norm
-    norm: str  # final norm, inside `base`
-    cache_arg: str  # keyword a decoder layer took the cache by before transformers renamed it `cache`
-    rotary: str  # "shared": base.rotary_emb(h, pos); "per_type": one per layer type; "inside": the attention does it
-    #   (unless this transformers gives the base model a shared `rotary_emb`, as it does GPT-J since 5.2x)
-    layer_types: str  # "full": all causal; "window": config.sliding_window (if set) everywhere; "config": config.layer_types
-
-
-_LLAMA = _Arch("model", "norm", "past_key_values", "shared", "full")
-_ARCHES: dict[str, _Arch] = {
-    "llama": _LLAMA,
-    "gemma": _LLAMA,
-    "mistral": _Arch("model", "norm", "past_key_values", "shared", "window"),
-    "qwen2": _Arch("model", "norm", "past_key_values", "shared", "config"),
-    "qwen3": _Arch("model", "norm", "past_key_values", "shared", "config"),
-    "gemma2": _Arch("model", "norm", "past_key_values", "shared", "config"),
-    "gemma3_text": _Arch("model", "norm", "past_key_values", "per_type", "config"),
-    "gptj": _Arch("transformer", "ln_f", "layer_past", "inside", "full"),
-}
-SUPPORTED = frozenset(_ARCHES)
+SUPPORTED = frozenset(name for name, family in FAMILIES.items() if family.fast_path)
 _MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 _ATTENTION = ("eager", "sdpa")
-_HEAD_ROWS = 256  # scored positions per head matmul: bounds the (rows x vocab) logits in memory
+HEAD_ROWS = 256  # scored positions per head matmul: bounds the (rows x vocab) logits in memory
 
 
 def unsupported_reason(model: nn.Module) -> str | None:
     """None when the fast path runs `model`; otherwise why not (for results.json and the fallback)."""
     family = family_of(model)
     name = family.name if family is not None else getattr(model.config, "model_type", "?")
-    if name not in _ARCHES:
+    if name not in SUPPORTED:
         return f"model family {name!r} has no fast path (it has {', '.join(sorted(SUPPORTED))}); using the plain forward"
     implementation = model.config._attn_implementation
     if implementation not in _ATTENTION:
@@ -78,17 +56,18 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return "a model spread over devices by --device-map has no fast path; using the plain forward"
     if getattr(model.config, "use_bidirectional_attention", False):
         return "bidirectional attention has no fast path; using the plain forward"
-    unknown = set(_layer_types(model.config, _ARCHES[name])) - set(_MASKS)
+    unknown = set(_layer_types(model.config, family)) - set(_MASKS)
     if unknown:
         return f"layer types {', '.join(sorted(unknown))} have no fast path; using the plain forward"
     return None
 
 
-def _arch(model: nn.Module) -> _Arch:
+def fast_family(model: nn.Module) -> Family:
+    """The model's family, whose columns the layer loop reads; a one-line error when it has no fast path."""
     reason = unsupported_reason(model)
     if reason is not None:
         raise SvdiclError(reason)
-    return _ARCHES[family_of(model).name]
+    return family_of(model)
 
 
 def _cache_keyword(function, legacy: str) -> str:
@@ -99,17 +78,17 @@ def _cache_keyword(function, legacy: str) -> str:
 _MASK_CACHE = _cache_keyword(create_causal_mask, "past_key_values")
 
 
-def _rotary(base: nn.Module, arch: _Arch) -> str:
-    if arch.rotary == "inside" and hasattr(base, "rotary_emb"):
+def _rotary(base: nn.Module, family: Family) -> str:
+    if family.rotary == "inside" and hasattr(base, "rotary_emb"):
         return "shared"
-    return arch.rotary
+    return family.rotary
 
 
-def _layer_types(config, arch: _Arch) -> list[str]:
+def _layer_types(config, family: Family) -> list[str]:
     count = config.num_hidden_layers
-    if arch.layer_types == "config":
+    if family.layer_types == "config":
         return list(config.layer_types[:count])
-    window = arch.layer_types == "window" and getattr(config, "sliding_window", None) is not None
+    window = family.layer_types == "window" and getattr(config, "sliding_window", None) is not None
     return ["sliding_attention" if window else "full_attention"] * count
 
 
@@ -194,8 +173,8 @@ class SuffixBatch:
         return list(torch.split(logprobs, list(self.counts)))
 
 
-def _base(model: nn.Module, arch: _Arch) -> nn.Module:
-    return model.get_submodule(arch.base)
+def _base(model: nn.Module, family: Family) -> nn.Module:
+    return model.get_submodule(family.base)
 
 
 @torch.no_grad()
@@ -205,17 +184,17 @@ def embed(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
     return model.get_input_embeddings()(ids if ids.dim() == 2 else ids.unsqueeze(0))
 
 
-def _run(model: nn.Module, arch: _Arch, hidden: torch.Tensor, span: range, cache: Cache, attention_mask, offset: int):
+def _run(model: nn.Module, family: Family, hidden: torch.Tensor, span: range, cache: Cache, attention_mask, offset: int):
     """Decoder layers `span` on `hidden`, whose first token sits at position `offset`, as the model's forward runs them."""
     config = model.config
-    base = _base(model, arch)
+    base = _base(model, family)
     _, layers = layer_stack(model)
-    types = _layer_types(config, arch)
+    types = _layer_types(config, family)
     positions = torch.arange(offset, offset + hidden.shape[1], device=hidden.device).unsqueeze(0)
     wanted = sorted({types[i] for i in span})
     inputs = {"inputs_embeds": hidden, "attention_mask": attention_mask, _MASK_CACHE: cache, "position_ids": positions}
     masks = {kind: _MASKS[kind](config=config, **inputs) for kind in wanted}
-    rotary_kind = _rotary(base, arch)
+    rotary_kind = _rotary(base, family)
     if rotary_kind == "shared" and wanted:
         rotary = dict.fromkeys(wanted, base.rotary_emb(hidden, positions))
     elif rotary_kind == "per_type":
@@ -224,7 +203,7 @@ def _run(model: nn.Module, arch: _Arch, hidden: torch.Tensor, span: range, cache
         rotary = {}
     for i in span:
         extra = {"position_embeddings": rotary[types[i]]} if rotary else {}
-        extra[_cache_keyword(type(layers[i]).forward, arch.cache_arg)] = cache
+        extra[_cache_keyword(type(layers[i]).forward, family.cache_arg)] = cache
         out = layers[i](hidden, attention_mask=masks[types[i]], position_ids=positions, **extra)
         hidden = out[0] if isinstance(out, tuple) else out
     return hidden
@@ -233,7 +212,7 @@ def _run(model: nn.Module, arch: _Arch, hidden: torch.Tensor, span: range, cache
 @torch.no_grad()
 def run_prefix(model: nn.Module, hidden: torch.Tensor, start: int = 0, stop: int | None = None) -> tuple[PrefixKV, torch.Tensor]:
     """Run a prefix's hidden states entering layer `start` (1, P, H) through [start, stop): its keys/values and output."""
-    arch = _arch(model)
+    family = fast_family(model)
     _, layers = layer_stack(model)
     span = range(start, len(layers) if stop is None else stop)
     if hidden.shape[0] != 1:
@@ -242,7 +221,7 @@ def run_prefix(model: nn.Module, hidden: torch.Tensor, start: int = 0, stop: int
     if hidden.shape[1] == 0 or not span:
         return PrefixKV(span.start, hidden.shape[1], (), (), weights), hidden
     cache = DynamicCache()
-    hidden = _run(model, arch, hidden, span, cache, None, 0)
+    hidden = _run(model, family, hidden, span, cache, None, 0)
     keys = tuple(cache.layers[i].keys for i in span)
     values = tuple(cache.layers[i].values for i in span)
     return PrefixKV(span.start, hidden.shape[1], keys, values, weights), hidden
@@ -281,7 +260,7 @@ def run_suffixes(
     stop: int | None = None,
 ) -> torch.Tensor:
     """Run right-padded suffixes entering layer `start` (B, S, H; mask B x S) after `prefix` through [start, stop)."""
-    arch = _arch(model)
+    family = fast_family(model)
     _, layers = layer_stack(model)
     span = range(start, len(layers) if stop is None else stop)
     if prefix.length and span and not (prefix.start <= span.start and span.stop <= prefix.stop):
@@ -295,7 +274,7 @@ def run_suffixes(
         for i in range(len(layers))
     ]
     attention = torch.cat([mask.new_ones(mask.shape[0], prefix.length), mask], dim=1).bool()
-    return _run(model, arch, hidden, span, Cache(layers=served), attention, prefix.length)
+    return _run(model, family, hidden, span, Cache(layers=served), attention, prefix.length)
 
 
 @torch.no_grad()
@@ -305,15 +284,15 @@ def target_logprobs(model: nn.Module, hidden: torch.Tensor, batch: SuffixBatch) 
     Each log-prob is exact (the log-softmax runs over the whole vocabulary), and a position scored
     for several tokens (several label words) goes through the head once.
     """
-    arch = _arch(model)
-    norm = _base(model, arch).get_submodule(arch.norm)
+    family = fast_family(model)
+    norm = _base(model, family).get_submodule(family.norm)
     head = model.get_output_embeddings()
     cap = getattr(model.config, "final_logit_softcapping", None)
     width = hidden.shape[1]
     places, inverse = torch.unique(batch.rows * width + batch.positions, return_inverse=True)
     flat = hidden.reshape(-1, hidden.shape[-1])
     picked = []
-    for chunk in torch.split(places.to(hidden.device), _HEAD_ROWS):
+    for chunk in torch.split(places.to(hidden.device), HEAD_ROWS):
         logits = head(norm(flat[chunk]))
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -325,11 +304,11 @@ def target_logprobs(model: nn.Module, hidden: torch.Tensor, batch: SuffixBatch) 
 
 
 def prefix_kv(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> PrefixKV:
-    """The prefix's keys/values in every layer, for `score`."""
+    """The prefix's keys/values in every layer, for `suffix_logprobs`."""
     return run_prefix(model, embed(model, ids))[0]
 
 
-def score(model: nn.Module, batch: SuffixBatch, prefix: PrefixKV) -> torch.Tensor:
+def suffix_logprobs(model: nn.Module, batch: SuffixBatch, prefix: PrefixKV) -> torch.Tensor:
     """The shared-prefix path: each suffix runs only its own tokens, attending to `prefix` (from `prefix_kv`)."""
     hidden = embed(model, batch.ids)
     return target_logprobs(model, run_suffixes(model, hidden, batch.mask.to(hidden.device), prefix), batch)
@@ -353,7 +332,7 @@ class LayerCache:
     """
 
     def __init__(self, model: nn.Module, prefix_ids: torch.Tensor | Sequence[int], start: int) -> None:
-        _arch(model)
+        fast_family(model)
         _, layers = layer_stack(model)
         if not 0 <= start < len(layers):
             raise SvdiclError(f"start layer {start} is outside the model's {len(layers)} layers (0..{len(layers) - 1})")
@@ -387,86 +366,3 @@ class LayerCache:
         mask = cached.batch.mask.to(cached.hidden.device)
         hidden = run_suffixes(self.model, cached.hidden, mask, upper, self.start, self.stop)
         return target_logprobs(self.model, hidden, cached.batch)
-
-
-DEFAULT_CACHE_MEMORY = 4 << 30  # bytes: leaves room for a 7B float16 model on a 24 GiB machine
-
-
-def parse_memory(text: str | int) -> int:
-    """Bytes from `4GiB`, `512MiB`, `2G`, `1.5GB` or a plain number of bytes (for --cache-memory)."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", str(text).lower())
-    if match is None:
-        raise SvdiclError(f"cannot read memory size {text!r}; write e.g. 4GiB, 512MiB or 2G")
-    return int(float(match.group(1)) * units[match.group(2)])
-
-
-@dataclass(frozen=True)
-class CacheCost:
-    """Bytes a `LayerCache` (or a shared prefix) needs, to check against --cache-memory before building it."""
-
-    fixed: int  # the prefix: its hidden states entering the start layer and its keys/values in every layer
-    per_token: int  # one cached suffix token, padding included: its hidden state entering the start layer
-    attention_per_token: int  # one layer's keys/values per token, stored and repeated to every query head
-    heads: int
-    intermediate: int
-    vocab: int
-    itemsize: int
-
-    def working(self, rows: int, length: int, prefix_length: int) -> int:
-        """Transient bytes of one batch's forward (one layer at a time): keys/values, attention scores, MLP, head."""
-        keys = rows * (prefix_length + length) * self.attention_per_token
-        scores = rows * self.heads * length * (prefix_length + length) * 4
-        mlp = 3 * rows * length * self.intermediate * self.itemsize
-        head = 2 * min(rows * length, _HEAD_ROWS) * self.vocab * 4
-        return keys + scores + mlp + head
-
-
-def cache_cost(model: nn.Module, prefix_length: int) -> CacheCost:
-    """What a layer cache for a prefix of `prefix_length` tokens holds, whatever its start layer.
-
-    Below the start layer it keeps the prefix's keys/values (to encode suffixes), above it the
-    keys/values of the current edit: every layer once, plus the prefix's hidden states.
-    """
-    _arch(model)
-    family = family_of(model)
-    _, layers = layer_stack(model)
-    itemsize = model.get_input_embeddings().weight.element_size()
-    kv = [2 * layer.get_submodule(family.matrices["k"]).weight.shape[0] * itemsize for layer in layers]
-    queries = [2 * layer.get_submodule(family.matrices["q"]).weight.shape[0] * itemsize for layer in layers]
-    hidden = model.get_input_embeddings().weight.shape[1] * itemsize
-    first = layers[0].get_submodule(family.matrices["up" if "up" in family.matrices else "fc_in"])
-    return CacheCost(
-        fixed=prefix_length * (hidden + sum(kv)),
-        per_token=hidden,
-        attention_per_token=max(k + q for k, q in zip(kv, queries, strict=True)),
-        heads=model.config.num_attention_heads,
-        intermediate=first.weight.shape[0],
-        vocab=model.get_output_embeddings().weight.shape[0],
-        itemsize=itemsize,
-    )
-
-
-def plan_passes(model: nn.Module, prefix_length: int, shapes: Sequence[tuple[int, int]], budget: int) -> list[range] | None:
-    """Group consecutive batches, given as (rows, padded length), into passes whose cache fits `budget`.
-
-    Each pass is encoded and swept on its own (the prefix's layers start..L then run once per
-    pass and edit).  None when not even one batch fits: the caller falls back to the plain path.
-    """
-    cost = cache_cost(model, prefix_length)
-    room = budget - cost.fixed - max((cost.working(r, n, prefix_length) for r, n in shapes), default=0)
-    passes: list[range] = []
-    first, used = 0, 0
-    for i, (rows, length) in enumerate(shapes):
-        size = rows * length * cost.per_token
-        if size > room:
-            return None
-        if used + size > room:
-            passes.append(range(first, i))
-            first, used = i, 0
-        used += size
-    if first < len(shapes):
-        passes.append(range(first, len(shapes)))
-    return passes

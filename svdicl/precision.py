@@ -32,7 +32,7 @@ from torch import nn
 from svdicl import calibration as cal
 from svdicl import forward as fw
 from svdicl.errors import SvdiclError
-from svdicl.scoring import Request, Scores, SuffixPlan, plan_suffixes
+from svdicl.requests import Request, Scores, SuffixPlan, plan_suffixes
 from svdicl.targets import layer_stack
 
 PRECISIONS = ("mixed", "float32")

@@ -6,7 +6,9 @@ holds each canonical matrix (q, k, v, o, gate, up, down, fc_in, fc_out).  Fused 
 matrix: the groups `attn`/`mlp` truncate them whole, as one matrix, because that is the weight
 the model owns.  Asking for a single canonical matrix (`q`, `k`, `v`, `gate`, `up`) truncates
 only its rows of the fused weight.  Everything is expressed in the logical (out, in)
-orientation; GPT-2's Conv1D stores W transposed and is read through `transposed`.
+orientation; GPT-2's Conv1D stores W transposed and is read through `transposed`.  A family
+svdicl.forward runs in pieces also names its final norm, cache keyword, rotary embedding and
+layer types: the one table of architecture facts.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Fused:
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture family's table: where the decoder layers are and each matrix's module path."""
+    """One architecture family's row: where the decoder layers are, each matrix's module path, and what the fast paths need."""
 
     name: str
     layers: str  # dotted path of the ModuleList of decoder layers
@@ -48,6 +50,18 @@ class Family:
     attn: tuple[str, ...]  # the `attn` group, in canonical names or whole fused modules
     mlp: tuple[str, ...]
     whole: dict[str, str] = field(default_factory=dict)  # names of whole fused modules
+    # What svdicl.forward's layer loop needs (its fast paths run only where `fast_path` is set):
+    fast_path: bool = False
+    norm: str = "norm"  # final norm, inside `base`
+    cache_arg: str = "past_key_values"  # keyword a decoder layer took the cache by before transformers renamed it `cache`
+    rotary: str = "shared"  # "shared": base.rotary_emb(h, pos); "per_type": one per layer type; "inside": the attention
+    #   does it (unless this transformers gives the base model a shared `rotary_emb`, as it does GPT-J since 5.2x)
+    layer_types: str = "full"  # "full": all causal; "window": config.sliding_window (if set) everywhere; "config": its list
+
+    @property
+    def base(self) -> str:
+        """The module holding the decoder layers, embeddings, rotary embedding and final norm."""
+        return self.layers.rpartition(".")[0]
 
 
 _LLAMA = dict(
@@ -72,11 +86,11 @@ def _register(names: Sequence[str], **spec) -> None:
         FAMILIES[name] = Family(name=name, **spec)
 
 
-_register(
-    ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo2", "granite"],
-    layers="model.layers",
-    **_LLAMA,
-)
+_register(["llama", "gemma"], layers="model.layers", fast_path=True, **_LLAMA)
+_register(["mistral"], layers="model.layers", fast_path=True, layer_types="window", **_LLAMA)
+_register(["qwen2", "qwen3", "gemma2"], layers="model.layers", fast_path=True, layer_types="config", **_LLAMA)
+_register(["gemma3_text"], layers="model.layers", fast_path=True, rotary="per_type", layer_types="config", **_LLAMA)
+_register(["olmo2", "granite"], layers="model.layers", **_LLAMA)
 _register(["gemma3"], layers="model.language_model.layers", **_LLAMA)
 _register(
     ["gptj"],
@@ -91,6 +105,10 @@ _register(
     },
     attn=("q", "k", "v", "o"),
     mlp=("fc_in", "fc_out"),
+    fast_path=True,
+    norm="ln_f",
+    cache_arg="layer_past",
+    rotary="inside",
 )
 _register(
     ["gpt2"],

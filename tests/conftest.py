@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers as tf
 
-import svdicl.experiments.lines as scoring_lines
+import svdicl.experiments.calls as scoring_calls
 from svdicl.cli import main
 from svdicl.experiments.grid import SweepGrid
 from svdicl.experiments.runs import EvalRun, prepare_run
@@ -211,8 +211,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 class KillingStore(Store):
-    """Counts every put; after the first, kills (by `kill(task)`) the worker whose line still has cells to score:
-    an executor must redo that line's unfinished cells on a fresh worker and lose none."""
+    """Counts every put; after the first, kills (by `kill(task)`) the worker whose job still has cells to score:
+    an executor must redo that job's unfinished cells on a fresh worker and lose none."""
 
     def __init__(self, path, executor, kill) -> None:
         super().__init__(path)
@@ -221,8 +221,8 @@ class KillingStore(Store):
     def put(self, key, result, seconds=0.0):
         self.puts[key.id] += 1
         if self.killed is None:
-            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.line.cells))
-            self.killed = (task.received, len(task.line.cells))
+            task = next(t for t in self.executor.running.values() if 0 < t.received < len(t.job.cells))
+            self.killed = (task.received, len(task.job.cells))
             self.kill(task)
         return super().put(key, result, seconds)
 
@@ -375,7 +375,7 @@ class Calls:
         self.cells: list[tuple[int, str]] = []  # (shots, edit) of every cell requested
         self.yielded = 0
         self.stop_after = stop_after
-        real = scoring_lines.evaluate_edits
+        real = scoring_calls.evaluate_edits
 
         def wrapped(loaded, run, edits, **options):
             self.edits.append([";".join(map(str, specs)) or "none" for specs in edits])
@@ -386,7 +386,7 @@ class Calls:
                 self.yielded += 1
                 yield item
 
-        monkeypatch.setattr(scoring_lines, "evaluate_edits", wrapped)
+        monkeypatch.setattr(scoring_calls, "evaluate_edits", wrapped)
 
     @property
     def requested(self) -> list[str]:
@@ -447,14 +447,14 @@ def assert_same_contents(a: dict, b: dict) -> None:
 
 
 class _Computing:
-    """An executor without a model: `compute(key)` for each cell of each line, in this process."""
+    """An executor without a model: `compute(key)` for each cell of each job, in this process."""
 
     def __init__(self, compute) -> None:
         self.compute = compute
 
-    def map(self, work, lines, progress=None):
-        for line in lines:
-            for key, _ in line.cells:
+    def map(self, work, jobs, progress=None):
+        for job in jobs:
+            for key, _ in job.cells:
                 yield key, self.compute(key), 0.0
 
     def close(self) -> None:
@@ -462,10 +462,10 @@ class _Computing:
 
 
 def fill(store: Store, keys, compute: Callable[[CellKey], Result]) -> list[Cell]:
-    """Store `compute(key)` for every key missing from `store` as sweeps and searches do (evaluate_lines: claims,
-    waiting for cells other processes compute, resuming), each key its own line; the cells in key order, once each."""
+    """Store `compute(key)` for every key missing from `store` as sweeps and searches do (evaluate_calls: claims,
+    waiting for cells other processes compute, resuming), each key its own job; the cells in key order, once each."""
     keys = list(dict.fromkeys(keys))
-    scoring_lines.evaluate_lines(None, [(lambda: None, [(key, ())]) for key in keys], store, executor=_Computing(compute))
+    scoring_calls.evaluate_calls(None, [(lambda: None, [(key, ())]) for key in keys], store, executor=_Computing(compute))
     return [store.get(key) for key in keys]
 
 

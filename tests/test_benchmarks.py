@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_model
 
 from svdicl.prune import pruned
-from svdicl.scoring import Request, choose, score
+from svdicl.requests import Request
+from svdicl.scoring import choose, score_requests
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 REQUESTS = [
@@ -44,7 +45,7 @@ def test_sweep_speed_reference_matches_svdicl_and_restores_the_weights():
     assert all(torch.equal(w, before[name]) for name, w in weights.items())
     for rate, reference in zip((0.0, 0.5), per_rate, strict=True):
         with pruned(model, layers=2, modules="mlp", rate=rate):
-            ours = score(model, REQUESTS, batch_size=2)
+            ours = score_requests(model, REQUESTS, batch_size=2)
         for scores, row in zip(ours, reference, strict=True):
             assert list(scores.logprobs) == pytest.approx(row, abs=1e-4)
     assert flat(per_rate[0]) != pytest.approx(flat(per_rate[1]), abs=1e-3)  # the edit moves the answer, so the check can fail
@@ -56,6 +57,6 @@ def test_throughput_raw_forward_predicts_as_svdicl():
     bench = load("throughput")
     model = tiny_model("llama", seed=1)
     single = REQUESTS[:2] * 3
-    expected = [choose(s)[0] for s in score(model, single, batch_size=4)]
+    expected = [choose(s)[0] for s in score_requests(model, single, batch_size=4)]
     assert len(set(expected)) > 1  # both answers occur, so a wrong label column would show
     assert bench.raw_predictions(model, single, batch_size=4, pad_id=0) == expected

@@ -25,7 +25,7 @@ from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import sweep
 from svdicl.prune import pruned
-from svdicl.scoring import score
+from svdicl.scoring import score_requests
 from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
@@ -143,7 +143,7 @@ def test_eval_with_calibration_scores_probes_on_the_same_path_and_writes_them(to
     prefix = evaluate_run(loaded, run, path="prefix")
     plain = evaluate_run(loaded, run, path="plain")
     assert prefix.timing["path"] == "prefix" and plain.timing["path"] == "plain"
-    reference = score(loaded.model, run.probe_requests)  # the probes alone, on the plain path
+    reference = score_requests(loaded.model, run.probe_requests)  # the probes alone, on the plain path
     for a, b, c in zip(prefix.probe_scores, plain.probe_scores, reference, strict=True):
         assert a.logprobs == pytest.approx(c.logprobs, abs=1e-4) and b.logprobs == pytest.approx(c.logprobs, abs=1e-4)
     values = np.array([s.logprobs for s in plain.scores])
@@ -213,7 +213,7 @@ def test_calibration_queries_ride_the_layer_path_under_an_edit(toy):
     ((_, layer),) = evaluate_edits(loaded, run, [edit], path="layer")
     assert layer.timing["path"] == "layer"
     with pruned(loaded.model, specs=edit):
-        reference = score(loaded.model, run.probe_requests)  # plain path, the same edit
+        reference = score_requests(loaded.model, run.probe_requests)  # plain path, the same edit
         direct = evaluate_run(loaded, run, path="plain")
     for a, b in zip(layer.probe_scores, reference, strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-4)

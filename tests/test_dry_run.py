@@ -13,7 +13,7 @@ from svdicl.cli import main
 from svdicl.experiments.evaluate import evaluate
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import load_task_splits, sweep
-from svdicl.scoring import forwarded_tokens
+from svdicl.requests import forwarded_tokens
 from svdicl.store import Store
 from svdicl.tasks import get_task
 

@@ -81,7 +81,7 @@ def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
     options = dict(seeds=(0,), data_dir=task_dir / "data", quiet=True)
     reference = evaluate(loaded, task, output=task_dir / "reference", **options).to_json()
 
-    real_score, calls = evaluation.score, []
+    real_score, calls = evaluation.score_requests, []
 
     def interrupted(*args, **kwargs):
         calls.append(len(args[1]))
@@ -89,7 +89,7 @@ def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
             raise KeyboardInterrupt
         return real_score(*args, **kwargs)
 
-    monkeypatch.setattr(evaluation, "score", interrupted)
+    monkeypatch.setattr(evaluation, "score_requests", interrupted)
     out = task_dir / "out"
     with pytest.raises(KeyboardInterrupt):
         evaluate(loaded, task, output=out, **options)
@@ -99,7 +99,7 @@ def test_interrupted_run_resumes_without_rescoring(task_dir, monkeypatch):
     with open(unfinished, "a") as handle:
         handle.write('{"id": "te')  # a line torn by the interruption
 
-    monkeypatch.setattr(evaluation, "score", real_score)
+    monkeypatch.setattr(evaluation, "score_requests", real_score)
     results = evaluate(loaded, task, output=out, **options).to_json()
     assert results["runs"][0]["timing"]["examples_reused"] == evaluation.CHUNK
     assert results["runs"][0]["timing"]["examples_scored"] == N_TEST - 10 - evaluation.CHUNK
@@ -118,7 +118,7 @@ def test_finished_output_is_reused_and_a_different_run_is_refused(task_dir, monk
     def no_scoring(*args, **kwargs):
         raise AssertionError("a finished evaluation must not be scored again")
 
-    monkeypatch.setattr(evaluation, "score", no_scoring)
+    monkeypatch.setattr(evaluation, "score_requests", no_scoring)
     assert evaluate(loaded, task, **options).to_json() == first
     with pytest.raises(SvdiclError, match=r"holds a different evaluation.*--overwrite"):
         evaluate(loaded, task, shots=1, **options)

@@ -1,5 +1,5 @@
 """Executors: a sweep (and a search) on Ray workers fills the store the local executor fills; a worker
-killed mid-line loses no finished cell and the sweep completes; workers are planned from the cluster's
+killed mid-job loses no finished cell and the sweep completes; workers are planned from the cluster's
 resources; a missing ray and Ray flags without it are one-line errors."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from conftest import KillingStore, assert_same_contents, contents, grid, one_lin
 
 from svdicl.cli import main
 from svdicl.errors import SvdiclError
+from svdicl.experiments.calls import score_job
 from svdicl.experiments.cells import Scoring
-from svdicl.experiments.executors import Line, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
-from svdicl.experiments.lines import score_line
+from svdicl.experiments.executors import Job, RayExecutor, RaySettings, _Worker, open_executor, ray_plan
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.search import SearchConfig, search
 from svdicl.experiments.sweep import sweep
@@ -65,16 +65,16 @@ def test_cli_sweep_on_ray_fills_the_store_the_local_executor_fills(toy, ray_clus
     assert main([*argv, "--output", str(tmp_path / "ray"), "--executor", "ray", "--workers", "2"]) == 0
     assert "18 cells, 18 scored now" in capsys.readouterr().out
     cells = Store(tmp_path / "ray").cells()
-    assert {c.info["scoring"]["path"] for c in cells} == {"layer"}  # whole lines shipped: the layer cache pays
+    assert {c.info["scoring"]["path"] for c in cells} == {"layer"}  # whole jobs shipped: the layer cache pays
     assert main([*argv, "--output", str(tmp_path / "local")]) == 0
     assert_same_contents(contents(Store(tmp_path / "local")), contents(Store(tmp_path / "ray")))
     assert main([*argv, "--output", str(tmp_path / "ray")]) == 0  # resume reads the store, whichever executor filled it
     assert "18 cells, 0 scored now and 18 from the store" in capsys.readouterr().out
 
 
-def test_a_worker_killed_mid_line_loses_no_finished_cell_and_the_sweep_completes(toy, workers, tmp_path):
+def test_a_worker_killed_mid_job_loses_no_finished_cell_and_the_sweep_completes(toy, workers, tmp_path):
     task, folder = toy
-    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # lines of 3-4 cells, so the kill lands mid-line
+    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # jobs of 3-4 cells, so the kill lands mid-job
     store = KillingStore(tmp_path / "ray", workers, kill=_kill_ray_actor)
     restarts = workers.restarts
     loaded = load_model(str(folder))
@@ -101,9 +101,9 @@ def test_a_worker_error_reaches_the_driver_as_itself(toy, workers):
     task, folder = toy
     loaded = load_model(str(folder))
     run = prepare_run(loaded, str(task), split="test", shots=0, limit=4, data_dir=task.parent / "data")
-    line = Line(run, ((CellKey(loaded.fingerprint, "toy", "test", 0, 0, "9:mlp:0.5"), (PruneSpec("9", "mlp", 0.5),)),))
+    job = Job(run, ((CellKey(loaded.fingerprint, "toy", "test", 0, 0, "9:mlp:0.5"), (PruneSpec("9", "mlp", 0.5),)),))
     with pytest.raises(SvdiclError, match="layer 9 is out of range"):
-        list(workers.map(functools.partial(score_line, scoring=Scoring()), [line]))
+        list(workers.map(functools.partial(score_job, scoring=Scoring()), [job]))
 
 
 def test_a_worker_with_other_weights_refuses_to_score(toy):

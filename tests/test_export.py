@@ -249,7 +249,8 @@ def test_lm_eval_scores_a_factorized_export_through_hflm(tmp_path):
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from svdicl.scoring import Request, score
+    from svdicl.requests import Request
+    from svdicl.scoring import score_requests
 
     loaded = loaded_tiny("llama")
     specs = [PruneSpec("all", "mlp", 0.75)]
@@ -262,7 +263,7 @@ def test_lm_eval_scores_a_factorized_export_through_hflm(tmp_path):
         Request((), tuple(lm.tok_encode(context)), (tuple(lm.tok_encode(c, add_special_tokens=False)),)) for context, c in pairs
     ]
     with svdicl.pruned(loaded.model, specs=specs):
-        expected = [s.logprobs[0] for s in score(loaded.model, requests)]
-    unpruned = [s.logprobs[0] for s in score(loaded.model, requests)]
+        expected = [s.logprobs[0] for s in score_requests(loaded.model, requests)]
+    unpruned = [s.logprobs[0] for s in score_requests(loaded.model, requests)]
     assert [lp for lp, _ in answers] == pytest.approx(expected, abs=1e-4)
     assert all(abs(a - u) > 1e-3 for (a, _), u in zip(answers, unpruned, strict=True))

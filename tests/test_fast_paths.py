@@ -10,7 +10,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import LABEL_TASKS, assert_same, build, edits_at, label_eval_argv, moved, save_model, tiny_loaded, tiny_run
+from conftest import (
+    LABEL_TASKS,
+    assert_same,
+    build,
+    edits_at,
+    label_eval_argv,
+    moved,
+    save_model,
+    tiny_loaded,
+    tiny_run,
+)
 
 from svdicl import forward as fw
 from svdicl.cli import main
@@ -18,8 +28,10 @@ from svdicl.errors import SvdiclError
 from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
+from svdicl.memory import cache_cost
 from svdicl.prune import pruned
-from svdicl.scoring import Request, SharedPrefix, choose_path, plan_suffixes, score, shared_prefix
+from svdicl.requests import Request, plan_suffixes, shared_prefix
+from svdicl.scoring import SharedPrefix, choose_path, score_requests
 from svdicl.specs import PruneSpec
 
 # Labels of several characters are several tokens for the character-level tokenizer; "+"/"-" are one.
@@ -88,7 +100,7 @@ def test_memory_budget_chunks_or_falls_back_with_identical_results(label_tasks):
     plain = list(evaluate_edits(loaded, run, edits, path="plain"))
     prefix = shared_prefix(run.requests)
     plan = plan_suffixes(run.requests, prefix, batch_size=4)
-    cost = fw.cache_cost(loaded.model, len(prefix))
+    cost = cache_cost(loaded.model, len(prefix))
     working = max(cost.working(rows, n, len(prefix)) for rows, n in plan.shapes)
     biggest = max(rows * n for rows, n in plan.shapes) * cost.per_token
     budgets = {
@@ -140,15 +152,15 @@ def test_shared_prefix_moves_its_last_token_into_suffixes_when_a_context_is_empt
     opening = [Request((1, 5), (8, 9, 4), ((10,), (11,))), Request((1, 5), (8, 9, 3, 2), ((12,), (13,)))]
     assert shared_prefix(opening) == (1, 5, 8, 9)  # the contexts' common opening runs once too
     assert shared_prefix(opening[:1] * 2) == (1, 5, 8, 9)  # each keeps its last context token, which predicts the answer
-    fast = score(model, opening, batch_size=2, prefix=SharedPrefix(model, shared_prefix(opening)))
-    for a, b in zip(fast, score(model, opening, batch_size=2), strict=True):
+    fast = score_requests(model, opening, batch_size=2, prefix=SharedPrefix(model, shared_prefix(opening)))
+    for a, b in zip(fast, score_requests(model, opening, batch_size=2), strict=True):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
-    plain = score(model, requests, batch_size=2)
-    fast = score(model, requests, batch_size=2, prefix=SharedPrefix(model, shared_prefix(requests)))
+    plain = score_requests(model, requests, batch_size=2)
+    fast = score_requests(model, requests, batch_size=2, prefix=SharedPrefix(model, shared_prefix(requests)))
     for a, b in zip(fast, plain, strict=True):
         assert a.n_tokens == b.n_tokens and a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
     with pytest.raises(SvdiclError, match="shared prefix"):
-        score(model, requests, prefix=SharedPrefix(model, (1, 5, 9)))
+        score_requests(model, requests, prefix=SharedPrefix(model, (1, 5, 9)))
     other = [requests[1], Request((1, 5), (8, 9), ((10,), (11,)))]
     assert shared_prefix(other) is None
     assert "do not share" in choose_path(model, other).fallback

@@ -309,7 +309,8 @@ def test_eval_batch_size_below_one(capsys, tiny_dir, toy, tmp_path, size):
 
 
 def test_library_batch_size_below_one_is_one_line():
-    from svdicl.scoring import Request, choose_path
+    from svdicl.requests import Request
+    from svdicl.scoring import choose_path
 
     requests = [Request((1, 5), (6,), ((7,), (8,)))]
     with pytest.raises(SvdiclError, match=r"--batch-size must be at least 1, got 0"):
@@ -362,7 +363,7 @@ def test_force_with_a_dense_export_is_refused(capsys, tiny_dir, tmp_path):
 
 
 def test_a_too_long_example_is_told_apart_from_too_many_shots():
-    from svdicl.scoring import build_requests
+    from svdicl.requests import build_requests
 
     tokenizer = tiny_tokenizer()
     demos = "q: ab a: Yes\n" * 5

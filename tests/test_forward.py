@@ -10,6 +10,7 @@ from conftest import TINY_CONFIGS, WINDOWED, build
 
 import svdicl
 from svdicl import forward as fw
+from svdicl import memory
 from svdicl.errors import SvdiclError
 
 # Sliding windows shorter than the test sequences (12-token prefix + up to 7 tokens), so they matter.
@@ -57,7 +58,7 @@ def test_shared_prefix_path_matches_plain_forward(case):
     model = build(case)
     prefix, suffixes = random_inputs()
     want = plain_logprobs(model, prefix, suffixes)
-    assert_matches(fw.score(model, fw.SuffixBatch.of(suffixes), fw.prefix_kv(model, prefix)), want)
+    assert_matches(fw.suffix_logprobs(model, fw.SuffixBatch.of(suffixes), fw.prefix_kv(model, prefix)), want)
     if case in WINDOWED:  # the window really cuts attention in these sequences
         model.config.sliding_window = 1000
         assert (plain_logprobs(model, prefix, suffixes) - want).abs().max().item() > 1e-3
@@ -68,12 +69,14 @@ def test_empty_prefix_and_single_token_suffixes():
     prefix, suffixes = random_inputs(seed=2, prefix_length=0, lengths=(1, 4, 1))
     batch = fw.SuffixBatch.of(suffixes)
     want = plain_logprobs(model, prefix, suffixes)
-    assert_matches(fw.score(model, batch, fw.prefix_kv(model, prefix)), want)
+    assert_matches(fw.suffix_logprobs(model, batch, fw.prefix_kv(model, prefix)), want)
     cache = fw.LayerCache(model, prefix, 1)
     assert_matches(cache.score(cache.encode(batch), cache.prefix()), want)
     prefix, _ = random_inputs(seed=3)
     _, one = random_inputs(seed=3, lengths=(1, 1))
-    assert_matches(fw.score(model, fw.SuffixBatch.of(one), fw.prefix_kv(model, prefix)), plain_logprobs(model, prefix, one))
+    assert_matches(
+        fw.suffix_logprobs(model, fw.SuffixBatch.of(one), fw.prefix_kv(model, prefix)), plain_logprobs(model, prefix, one)
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -111,7 +114,7 @@ def test_stale_inputs_are_refused():
     with torch.no_grad():
         model.get_input_embeddings().weight.mul_(1)  # an in-place edit of the embeddings, which layer 0 reads
     with pytest.raises(SvdiclError, match="other weights"):
-        fw.score(model, batch, full)
+        fw.suffix_logprobs(model, batch, full)
 
 
 @pytest.mark.parametrize("family", sorted(set(TINY_CONFIGS) - fw.SUPPORTED))
@@ -140,36 +143,10 @@ def test_cache_cost_counts_what_the_cache_holds(case):
     for start in (0, 2):
         cache = fw.LayerCache(model, prefix, start)
         cached = cache.encode(batch)
-        cost = fw.cache_cost(model, len(prefix))
+        cost = memory.cache_cost(model, len(prefix))
         held = cache.lower.nbytes + cache.prefix_hidden.numel() * cache.prefix_hidden.element_size() + cache.prefix().nbytes
         assert cost.fixed == held
         assert cost.per_token * batch.ids.numel() == cached.hidden.numel() * cached.hidden.element_size()
-
-
-def test_plan_passes_keeps_each_pass_within_budget():
-    model = build("llama")
-    shapes = [(8, 20), (8, 30), (8, 25), (4, 40), (8, 10)]
-    cost = fw.cache_cost(model, 50)
-    working = max(cost.working(r, n, 50) for r, n in shapes)
-    assert fw.plan_passes(model, 50, shapes, 1 << 40) == [range(0, 5)]
-    budget = cost.fixed + working + 2 * 8 * 30 * cost.per_token
-    passes = fw.plan_passes(model, 50, shapes, budget)
-    assert [i for p in passes for i in p] == list(range(5)) and len(passes) > 1
-    for group in passes:
-        assert cost.fixed + working + sum(shapes[i][0] * shapes[i][1] * cost.per_token for i in group) <= budget
-    assert fw.plan_passes(model, 50, shapes, cost.fixed) is None  # not even one batch: use the plain path
-
-
-@pytest.mark.parametrize(
-    ("text", "size"), [("4GiB", 4 << 30), ("512MiB", 512 << 20), ("2G", 2 << 30), ("1.5gb", 3 << 29), ("1000", 1000)]
-)
-def test_parse_memory(text, size):
-    assert fw.parse_memory(text) == size
-
-
-def test_parse_memory_refuses_nonsense():
-    with pytest.raises(SvdiclError, match="memory size"):
-        fw.parse_memory("lots")
 
 
 def real_inputs(tokenizer):
@@ -197,7 +174,7 @@ def predictions(logprobs: torch.Tensor) -> list[int]:
 def check_real(model, prefix, suffixes, atol: float, same_predictions: bool) -> None:
     batch = fw.SuffixBatch.of(suffixes)
     want = plain_logprobs(model, prefix, suffixes)
-    got = fw.score(model, batch, fw.prefix_kv(model, prefix))
+    got = fw.suffix_logprobs(model, batch, fw.prefix_kv(model, prefix))
     assert_matches(got, want, atol)
     for start in (0, 15, 29):
         cache = fw.LayerCache(model, prefix, start)
@@ -224,7 +201,7 @@ def test_fast_paths_use_no_deprecated_transformers_keyword(family):
     batch = fw.SuffixBatch.of(suffixes)
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
-        fw.score(model, batch, fw.prefix_kv(model, prefix))
+        fw.suffix_logprobs(model, batch, fw.prefix_kv(model, prefix))
         cache = fw.LayerCache(model, prefix, 1)
         cache.score(cache.encode(batch), cache.prefix())
 

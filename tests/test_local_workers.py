@@ -50,7 +50,7 @@ def test_worker_processes_fill_the_store_the_sequential_executor_fills(toy, proc
 
 def test_a_killed_worker_process_loses_no_finished_cell_and_its_cells_are_redone(toy, processes, tmp_path):
     task, folder = toy
-    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # lines of 3-4 cells, so the kill lands mid-line
+    changes = {"rates": (0, 0.5, 0.9, 0.99), "shots": (1,)}  # jobs of 3-4 cells, so the kill lands mid-job
     store = KillingStore(tmp_path / "killed", processes, kill=_kill_process)
     restarts = processes.restarts
     result = sweep(load_model(str(folder)), grid(task, **changes), store, data_dir=task.parent / "data", progress=False,

@@ -14,7 +14,7 @@ from svdicl.experiments.edits import evaluate_edits
 from svdicl.experiments.runs import prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import pruned
-from svdicl.scoring import Scores
+from svdicl.requests import Scores
 from svdicl.specs import PruneSpec
 from svdicl.tasks import get_task
 

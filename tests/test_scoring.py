@@ -9,7 +9,8 @@ from conftest import reference_logprobs, tiny_model, tiny_tokenizer
 
 from svdicl.errors import SvdiclError
 from svdicl.prompts import build_prompt, demonstrations_text, sample_demonstrations
-from svdicl.scoring import Scores, build_requests, choose, context_length, forwarded_tokens, score
+from svdicl.requests import Scores, build_requests, context_length, forwarded_tokens
+from svdicl.scoring import choose, score_requests
 from svdicl.tasks import get_task, parse_task
 from svdicl.tasks.data import Example, load_splits
 
@@ -49,7 +50,7 @@ def check_against_reference(model, tokenizer, task, demonstrations, examples, ba
             assert request.prefix + request.context + continuation == tuple(tokenizer(prompt.text + candidate)["input_ids"])
     expected = [reference_logprobs(model, tokenizer, p.text, p.candidates) for p in prompts]
     for side in ("left", "right"):
-        batched = score(model, requests, batch_size=batch_size, pad_id=tokenizer.pad_token_id, padding_side=side)
+        batched = score_requests(model, requests, batch_size=batch_size, pad_id=tokenizer.pad_token_id, padding_side=side)
         for prompt, scores, want in zip(prompts, batched, expected, strict=True):
             # 1e-4 per token: the LM head on a few rows rounds differently (~2e-5) from full logits.
             for got, reference, n in zip(scores.logprobs, want, scores.n_tokens, strict=True):
@@ -141,13 +142,13 @@ def test_choose_breaks_ties_to_the_lowest_index_and_reports_them():
 
 def test_bad_batch_options_are_refused():
     with pytest.raises(SvdiclError, match="padding side"):
-        score(tiny_model("llama"), [], padding_side="middle")
+        score_requests(tiny_model("llama"), [], padding_side="middle")
     with pytest.raises(SvdiclError, match="batch size"):
-        score(tiny_model("llama"), [], batch_size=0)
+        score_requests(tiny_model("llama"), [], batch_size=0)
 
 
 def cut_per_token(tokens, offsets, cuts, name):
-    """The per-token loop `scoring._cut` replaced: the reference for its vectorised version."""
+    """The per-token loop `requests._cut` replaced: the reference for its vectorised version."""
     parts = [[], [], []]
     for token, (start, end) in zip(tokens, offsets, strict=True):
         part = sum(end > cut for cut in cuts)
@@ -160,7 +161,7 @@ def cut_per_token(tokens, offsets, cuts, name):
 
 
 def test_vectorised_cut_agrees_with_the_per_token_loop():
-    from svdicl.scoring import _cut
+    from svdicl.requests import _cut
 
     rng = random.Random(0)
     for trial in range(3000):

@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import EXAMPLES, Calls, one_line_error, save_model, toy_loaded
 
+import svdicl.experiments.calls as scoring_calls
 import svdicl.experiments.condition as condition
-import svdicl.experiments.lines as scoring_lines
 from svdicl.calibration import METHODS
 from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
@@ -37,7 +37,7 @@ from svdicl.experiments.searches import export_folders, search_configs
 from svdicl.experiments.sweep import load_task_splits
 from svdicl.prune import EditRecord, pruned
 from svdicl.report import build_report
-from svdicl.scoring import Scores
+from svdicl.requests import Scores
 from svdicl.specs import PruneSpec
 from svdicl.stats import compare, holm, paired_comparison, wilson_interval
 from svdicl.store import Store
@@ -115,7 +115,7 @@ def test_rate_star_is_chosen_on_the_seed_mean(toy, monkeypatch):
             scores += [Scores((0.0, 0.0), (1, 1))] * len(run.probe_requests)
             yield EditRecord(tuple(specs), ()), finish_run(run, scores, False, {"path": "planted", "fallback": None})
 
-    monkeypatch.setattr(scoring_lines, "evaluate_edits", planted)
+    monkeypatch.setattr(scoring_calls, "evaluate_edits", planted)
     config = SearchConfig(
         str(toy), "mlp", rates=(0.5, 0.9, 0.99), layer=1, seeds=(0, 1), limit_validation=20, limit_test=20, arms="none"
     )
@@ -403,7 +403,7 @@ def test_the_search_progress_bar_ends_at_its_total_when_calibrated_rates_add_tes
     loaded, out = planted_loaded(), toy.parent / "out"
     config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0, 1), limit_validation=20, limit_test=24)
     splits = next(iter(load_task_splits([str(toy)], toy.parent / "data").values()))
-    progress = scoring_lines.Progress(config.examples(splits), "search", enabled=False)
+    progress = scoring_calls.Progress(config.examples(splits), "search", enabled=False)
     result = search(loaded, config, Store(out), splits=splits, progress=progress)
     assert sorted({a["rate"] for a in result.arms}) == [0.0, 0.5, 0.9]  # three test rates, two control rates
     assert progress.done == progress.bar.total > config.examples(splits)

@@ -20,7 +20,7 @@ from conftest import (
 from svdicl.cli import main, parse_args
 from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
-from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines, parse_ints, parse_list, parse_rates
+from svdicl.experiments.grid import SweepGrid, layer_sets, module_sets, parse_ints, parse_list, parse_rates
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import prepare_run
 from svdicl.experiments.sweep import load_task_splits, plan_sweep, sweep
@@ -32,13 +32,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_lines_rates_and_their_errors():
-    assert layer_lines("first2,last2", 30) == ["0", "1", "28", "29"]
-    assert layer_lines(["0+1", "last1", "-1"], 30) == ["0,1", "29"]
-    assert layer_lines("first2+last2", 30) == ["0,1,28,29"]
-    assert module_lines("mlp,attn") == ["mlp", "attn"] and module_lines(["q+k", "mlp"]) == ["q,k", "mlp"]
+    assert layer_sets("first2,last2", 30) == ["0", "1", "28", "29"]
+    assert layer_sets(["0+1", "last1", "-1"], 30) == ["0,1", "29"]
+    assert layer_sets("first2+last2", 30) == ["0,1,28,29"]
+    assert module_sets("mlp,attn") == ["mlp", "attn"] and module_sets(["q+k", "mlp"]) == ["q,k", "mlp"]
     assert parse_rates("0.9, 0, 0.5,0.9") == (0.0, 0.5, 0.9)
     with pytest.raises(SvdiclError, match="layer 30 is out of range"):
-        layer_lines("30", 30)
+        layer_sets("30", 30)
     with pytest.raises(SvdiclError, match=r"outside \[0, 1\)"):
         parse_rates("0.5,1.2")
     with pytest.raises(SvdiclError, match="not a number"):
@@ -194,5 +194,5 @@ def test_example_sweep_configs_are_valid(name):
         split=args.split,
         limit=args.limit,
     )
-    assert len(layer_lines(chosen.layers, 30)) >= 2 and module_lines(chosen.modules) and args.output
+    assert len(layer_sets(chosen.layers, 30)) >= 2 and module_sets(chosen.modules) and args.output
     assert args.model == "smollm2-135m" and len(chosen.rates) >= 4

@@ -142,7 +142,8 @@ def add_scoring_args(parser: argparse.ArgumentParser, paths: tuple[str, ...]) ->
         "--cache-memory",
         default="4GiB",
         metavar="SIZE",
-        help="most memory the caches of the faster paths may take, e.g. 512MiB or 4GiB (default: 4GiB)",
+        help="most memory the caches of the faster paths may take, e.g. 512MiB or 4GiB; GiB/MiB are 2^30/2^20 bytes, "
+        "GB/MB 10^9/10^6, as in accelerate (default: 4GiB)",
     )
     return group
 
@@ -325,7 +326,7 @@ def executor_options(args: argparse.Namespace):
 def scoring_from(args: argparse.Namespace):
     """The Scoring of sweep and search that the scoring flags describe."""
     from svdicl.experiments.cells import Scoring
-    from svdicl.forward import parse_memory
+    from svdicl.memory import parse_memory
 
     return Scoring(
         batch_size=args.batch_size,

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     """Evaluate each --task under the optional edit and print per-seed metrics with their CIs."""
     from svdicl.errors import SvdiclError
     from svdicl.experiments.evaluate import RESULTS_FILE, evaluate
-    from svdicl.forward import parse_memory
+    from svdicl.memory import parse_memory
     from svdicl.outputs import exclusive
     from svdicl.tasks import get_task
 

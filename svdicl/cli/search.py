@@ -163,7 +163,7 @@ def _print(result: SearchRecord) -> None:
     print(f"  rate* = {result.rate_star:g} (the validation argmax; ties go to the smaller rate)")
     paired = test.paired
     print(
-        f"  test {result.metric} (n={test.n}): {_estimate(test.baseline)} -> {_estimate(test.pruned)}"
+        f"  test {result.metric} (n={test.n}): {_printed_estimate(test.baseline)} -> {_printed_estimate(test.pruned)}"
         f"  paired Δ correct {paired.difference:+.4f} [{paired.low:+.4f}, {paired.high:+.4f}]"
         f"  p = {test.p_value:.3g} ({paired.method})"
     )
@@ -171,7 +171,7 @@ def _print(result: SearchRecord) -> None:
     print(f"  scored on the {', '.join(result.scoring.paths)} path" + (f" ({fallbacks})" if fallbacks else ""))
 
 
-def _estimate(entry: TestMetric) -> str:
+def _printed_estimate(entry: TestMetric) -> str:
     spread = f" ± {entry.std:.4f} (SD over seeds)" if entry.std is not None else ""
     return f"{entry.value:.4f}{spread} [{entry.ci_low:.4f}, {entry.ci_high:.4f}]"
 

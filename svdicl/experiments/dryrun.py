@@ -21,7 +21,7 @@ from pathlib import Path
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
-from svdicl.scoring import forwarded_tokens
+from svdicl.requests import forwarded_tokens
 from svdicl.store import CELLS_FILE, Cell
 from svdicl.tasks import TaskConfig
 from svdicl.tasks.data import TaskSplits

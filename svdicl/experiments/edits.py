@@ -15,7 +15,8 @@ from svdicl.experiments.run_scoring import _choose, _exact, _low, _pad_id, _scor
 from svdicl.experiments.runs import EvalRun, RunResult, finish_run
 from svdicl.models import LoadedModel
 from svdicl.prune import EditRecord, pruned
-from svdicl.scoring import ExecutionPath, LayerScorer, check_path, forwarded_tokens
+from svdicl.requests import forwarded_tokens
+from svdicl.scoring import ExecutionPath, LayerScorer, check_path
 from svdicl.specs import PruneSpec
 from svdicl.targets import resolve
 

@@ -32,7 +32,8 @@ from svdicl.experiments.runs import EvalRun, RunResult, limit_examples, prepare_
 from svdicl.files import replaced, write_atomic
 from svdicl.models import LoadedModel, as_loaded
 from svdicl.prune import pruned
-from svdicl.scoring import ExecutionPath, Scores
+from svdicl.requests import Scores
+from svdicl.scoring import ExecutionPath
 from svdicl.stats import INTERVALS, spread
 from svdicl.store import CELLS_FILE, CellKey, Result, Store
 from svdicl.tasks import TaskConfig, get_task

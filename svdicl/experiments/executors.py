@@ -1,19 +1,19 @@
 """Where cells are computed: in this process (local, the default) or on Ray worker actors.
 
-The unit of work is a `Line`: the missing cells of one prepared run under the edits of one
-layer/module line, which one evaluate_edits call scores so that the layer cache pays.  An
-executor takes lines and a work function `work(loaded, line, progress)` that yields one output
+The unit of work is a `Job`: the missing cells of one prepared run under the edits of one
+layer/module line of a sweep, which one evaluate_edits call scores so that the layer cache pays.  An
+executor takes jobs and a work function `work(loaded, job, progress)` that yields one output
 per cell, in order, and yields those outputs to the driver as they finish.  The driver alone
 writes the store, so a store filled by Ray workers holds what the local executor writes, and
 resume works the same way.
 
     local   N single-threaded worker processes (default: the free cores, svdicl.threads), each
-            loads the model once and scores many lines; with one worker (or a model only in
-            memory) the lines run in this process, on the driver's model
-    ray     N actors, each loads the model once and scores many lines
+            loads the model once and scores many jobs; with one worker (or a model only in
+            memory) the jobs run in this process, on the driver's model
+    ray     N actors, each loads the model once and scores many jobs
 
-Either way the line of a worker that dies goes to a fresh worker with only the cells not yet
-received (`_Redo`), and a line that killed DEATHS workers stops the run.
+Either way the job of a worker that dies goes to a fresh worker with only the cells not yet
+received (`_Redo`), and a job that killed DEATHS workers stops the run.
 """
 
 from __future__ import annotations
@@ -38,29 +38,29 @@ from svdicl.store import CellKey
 from svdicl.threads import ThreadPlan, apply_torch_threads, thread_plan
 
 EXECUTORS = ("local", "ray")
-DEATHS = 3  # a line whose actor died this often is not resubmitted again (it is what kills them)
+DEATHS = 3  # a job whose actor died this often is not resubmitted again (it is what kills them)
 
 
 @dataclass(frozen=True)
-class Line:
+class Job:
     """The cells of one prepared run that one evaluate_edits call scores, in order."""
 
     run: EvalRun
     cells: tuple[tuple[CellKey, tuple[PruneSpec, ...]], ...]
 
-    def rest(self, done: int) -> Line:
-        """The line without its first `done` cells (those already received)."""
+    def rest(self, done: int) -> Job:
+        """The job without its first `done` cells (those already received)."""
         return replace(self, cells=self.cells[done:])
 
 
-Work = Callable[[LoadedModel, Line, Any], Iterator[Any]]  # (loaded, line, progress bar or None) -> one output per cell
+Work = Callable[[LoadedModel, Job, Any], Iterator[Any]]  # (loaded, job, progress bar or None) -> one output per cell
 
 
 class Executor(Protocol):
-    """What scores lines of cells: the local process, or Ray worker actors that each hold a model."""
+    """What scores jobs (groups of cells): the local process, or Ray worker actors that each hold a model."""
 
-    def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
-        """Every output of `work` over `lines`, each as soon as it is there (lines are pulled lazily)."""
+    def map(self, work: Work, jobs: Iterable[Job], progress: Any = None) -> Iterator[Any]:
+        """Every output of `work` over `jobs`, each as soon as it is there (jobs are pulled lazily)."""
         ...
 
     def close(self) -> None:
@@ -74,12 +74,12 @@ class LocalExecutor:
     loaded: LoadedModel
     threads: int | None = None  # torch threads while scoring (None: leave torch's setting)
 
-    def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
-        """Run `work` on each line in this process, in order."""
+    def map(self, work: Work, jobs: Iterable[Job], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on each job in this process, in order."""
         if self.threads:
             apply_torch_threads(self.threads)
-        for line in lines:
-            yield from work(self.loaded, line, progress)
+        for job in jobs:
+            yield from work(self.loaded, job, progress)
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the caller."""
@@ -139,9 +139,9 @@ def import_ray():
 
 
 class _Worker:
-    """A Ray actor or a local worker process: loads the model once, then scores the lines it is sent (a generator per line).
+    """A Ray actor or a local worker process: loads the model once, then scores the jobs it is sent (a generator per job).
 
-    A load failure is kept and raised by `score`, so the driver sees the error itself rather than
+    A load failure is kept and raised by `run`, so the driver sees the error itself rather than
     an actor that died in its constructor (which would read as a lost worker and be retried)."""
 
     def __init__(self, model: Mapping[str, Any], fingerprint: str, threads: int) -> None:
@@ -163,33 +163,33 @@ class _Worker:
         if self.failure is not None:
             raise self.failure
 
-    def score(self, work: Work, line: Line) -> Iterator[Any]:
+    def run(self, work: Work, job: Job) -> Iterator[Any]:
         self.ready()
-        yield from work(self.loaded, line, None)
+        yield from work(self.loaded, job, None)
 
 
 @dataclass
 class _Task:
     actor: Any
-    line: Line
+    job: Job
     received: int = 0
 
 
 class _Redo:
-    """The lines still to score: the caller's, after the unfinished rest of lines whose worker died.
+    """The jobs still to score: the caller's, after the unfinished rest of jobs whose worker died.
 
     Shared by both executors, so a lost Ray actor and a killed worker process are handled alike."""
 
-    def __init__(self, lines: Iterable[Line], hint: str) -> None:
-        self.lines, self.queue, self.deaths, self.hint = iter(lines), deque(), {}, hint
+    def __init__(self, jobs: Iterable[Job], hint: str) -> None:
+        self.jobs, self.queue, self.deaths, self.hint = iter(jobs), deque(), {}, hint
 
-    def next(self) -> Line | None:
-        """The next line to send to a free worker, or None when all are sent."""
-        return self.queue.popleft() if self.queue else next(self.lines, None)
+    def next(self) -> Job | None:
+        """The next job to send to a free worker, or None when all are sent."""
+        return self.queue.popleft() if self.queue else next(self.jobs, None)
 
     def lost(self, task: _Task) -> None:
         """`task`'s worker died: its cells not yet received go first to the next worker, unless they killed DEATHS."""
-        rest = task.line.rest(task.received)
+        rest = task.job.rest(task.received)
         if not rest.cells:
             return
         first = rest.cells[0][0]
@@ -248,8 +248,8 @@ class RayExecutor:
     def _start(self) -> Any:
         return self._actor_class.remote(self.model, self.fingerprint, self.plan.threads)
 
-    def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
-        """Run `work` on the lines across the worker actors, resubmitting a dead worker's unfinished lines."""
+    def map(self, work: Work, jobs: Iterable[Job], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on the jobs across the worker actors, resubmitting a dead worker's unfinished jobs."""
         ray = import_ray()
         for index, actor in enumerate(self.actors):  # the workers load at once; a model they cannot load stops here
             try:
@@ -259,13 +259,13 @@ class RayExecutor:
             except ray.exceptions.RayActorError:  # lost since the last call: a fresh one takes its place
                 self.actors[index] = self._start()
                 self.restarts += 1
-        todo = _Redo(lines, "check the workers' memory (a larger --gpus-per-worker or fewer --workers)")
+        todo = _Redo(jobs, "check the workers' memory (a larger --gpus-per-worker or fewer --workers)")
         self.running = {}  # what an abandoned earlier call left is not this call's
 
         def submit(actor: Any) -> None:
-            line = todo.next()
-            if line is not None:
-                self.running[actor.score.remote(work, line)] = _Task(actor, line)
+            job = todo.next()
+            if job is not None:
+                self.running[actor.run.remote(work, job)] = _Task(actor, job)
 
         for actor in self.actors:
             submit(actor)
@@ -301,25 +301,25 @@ class RayExecutor:
 
 
 def _serve(model: Mapping[str, Any], fingerprint: str, threads: int, inbox: Any, outbox: Any) -> None:
-    """A local worker process: load the model once, then score each (job, work, line) from `inbox` until None.
+    """A local worker process: load the model once, then score each (ticket, work, job) from `inbox` until None.
 
-    Every message to the driver, on this worker's own pipe `outbox`, is (job, kind, payload): "out"
-    per cell, "end" per line, "error" with the exception (or its traceback as text where it does not
+    Every message to the driver, on this worker's own pipe `outbox`, is (ticket, kind, payload): "out"
+    per cell, "end" per job, "error" with the exception (or its traceback as text where it does not
     pickle)."""
     worker = _Worker(model, fingerprint, threads)
     while (message := inbox.get()) is not None:
-        job, work, line = message
+        ticket, work, job = message
         try:
-            for output in worker.score(work, line):
-                outbox.send((job, "out", output))
+            for output in worker.run(work, job):
+                outbox.send((ticket, "out", output))
         except Exception as exc:
             try:
                 pickle.dumps(exc)
             except Exception:
                 exc = RuntimeError(traceback.format_exc())
-            outbox.send((job, "error", exc))
+            outbox.send((ticket, "error", exc))
             continue
-        outbox.send((job, "end", None))
+        outbox.send((ticket, "end", None))
 
 
 @dataclass(eq=False)
@@ -335,19 +335,19 @@ class ProcessExecutor:
 
     The multi-core local executor: separate processes, not threads in one, so a busy machine slows
     each worker alone instead of stalling every thread at torch's barriers.  `model` holds
-    `load_model`'s keyword arguments; each worker's fingerprint must equal `fingerprint`.  Each line
-    sent is a numbered job, so what a dead worker or an abandoned earlier call still sends is ignored."""
+    `load_model`'s keyword arguments; each worker's fingerprint must equal `fingerprint`.  Each job
+    sent gets a ticket number, so what a dead worker or an abandoned earlier call still sends is ignored."""
 
     model: Mapping[str, Any]
     fingerprint: str
     plan: ThreadPlan
     workers: list[_Process] = field(init=False, default_factory=list)
-    running: dict[int, _Task] = field(init=False, default_factory=dict)  # job number -> its task
+    running: dict[int, _Task] = field(init=False, default_factory=dict)  # ticket number -> its task
     restarts: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         self._context = multiprocessing.get_context("spawn")  # fork would copy torch's thread pools mid-state
-        self._jobs = iter(range(1 << 62))
+        self._tickets = iter(range(1 << 62))
         self.workers = [self._start() for _ in range(self.plan.workers)]
 
     def _start(self) -> _Process:
@@ -365,17 +365,17 @@ class ProcessExecutor:
     def _busy(self) -> set[int]:
         return {id(task.actor) for task in self.running.values()}
 
-    def map(self, work: Work, lines: Iterable[Line], progress: Any = None) -> Iterator[Any]:
-        """Run `work` on the lines across the worker processes, redoing a dead worker's unfinished cells."""
-        todo = _Redo(lines, "check the workers' memory (fewer --workers)")
-        self.running = {}  # what an abandoned earlier call left is not this call's (its jobs' messages are ignored)
+    def map(self, work: Work, jobs: Iterable[Job], progress: Any = None) -> Iterator[Any]:
+        """Run `work` on the jobs across the worker processes, redoing a dead worker's unfinished cells."""
+        todo = _Redo(jobs, "check the workers' memory (fewer --workers)")
+        self.running = {}  # what an abandoned earlier call left is not this call's (its tickets' messages are ignored)
 
         def submit(worker: _Process) -> None:
-            line = todo.next()
-            if line is not None:
-                job = next(self._jobs)
-                worker.inbox.put((job, work, line))
-                self.running[job] = _Task(worker, line)
+            job = todo.next()
+            if job is not None:
+                ticket = next(self._tickets)
+                worker.inbox.put((ticket, work, job))
+                self.running[ticket] = _Task(worker, job)
 
         for worker in self.workers:
             submit(worker)
@@ -385,20 +385,20 @@ class ProcessExecutor:
                 self._replace_dead(todo, submit)
             for outbox in ready:
                 try:
-                    job, kind, payload = outbox.recv()
+                    ticket, kind, payload = outbox.recv()
                 except (EOFError, OSError):  # its worker died, perhaps mid-message: let it finish exiting
                     for worker in self.workers:
                         if worker.outbox is outbox:
                             worker.process.join(timeout=5)
                     self._replace_dead(todo, submit)
                     continue
-                task = self.running.get(job)
+                task = self.running.get(ticket)
                 if task is None:  # from a worker given up as dead, or from an abandoned call
                     continue
                 if kind == "error":
                     raise payload
                 if kind == "end":
-                    del self.running[job]
+                    del self.running[ticket]
                     submit(task.actor)
                     continue
                 task.received += 1
@@ -410,9 +410,9 @@ class ProcessExecutor:
             if worker.process.is_alive():
                 continue
             worker.outbox.close()
-            for job, task in list(self.running.items()):
+            for ticket, task in list(self.running.items()):
                 if task.actor is worker:
-                    del self.running[job]
+                    del self.running[ticket]
                     todo.lost(task)
             self.restarts += 1
             self.workers[index] = replacement = self._start()

@@ -51,32 +51,32 @@ def parse_ints(value: str | Iterable[int | str], name: str, minimum: int = 0) ->
     return tuple(dict.fromkeys(numbers))
 
 
-def layer_lines(specs: str | Iterable[str], num_layers: int) -> list[str]:
+def layer_sets(specs: str | Iterable[str], num_layers: int) -> list[str]:
     """The layer sets a sweep draws one line each for, as non-negative indices.
 
     `first2,last2` on 30 layers is four lines (0, 1, 28, 29), each layer pruned alone; `+` joins
     specs into one set pruned together: `0+1` or `first2+last2` is one line.
     """
-    lines: list[str] = []
+    sets: list[str] = []
     for item in parse_list(specs):
         if TOGETHER in item:
             layers = sorted({i for part in item.split(TOGETHER) if part.strip() for i in parse_layers(part.strip(), num_layers)})
-            lines.append(",".join(map(str, layers)))
+            sets.append(",".join(map(str, layers)))
         else:
-            lines += [str(i) for i in parse_layers(item, num_layers)]
-    if not lines:
+            sets += [str(i) for i in parse_layers(item, num_layers)]
+    if not sets:
         raise SvdiclError("no layers given; use e.g. --layers first2,last2 (each swept alone) or 0+1 (pruned together)")
-    return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(sets))
 
 
-def module_lines(specs: str | Iterable[str]) -> list[str]:
+def module_sets(specs: str | Iterable[str]) -> list[str]:
     """Module specs swept one at a time: `mlp,attn` is two lines, `q+k` one line with both matrices."""
-    lines = [item.replace(TOGETHER, ",") for item in parse_list(specs)]
-    if not lines:
+    sets = [item.replace(TOGETHER, ",") for item in parse_list(specs)]
+    if not sets:
         raise SvdiclError("no modules given; use e.g. --modules mlp,attn (each alone) or q+k (pruned together)")
-    if any(line.startswith("re:") and "," in line for line in lines):
+    if any(spec.startswith("re:") and "," in spec for spec in sets):
         raise SvdiclError("a re:<regex> module spec cannot be joined with +; write one regex that matches everything")
-    return list(dict.fromkeys(lines))
+    return list(dict.fromkeys(sets))
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Mapping
 from svdicl import precision as px
 from svdicl.errors import SvdiclError
 from svdicl.experiments.runs import EvalRun, RunResult, finish_run
-from svdicl.forward import DEFAULT_CACHE_MEMORY
+from svdicl.memory import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
-from svdicl.scoring import ExecutionPath, Scores, SharedPrefix, check_path, choose_path, forwarded_tokens, score
+from svdicl.requests import Scores, forwarded_tokens
+from svdicl.scoring import ExecutionPath, SharedPrefix, check_path, choose_path, score_requests
 
 CHUNK = 64  # requests scored between two calls of `on_scored` (what an interrupted evaluation keeps)
 
@@ -75,7 +76,7 @@ def _exact(loaded, run, chosen, batch_size, length_normalize, result, low, recor
         if chosen.plan is not None and not cached:
             cached.append(SharedPrefix(loaded.model, chosen.plan.prefix))
         chunk = [requests[i] for i in indices]
-        return score(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
+        return score_requests(loaded.model, chunk, batch_size=batch_size, pad_id=_pad_id(loaded), prefix=(cached or [None])[0])
 
     scores, record = px.resolve(
         result.scores + result.probe_scores,
@@ -141,7 +142,7 @@ def _score_run(
     prefix = SharedPrefix(model, chosen.plan.prefix) if chosen.name == "prefix" and pending else None
     for start in range(0, len(pending), CHUNK):
         chunk = pending[start : start + CHUNK]
-        new = score(
+        new = score_requests(
             model,
             [requests[i] for i in chunk],
             batch_size=batch_size,

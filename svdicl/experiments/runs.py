@@ -26,7 +26,8 @@ from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
 from svdicl.models import LoadedModel, as_loaded
 from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
-from svdicl.scoring import Request, Scores, build_requests, choose, context_length
+from svdicl.requests import Request, Scores, build_requests, context_length
+from svdicl.scoring import choose
 from svdicl.stats import Estimate, accuracy_ci, macro_f1_ci
 from svdicl.tasks import TaskConfig, get_task
 from svdicl.tasks.data import Example, TaskSplits, load_splits

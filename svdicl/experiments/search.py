@@ -13,7 +13,7 @@
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
-evaluation is a store cell (experiments/lines.py's `evaluate_lines`), so a search resumes after
+evaluation is a store cell (experiments/sweep.py's `evaluate_calls`), so a search resumes after
 an interruption and shares cells with sweeps written to the same folder.
 """
 
@@ -33,6 +33,7 @@ from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
 from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
+from svdicl.experiments.calls import Progress, evaluate_calls
 from svdicl.experiments.cells import Scoring, cell_limit, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.condition import (
     MatrixCondition,
@@ -43,8 +44,7 @@ from svdicl.experiments.condition import (
     write_conditions,
 )
 from svdicl.experiments.executors import Executor
-from svdicl.experiments.grid import PAPER_RATES, module_lines, parse_rates
-from svdicl.experiments.lines import Progress, evaluate_lines
+from svdicl.experiments.grid import PAPER_RATES, module_sets, parse_rates
 from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.search_output import (
     CalibratedCurve,
@@ -104,12 +104,12 @@ def choose_rate(rates: Sequence[float], values: Sequence[float]) -> float:
 
 def module_spec(module: str) -> str:
     """One module spec for a search: a group (mlp, attn) or matrices joined with + (q+k); never a regex."""
-    lines = module_lines(module)
-    if len(lines) != 1:
+    specs = module_sets(module)
+    if len(specs) != 1:
         raise SvdiclError(f"one search prunes one module spec, got {module!r}; join matrices with + (q+k) to prune them together")
-    if lines[0].startswith("re:"):
+    if specs[0].startswith("re:"):
         raise SvdiclError("search ranks layers by condition numbers of named modules; use mlp, attn or matrices like k, not re:")
-    return lines[0]
+    return specs[0]
 
 
 def conditions_for(
@@ -209,7 +209,7 @@ def search(
 
     Cells already in `store` are read back, not rescored.  `conditions` defaults to computing
     them; `progress` counts examples (its total: `SearchConfig.examples`, summed over searches);
-    `executor` scores the cells (default: this process; the seeds' lines run side by side on Ray).
+    `executor` scores the cells (default: this process; the seeds' jobs run side by side on Ray).
     """
     started = time.perf_counter()
     scoring = scoring or Scoring()
@@ -234,8 +234,8 @@ def search(
 
     def evaluate(split: str, edits: Sequence[tuple[float, str | None]]) -> dict[int, list[Cell]]:
         """The cells of `edits` (rate, null control or None for the truncation; a control is seeded by the
-        demonstration seed) on `split` for every seed, each seed's as one line: the layers below the edited one
-        run once per line, for every rate and control together.  The seeds' lines go to the executor together."""
+        demonstration seed) on `split` for every seed, each seed's as one job: the layers below the edited one
+        run once per job, for every rate and control together.  The seeds' jobs go to the executor together."""
         calls = {}
         data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
@@ -256,8 +256,8 @@ def search(
             (prepare, [cell for cell, (_, control) in zip(cells, edits, strict=True) if seed in first or control])
             for seed, (prepare, cells) in calls.items()
         ]
-        scored += evaluate_lines(
-            loaded, [line for line in todo if line[1]], store, scoring=scoring, model_name=model_name, progress=progress,
+        scored += evaluate_calls(
+            loaded, [call for call in todo if call[1]], store, scoring=scoring, model_name=model_name, progress=progress,
             executor=executor,
         )  # fmt: skip
         for seed in config.seeds[len(first) :]:
@@ -282,7 +282,7 @@ def search(
     elif control_rates and progress is not None:  # counted at one rate; they run at every pruned arm's rate
         progress.grow(2 * len(config.seeds) * (len(control_rates) - 1) * sizes["test"])
     controls = [(rate, control) for control in (CONTROLS if control_rates else ()) for rate in control_rates]
-    test = evaluate("test", [(rate, None) for rate in test_rates] + controls)  # one line per seed: every arm at once
+    test = evaluate("test", [(rate, None) for rate in test_rates] + controls)  # one job per seed: every arm at once
     at = {rate: tuple(test[seed][test_rates.index(rate)] for seed in config.seeds) for rate in test_rates}
     pairs = {seed: [at[0.0][i], at[rate_star][i]] for i, seed in enumerate(config.seeds)}
     arms = [Arm("unpruned", 0.0, at[0.0])]

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from svdicl.errors import SvdiclError
+from svdicl.experiments.calls import Progress
 from svdicl.experiments.cells import Scoring
 from svdicl.experiments.grid import PAPER_RATES
 from svdicl.experiments.launch import ExecutorOptions, start_executor
-from svdicl.experiments.lines import Progress
 from svdicl.experiments.search import SearchConfig, conditions_for, search
 from svdicl.experiments.search_output import SearchRecord, card_notes, write_search
 from svdicl.experiments.sweep import load_task_splits, task_shots

@@ -10,7 +10,7 @@ demonstration seed under one edit.  The work is grouped so that nothing is done 
 The unpruned model (rate 0) is one cell per (task, split, shots, seed), shared by every line:
 the rate-0 point of every curve.  Each cell is stored the moment it is scored, so a sweep
 killed at any point resumes where it stopped and ends with the same store as one that ran
-through (experiments/lines.py).  The grid is experiments/grid.py, the cells' keys experiments/cells.py.
+through (experiments/calls.py).  The grid is experiments/grid.py, the cells' keys experiments/cells.py.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from svdicl.experiments.calls import Call, Progress, evaluate_calls
 from svdicl.experiments.cells import Scoring, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.executors import Executor
-from svdicl.experiments.grid import SweepGrid, layer_lines, module_lines
-from svdicl.experiments.lines import Call, Progress, evaluate_lines
+from svdicl.experiments.grid import SweepGrid, layer_sets, module_sets
 from svdicl.experiments.runs import limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations, shots_per_class
@@ -64,7 +64,7 @@ def plan_sweep(
     """
     scoring = scoring or Scoring()
     num_layers = len(layer_stack(loaded.model)[1])
-    lines = [(layers, modules) for layers in layer_lines(grid.layers, num_layers) for modules in module_lines(grid.modules)]
+    lines = [(layers, modules) for layers in layer_sets(grid.layers, num_layers) for modules in module_sets(grid.modules)]
     for layers, modules in lines:
         resolve(loaded.model, layers, modules, allow_tied=scoring.allow_tied)
     plan = []
@@ -135,7 +135,7 @@ def sweep(
     scored = [group for group in plan if group.reuse_from is None]
     bar = Progress(sum(group.examples * len(group.cells) for group in scored), "sweep", enabled=progress)
 
-    def calls() -> Iterator[Call]:  # a run is kept only while its lines are in flight
+    def calls() -> Iterator[Call]:  # a run is kept only while its jobs are in flight
         for group in scored:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
@@ -147,7 +147,7 @@ def sweep(
                 yield prepare, call
 
     try:
-        computed = evaluate_lines(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
+        computed = evaluate_calls(loaded, calls(), store, scoring=scoring, model_name=model_name, progress=bar, executor=executor)
     finally:
         bar.close()
     for group in plan:

@@ -1,7 +1,7 @@
-"""Scoring cells into the store a line at a time: each line is the cells of one prepared run that one
-evaluate_edits call scores (sharing its prefix and layer caches), run on an executor.
+"""Scoring calls of cells into the store: a call is the cells of one prepared run that one
+evaluate_edits call scores (sharing its prefix and layer caches), run as one job on an executor.
 
-`evaluate_lines` serves sweeps and Algorithm 1's searches alike: a run is prepared only when one
+`evaluate_calls` serves sweeps and Algorithm 1's searches alike: a run is prepared only when one
 of its cells is missing, each cell is stored the moment it arrives (so a killed run resumes where
 it stopped), and the driver alone writes the store, whatever the executor (experiments/executors.py:
 this process, worker processes or Ray actors that hold the model).
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from svdicl.experiments.cells import Scoring, cell_result
 from svdicl.experiments.edits import evaluate_edits
-from svdicl.experiments.executors import Executor, Line, LocalExecutor
+from svdicl.experiments.executors import Executor, Job, LocalExecutor
 from svdicl.experiments.runs import EvalRun
 from svdicl.models import LoadedModel
 from svdicl.specs import PruneSpec
@@ -56,20 +56,20 @@ class Progress:
 Call = tuple[Callable[[], EvalRun], Sequence[tuple[CellKey, Sequence[PruneSpec]]]]  # prepare the run, its cells
 
 
-def score_line(
-    loaded: LoadedModel, line: Line, progress=None, *, scoring: Scoring, model_name: str = ""
+def score_job(
+    loaded: LoadedModel, job: Job, progress=None, *, scoring: Scoring, model_name: str = ""
 ) -> Iterator[tuple[CellKey, Result, float]]:
-    """The cells of one line scored in one evaluate_edits call: each cell's key, stored result and seconds.
+    """The cells of one job scored in one evaluate_edits call: each cell's key, stored result and seconds.
 
     The work function of every executor (svdicl.experiments.executors): it runs wherever the model is."""
     started = time.perf_counter()
-    scored = evaluate_edits(loaded, line.run, [specs for _, specs in line.cells], **scoring.edit_options(), progress=progress)
-    for (key, _), (record, result) in zip(line.cells, scored, strict=True):
+    scored = evaluate_edits(loaded, job.run, [specs for _, specs in job.cells], **scoring.edit_options(), progress=progress)
+    for (key, _), (record, result) in zip(job.cells, scored, strict=True):
         yield key, cell_result(record, result, model_name, scoring), time.perf_counter() - started
         started = time.perf_counter()
 
 
-def evaluate_lines(
+def evaluate_calls(
     loaded: LoadedModel,
     calls: Iterable[Call],
     store: Store,
@@ -79,9 +79,9 @@ def evaluate_lines(
     progress: Progress | None = None,
     executor: Executor | None = None,
 ) -> int:
-    """Score the cells of `calls` missing from `store`, each call's as one line on `executor` (default:
+    """Score the cells of `calls` missing from `store`, each call's as one job on `executor` (default:
     this process), and store every cell the moment it arrives.  A call's run is prepared only when
-    one of its cells is missing, and only when an executor asks for the line.  A cell another
+    one of its cells is missing, and only when an executor asks for the job.  A cell another
     process is computing (it holds the cell's claim, `Store.claim`) is not scored here: it is
     waited for after the rest, and scored here only if that process died before storing it.
     Returns the number of cells scored here."""
@@ -89,7 +89,7 @@ def evaluate_lines(
     deferred: list[Call] = []
     scored = 0
 
-    def lines() -> Iterator[Line]:
+    def jobs() -> Iterator[Job]:
         for prepare, cells in calls:
             cells = dict(cells)
             todo, waiting = [], []
@@ -107,13 +107,13 @@ def evaluate_lines(
             if todo:
                 run = prepare()
                 if progress is not None:
-                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_line(todo)}")
-                yield Line(run, tuple(todo))
+                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_edit_label(todo)}")
+                yield Job(run, tuple(todo))
 
-    work = functools.partial(score_line, scoring=scoring, model_name=model_name)
+    work = functools.partial(score_job, scoring=scoring, model_name=model_name)
     bar = progress.bar if progress is not None else None
     try:
-        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, lines(), bar):
+        for key, result, seconds in (executor or LocalExecutor(loaded)).map(work, jobs(), bar):
             store.put(key, result, seconds=seconds)
             scored += 1
             if progress is not None:
@@ -124,13 +124,13 @@ def evaluate_lines(
         for key, _ in cells:
             store.wait(key)
     if deferred:
-        scored += evaluate_lines(
+        scored += evaluate_calls(
             loaded, deferred, store, scoring=scoring, model_name=model_name, progress=progress, executor=executor
         )  # fmt: skip
     return scored
 
 
-def _line(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
+def _edit_label(cells: Sequence[tuple[CellKey, tuple[PruneSpec, ...]]]) -> str:
     """`29:mlp` for the cells of one line, `unpruned` when only the baseline is left."""
     specs = [specs[0] for _, specs in cells if specs]
     return f"{specs[0].layers}:{specs[0].modules}" if specs else "unpruned"
