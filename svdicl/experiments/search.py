@@ -13,7 +13,7 @@
 
 As the paper writes step 2, "the largest among the top k" is the largest overall: the top-k list
 is reported, not searched (the authors' scripts fix the layer by hand, `l_num = 26`).  Every
-evaluation is a store cell (experiments/sweep.py's `evaluate_calls`), so a search resumes after
+evaluation is a store cell (experiments/calls.py's `evaluate_calls`), so a search resumes after
 an interruption and shares cells with sweeps written to the same folder.
 """
 
