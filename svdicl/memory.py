@@ -79,8 +79,8 @@ def cache_cost(model: nn.Module, prefix_length: int) -> CacheCost:
     family = fast_family(model)
     _, layers = layer_stack(model)
     itemsize = model.get_input_embeddings().weight.element_size()
-    kv = [2 * layer.get_submodule(family.matrices["k"]).weight.shape[0] * itemsize for layer in layers]
-    queries = [2 * layer.get_submodule(family.matrices["q"]).weight.shape[0] * itemsize for layer in layers]
+    kv = [2 * _outputs(layer.get_submodule(family.matrices["k"])) * itemsize for layer in layers]
+    queries = [2 * _outputs(layer.get_submodule(family.matrices["q"])) * itemsize for layer in layers]
     hidden = model.get_input_embeddings().weight.shape[1] * itemsize
     first = layers[0].get_submodule(family.matrices["up" if "up" in family.matrices else "fc_in"])
     return CacheCost(
@@ -88,10 +88,15 @@ def cache_cost(model: nn.Module, prefix_length: int) -> CacheCost:
         per_token=hidden,
         attention_per_token=max(k + q for k, q in zip(kv, queries, strict=True)),
         heads=model.config.num_attention_heads,
-        intermediate=first.weight.shape[0],
-        vocab=model.get_output_embeddings().weight.shape[0],
+        intermediate=_outputs(first),
+        vocab=_outputs(model.get_output_embeddings()),
         itemsize=itemsize,
     )
+
+
+def _outputs(module: nn.Module) -> int:
+    """A linear map's output size, whether dense (weight out x in) or factorised (a loaded factorized export)."""
+    return getattr(module, "out_features", None) or module.weight.shape[0]
 
 
 def plan_passes(model: nn.Module, prefix_length: int, shapes: Sequence[tuple[int, int]], budget: int) -> list[range] | None:

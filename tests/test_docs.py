@@ -136,3 +136,20 @@ def test_license_and_citation_agree_with_pyproject():
                                                ("### `svdicl.ALIASES`", "svdiclaliases")])  # fmt: skip
 def test_anchor_follows_github(heading, expected):
     assert anchor(heading.lstrip("#")) == expected
+
+
+def test_the_readme_layout_lists_exactly_the_package_tree():
+    """README's Layout block names every module and package directly in svdicl/ (each at the start of a line), and
+    every module it names anywhere exists in the package."""
+    block = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1].split("```")[1]
+    package = ROOT / "svdicl"
+    top = set()
+    for line in block.splitlines():
+        found = re.match(r"^  ([a-z_][\w.]*(?:, [a-z_][\w.]*)*/?)(?::|\s)", line)
+        if found:
+            top |= set(found.group(1).split(", "))
+    tree = {p.name + "/" for p in package.iterdir() if (p / "__init__.py").exists()}
+    tree |= {p.name for p in package.glob("*.py")} - {"__init__.py", "__main__.py"}
+    assert top == tree
+    named = set(re.findall(r"\b([a-z_]+\.py)\b", block.split("benchmarks/")[0]))
+    assert named <= {p.name for p in package.rglob("*.py")}

@@ -178,11 +178,14 @@ def test_the_cli_takes_a_factorized_export_as_its_model(toy, tmp_path, capsys):
     """--model of a factorized export scores the rebuilt model (transformers alone cannot load it); on one device only."""
     export = tmp_path / "export"
     svdicl.save_pruned(loaded_tiny("llama"), [PruneSpec("all", "mlp", 0.9)], export, format="factorized")
-    data = ["--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4", "--path", "plain"]
+    data = ["--task", str(toy), "--data-dir", str(toy.parent / "data"), "--limit", "4"]
     argv = ["-q", "eval", "--model", str(export), *data]
-    assert main([*argv, "--output", str(tmp_path / "e")]) == 0
-    config = json.loads((tmp_path / "e" / "results.json").read_text())["config"]
-    assert config["model"]["fingerprint"] == svdicl.load_pruned(export).fingerprint
+    assert main([*argv, "--output", str(tmp_path / "e")]) == 0  # the default path: its memory plan reads factorised sizes
+    assert main([*argv, "--path", "plain", "--output", str(tmp_path / "p")]) == 0
+    results = [json.loads((tmp_path / d / "results.json").read_text()) for d in ("e", "p")]
+    assert results[0]["config"]["model"]["fingerprint"] == svdicl.load_pruned(export).fingerprint
+    samples = [[json.loads(line)["prediction"] for line in (tmp_path / d / "samples.jsonl").open()] for d in ("e", "p")]
+    assert samples[0] == samples[1] and len(samples[0]) == 4
     assert main([*argv, "--device-map", "auto", "--output", str(tmp_path / "f")]) == 2
     assert "is a factorized export, which loads on one device" in capsys.readouterr().err
 
