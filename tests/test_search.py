@@ -29,8 +29,8 @@ from svdicl.experiments.search import (
     choose_layer,
     choose_rate,
     conditions_for,
+    samples_ci,
     search,
-    seed_mean_ci,
 )
 from svdicl.experiments.search_output import read_search, write_search
 from svdicl.experiments.searches import export_folders, search_configs
@@ -189,7 +189,7 @@ def test_several_seeds_give_mean_spread_and_an_example_level_paired_test(toy):
         assert entry.ci_low <= entry.value <= entry.ci_high
         one = cells[getattr(result.seeds[0], f"{name}_cell")]  # one seed's interval is that cell's own bootstrap interval
         for metric in ("macro_f1",):  # (a cell's accuracy interval is Wilson's, not a bootstrap)
-            interval = seed_mean_ci([store.samples(one)], metric, 2)
+            interval = samples_ci([store.samples(one)], metric, 2)
             assert (interval.value, interval.low, interval.high) == tuple(
                 one.metrics[metric][k] for k in ("value", "ci_low", "ci_high")
             )

@@ -30,11 +30,9 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
-
 from svdicl.calibration import METHODS
 from svdicl.errors import SvdiclError
-from svdicl.stats import Estimate, bootstrap_ci, holm, macro_f1, paired_by_id, wilson_interval
+from svdicl.stats import Estimate, holm, paired_by_id, seed_mean_ci, wilson_interval
 from svdicl.store import Cell, Store
 
 GROUPS = ("calibration", "controls")  # optional arm groups; unpruned and pruned are always there
@@ -112,7 +110,7 @@ def summarize(store: Store, arms: Sequence[Arm], metric: str, num_classes: int) 
             stored = arm.cells[0].metrics[arm.metric(metric)]
             low, high, method = stored.get("ci_low"), stored.get("ci_high"), stored.get("ci_method", "bootstrap")
         else:
-            interval = seed_mean_ci(runs, metric, num_classes)
+            interval = samples_ci(runs, metric, num_classes)
             low, high, method = interval.low, interval.high, interval.method
         entry = {
             "name": arm.name,
@@ -166,8 +164,8 @@ def calibration_methods(requested: Sequence[str], groups: Sequence[str]) -> tupl
     return tuple(requested) or (METHODS if "calibration" in groups else ())
 
 
-def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
-    """95% percentile bootstrap of a metric averaged over seeds.
+def samples_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: int) -> Estimate:
+    """`stats.seed_mean_ci` of stored sample rows, one list per seed, aligned by example id.
 
     The seeds score the same examples, so one bootstrap draw of examples serves every seed: the
     interval is the uncertainty from the finite test set of the seed-averaged value (the spread
@@ -177,13 +175,5 @@ def seed_mean_ci(samples: Sequence[Sequence[dict]], metric: str, num_classes: in
     rows = [{s["id"]: s for s in seed} for seed in samples]
     if any(set(row) != set(ids) for row in rows):
         raise SvdiclError("the seeds' test cells hold different examples; use the same --limit for every seed")
-    gold = np.array([rows[0][i]["gold"] for i in ids])
-    predicted = np.array([[row[i]["prediction"] for i in ids] for row in rows])  # seeds x examples
-
-    def mean_over_seeds(index: np.ndarray, _: np.ndarray) -> np.ndarray:  # index: draws x examples
-        if metric == "accuracy":
-            return np.mean([(gold[index] == p[index]).mean(axis=1) for p in predicted], axis=0)
-        return np.array([np.mean([macro_f1(gold[draw], p[draw], num_classes) for p in predicted]) for draw in index])
-
-    order = np.arange(len(ids))
-    return bootstrap_ci(order, order, mean_over_seeds)
+    predicted = [[row[i]["prediction"] for i in ids] for row in rows]
+    return seed_mean_ci([rows[0][i]["gold"] for i in ids], predicted, metric, num_classes)

@@ -32,7 +32,7 @@ import numpy as np
 from svdicl.cachedir import default_cache_dir
 from svdicl.calibration import applicable, metric_key
 from svdicl.errors import SvdiclError
-from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, seed_mean_ci, summarize
+from svdicl.experiments.arms import GROUPS, Arm, arm_name, calibration_methods, parse_arms, samples_ci, summarize
 from svdicl.experiments.calls import Progress, evaluate_calls
 from svdicl.experiments.cells import Scoring, cell_limit, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.condition import (
@@ -388,7 +388,7 @@ def _test_summary(store: Store, test: dict[int, list[Cell]], metric: str, num_cl
         if len(found) == 1:
             summary[name] = _test_metric(found[0], metric)
             continue
-        interval = seed_mean_ci([store.samples(c) for c in found], metric, num_classes)
+        interval = samples_ci([store.samples(c) for c in found], metric, num_classes)
         values = [c.value(metric) for c in found]
         summary[name] = TestMetric(statistics.fmean(values), interval.low, interval.high, statistics.stdev(values))
     return TestSummary(baselines[0].n, summary["baseline"], summary["pruned"], paired)
