@@ -62,11 +62,13 @@ def run_side(tree: Path, args: argparse.Namespace, out: Path, precision: str) ->
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     load = os.getloadavg()[0]
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
+    log = out.with_suffix(".log")  # a file, not a pipe: a pipe nobody reads fills up and stops the run
+    with log.open("w") as errors:
+        process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"{tree.name} ({precision}) failed: {process.stderr.read()[-2000:]}")
+        sys.exit(f"{tree.name} ({precision}) failed: {log.read_text()[-2000:]}")
     dump = subprocess.run(
         [sys.executable, "-c", DUMP, str(out)], cwd=tree, env=env, capture_output=True, text=True, check=True
     ).stdout
