@@ -420,3 +420,23 @@ def test_every_test_arm_of_a_seed_is_one_line_so_the_layers_below_run_once(toy, 
         assert "none" in edits and any("@random-subspace" in e for e in edits) and any("@matched-noise" in e for e in edits)
     controls = [a for a in result.arms if a["control"]]
     assert controls and {a["control"] for a in controls} == {"random-subspace", "matched-noise"}
+
+
+def test_zero_shot_test_arms_reuse_the_first_seed_except_the_null_controls(toy, monkeypatch):
+    """With no demonstrations the first seed's cells stand for every seed, but each seed draws its own null controls."""
+    import svdicl.experiments.search as searching
+
+    monkeypatch.setattr(searching, "choose_rate", lambda rates, values: max(rates))  # rate* > 0: the controls run
+    calls = Calls(monkeypatch)
+    config = SearchConfig(
+        str(toy), "mlp", rates=(0.9,), layer=1, shots=0, seeds=(0, 1), limit_validation=20, limit_test=24, arms=("controls",)
+    )
+    result = search(planted_loaded(), config, Store(toy.parent / "out"), data_dir=toy.parent / "data")
+    assert result.rate_star == 0.9
+    seed1 = [edits for edits in calls.edits if all("@" in e for e in edits)]  # seed 1's only job: its two controls
+    assert len(calls.edits) == 3 and len(seed1) == 1 and len(seed1[0]) == 2
+    store = Store(toy.parent / "out")
+    cells = store.cells(split="test")
+    reused = [c for c in cells if c.info.get("reused_from")]
+    assert {c.key.seed for c in reused} == {1} and all("@" not in c.key.edit for c in reused)
+    assert {c.key.seed for c in cells if "@" in c.key.edit} == {0, 1}
