@@ -147,6 +147,7 @@ def search(
     limit: int | None = None,
     limit_validation: int | None = None,
     limit_test: int | None = None,
+    validation_sampling: str = "random",
     metric: str | None = None,
     data_dir: str | Path | None = None,
     output: str | Path | None = None,
@@ -157,7 +158,8 @@ def search(
     validation (0 included, ties to the smaller rate), then unpruned vs rate*-pruned on test.
 
     `task` is a built-in task name or a task YAML path; `rates` default to the paper's candidates.
-    `limit` caps the examples of both splits (`limit_validation`/`limit_test` override it).  With
+    `limit` caps the examples of both splits (`limit_validation`/`limit_test` override it);
+    `validation_sampling="balanced"` draws the validation limit per class, as the authors' code does.  With
     `output`, the result store, conditions.csv and search/<task>-<module>.json go there, as `svdicl
     search --output` writes them, and a rerun resumes; without it they live in a temporary folder.
     Other keywords (batch_size, length_normalize, svd, allow_tied, path, cache_memory) make the
@@ -171,6 +173,7 @@ def search(
     (config,) = search_configs(
         [str(task)], [module], rates=PAPER_RATES if rates is None else rates, top_k=top_k, layer=layer, shots=shots,
         seeds=seeds, limit=limit, limit_validation=limit_validation, limit_test=limit_test, metric=metric,
+        validation_sampling=validation_sampling,
     )  # fmt: skip
     with _folder(output) as folder:
         (searched,) = run_searches(loaded, [config], folder, scoring=Scoring(**scoring), data_dir=data_dir, progress=not quiet)

@@ -4,6 +4,7 @@ interruption without rescoring, edits are scored on the same prepared requests, 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from conftest import tiny_model, tiny_tokenizer, write_toy_task
@@ -13,13 +14,14 @@ from svdicl.cli import main
 from svdicl.errors import SvdiclError
 from svdicl.experiments.evaluate import evaluate
 from svdicl.experiments.run_scoring import evaluate_run
-from svdicl.experiments.runs import prepare_run
+from svdicl.experiments.runs import balanced_examples, limit_examples, prepare_run
 from svdicl.models import LoadedModel, fingerprint
 from svdicl.prune import pruned
 from svdicl.scoring import choose
 from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
+from svdicl.tasks.data import Example
 
 N_TEST = 100
 
@@ -198,3 +200,18 @@ def test_each_seed_is_a_cell_keyed_as_a_sweep_keys_it(task_dir):
         cell = store.get(key)
         assert cell.n == run.n_examples == 12 and cell.value("accuracy") == run.accuracy.value
         assert store.samples(cell) == [row for row in rows if row["seed"] == run.seed]
+
+
+def test_balanced_examples_take_each_class_in_the_random_subsets_order_and_give_a_short_classes_share_to_the_rest():
+    labels = [0] * 30 + [1] * 8 + [2] * 62
+    examples = [Example(f"test:{i}", {"text": str(i)}, label) for i, label in enumerate(labels)]
+    picked = balanced_examples(examples, 30, split_seed=3)
+    counts = [sum(e.label == c for e in picked) for c in range(3)]
+    assert counts == [11, 8, 11]  # 10 each, class 1 has only 8: its 2 go one each to the others
+    order = list(range(100))
+    random.Random("limit:3").shuffle(order)  # the seeded shuffle --limit draws its random subset from
+    reference = [i for c, n in enumerate(counts) for i in [i for i in order if labels[i] == c][:n]]
+    assert [e.id for e in picked] == [f"test:{i}" for i in sorted(reference)]  # file order
+    assert limit_examples(examples, 30, 3) != picked  # not the random subset
+    assert balanced_examples(examples, 100, 3) == tuple(examples)  # a limit that covers the split keeps it whole
+    assert balanced_examples(examples, 30, 4) != picked  # the split seed draws another subset

@@ -440,3 +440,28 @@ def test_zero_shot_test_arms_reuse_the_first_seed_except_the_null_controls(toy, 
     reused = [c for c in cells if c.info.get("reused_from")]
     assert {c.key.seed for c in reused} == {1} and all("@" not in c.key.edit for c in reused)
     assert {c.key.seed for c in cells if "@" in c.key.edit} == {0, 1}
+
+
+def test_balanced_validation_draws_the_classes_evenly_and_never_mixes_with_the_random_subset(toy):
+    source = toy.parent / "data" / "toy" / "test.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    source.write_text("".join(json.dumps({**row, "label": int(i % 5 == 0)}) + "\n" for i, row in enumerate(rows)))
+    loaded, store, data = planted_loaded(), Store(toy.parent / "out"), toy.parent / "data"
+    found = {}
+    for sampling in ("random", "balanced"):
+        config = SearchConfig(
+            str(toy), "mlp", rates=(0.9,), layer=1, limit_validation=12, limit_test=10, arms="none", validation_sampling=sampling
+        )
+        found[sampling] = search(loaded, config, store, data_dir=data)
+    cells = {c.id: c for c in store.cells()}
+    golds = {name: [row["gold"] for row in store.samples(cells[r.seeds[0].validation_cells[0]])] for name, r in found.items()}
+    assert sorted(golds["balanced"]) == [0] * 6 + [1] * 6  # 6 of each class, though 1 row in 5 is class 1
+    assert golds["random"].count(1) < 6 and len(golds["random"]) == 12
+    assert set(found["random"].seeds[0].validation_cells).isdisjoint(found["balanced"].seeds[0].validation_cells)
+    assert found["random"].seeds[0].baseline_cell == found["balanced"].seeds[0].baseline_cell  # test is drawn as before
+    record = found["balanced"].to_json()
+    assert (record["validation_sampling"], record["validation"]["n"]) == ("balanced", 12)
+    assert record["limit"] == {"validation": 12, "test": 10}
+    assert found["random"].to_json()["validation_sampling"] == "random"
+    with pytest.raises(SvdiclError, match="use random or balanced"):
+        SearchConfig(str(toy), validation_sampling="stratified")

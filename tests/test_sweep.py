@@ -196,3 +196,23 @@ def test_example_sweep_configs_are_valid(name):
     )
     assert len(layer_sets(chosen.layers, 30)) >= 2 and module_sets(chosen.modules) and args.output
     assert args.model == "smollm2-135m" and len(chosen.rates) >= 4
+
+
+def test_cli_sweep_sampling_balanced_scores_an_even_subset_of_the_validation_split(toy, model_folder, capsys):
+    source = toy.parent / "data" / "toy" / "test.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    source.write_text("".join(json.dumps({**row, "label": int(i % 5 == 0)}) + "\n" for i, row in enumerate(rows)))
+    out = toy.parent / "out"
+    argv = ["-q", "sweep", "--model", str(model_folder), "--tasks", str(toy), "--data-dir", str(toy.parent / "data"),
+            "--layers", "0", "--modules", "mlp", "--rates", "0,0.9", "--split", "validation", "--limit", "8",
+            "--output", str(out), "--no-report"]  # fmt: skip
+    assert main([*argv, "--sampling", "balanced"]) == 0 and main(argv) == 0
+    store = Store(out)
+    by_data = {}
+    for cell in store.cells():
+        by_data.setdefault(cell.key.data, []).append(sorted(row["gold"] for row in store.samples(cell)))
+    assert len(by_data) == 2  # the balanced and the random subset never share a cell
+    golds = sorted(by_data.values(), key=lambda found: sum(found[0]))
+    assert golds[1] == [[0, 0, 0, 0, 1, 1, 1, 1]] * 2  # 4 of each class in both cells of the balanced sweep
+    assert all(gold.count(1) < 4 for gold in golds[0])
+    capsys.readouterr()

@@ -61,6 +61,14 @@ def add(sub) -> None:
     )
     what.add_argument("--limit-test", type=positive_int, metavar="N", help="examples of the test split (overrides --limit)")
     what.add_argument(
+        "--validation-sampling",
+        choices=["random", "balanced"],
+        default="random",
+        help="how the validation limit is drawn: random = a seeded subset of the split (the paper gives sizes only); "
+        "balanced = the same number of each class where the split allows, as the authors' code samples validation "
+        "(default: random)",
+    )
+    what.add_argument(
         "--arms",
         default="all",
         help="arms scored beside unpruned and pruned on the same test examples: calibration (each --calibration method, "
@@ -110,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k, layer=args.layer, shots=args.shots if args.num_fewshot is None else args.num_fewshot,
         shots_total=args.num_fewshot is not None, seeds=seeds_from(args), metric=args.metric, arms=args.arms,
         limit=args.limit, limit_validation=args.limit_validation, limit_test=args.limit_test,
+        validation_sampling=args.validation_sampling,
     )  # fmt: skip
     scoring = scoring_from(args)
     executor = executor_options(args)

@@ -58,6 +58,13 @@ def add(sub) -> None:
         metavar="N",
         help="score N examples per task (the same seeded subset in every cell; recorded)",
     )
+    grid.add_argument(
+        "--sampling",
+        choices=["random", "balanced"],
+        default="random",
+        help="how --limit draws its subset: random = seeded from the whole split; balanced = the same number of each "
+        "class where the split allows, as the authors' code samples validation (default: random)",
+    )
     grid.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)
     add_executor_args(p)
@@ -106,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=seeds_from(args),
         split=args.split,
         limit=args.limit,
+        sampling=args.sampling,
     )
     scoring = scoring_from(args)
     options = executor_options(args)

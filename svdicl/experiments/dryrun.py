@@ -241,9 +241,9 @@ def dry_run_eval(
 
 def dry_run_sweep(loaded: LoadedModel, grid, scoring, *, data_dir: str | Path | None = None, output=None) -> DryRun:
     """What `svdicl sweep` would score: every cell of the grid, those already in `output`'s store marked."""
-    from svdicl.experiments.sweep import load_task_splits, plan_sweep
+    from svdicl.experiments.sweep import grid_splits, plan_sweep
 
-    splits = load_task_splits(grid.tasks, data_dir)
+    splits = grid_splits(grid, data_dir)
     stored = stored_ids(output)
     timer = Timer(loaded, batch_size=scoring.batch_size, path=scoring.path, cache_memory=scoring.cache_memory)
     cells = []
@@ -251,7 +251,7 @@ def dry_run_sweep(loaded: LoadedModel, grid, scoring, *, data_dir: str | Path | 
         named = [(key.edit, key.id) for key, _ in group.cells]
         task_splits = splits[group.task.name]
         cells += plan_run(
-            loaded, timer, task_splits, grid.split, group.shots, group.seed, grid.limit, named,
+            loaded, timer, task_splits, grid.split, group.shots, group.seed, grid.run_limit, named,
             reuse_from=group.reuse_from, stored=stored,
         )  # fmt: skip
     return DryRun(tuple(cells), (time_note(timer),))

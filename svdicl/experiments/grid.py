@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from svdicl.errors import SvdiclError
+from svdicl.experiments.runs import SAMPLINGS
 from svdicl.specs import check_rate
 from svdicl.targets import parse_layers
 
@@ -93,6 +94,7 @@ class SweepGrid:
     split: str = "test"
     limit: int | None = None
     shots_total: bool = False
+    sampling: str = "random"  # how --limit draws its subset: seeded at random, or "balanced" per class
 
     def __post_init__(self) -> None:
         if not self.tasks:
@@ -101,8 +103,15 @@ class SweepGrid:
             raise SvdiclError(f"unknown split {self.split!r}; use validation or test")
         if self.limit is not None and self.limit < 1:
             raise SvdiclError(f"--limit must be at least 1, got {self.limit}")
+        if self.sampling not in SAMPLINGS:
+            raise SvdiclError(f"unknown sampling {self.sampling!r}; use {' or '.join(SAMPLINGS)}")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise SvdiclError("give at least one seed, each once")
         object.__setattr__(self, "rates", parse_rates(self.rates))
         if any(s is not None and s < 0 for s in self.shots):
             raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+
+    @property
+    def run_limit(self) -> int | None:
+        """The limit each run applies: None for "balanced", whose subset replaces the split (`sweep.grid_splits`)."""
+        return None if self.sampling == "balanced" else self.limit

@@ -16,7 +16,7 @@ import functools
 import random
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,42 @@ def limit_examples(examples: Sequence[Example], limit: int | None, split_seed: i
     order = list(range(len(examples)))
     random.Random(f"limit:{split_seed}").shuffle(order)
     return tuple(examples[i] for i in sorted(order[:limit]))
+
+
+SAMPLINGS = ("random", "balanced")  # how a --limit draws its subset: the paper's sizes only, or the authors' per class
+
+
+def balanced_examples(examples: Sequence[Example], limit: int | None, split_seed: int) -> tuple[Example, ...]:
+    """`limit` examples with the classes as even as the split allows, as the authors' code samples validation
+    (SST-2 4,000/4,000): `limit_examples`' seeded shuffle taken class by class, a class short of its share
+    leaving the rest to the others; returned in file order.  A limit that covers the split keeps it whole."""
+    if limit is None or limit >= len(examples):
+        return tuple(examples)
+    if limit < 1:
+        raise SvdiclError(f"--limit must be >= 1, not {limit}")
+    order = list(range(len(examples)))
+    random.Random(f"limit:{split_seed}").shuffle(order)
+    by_class: dict[int, list[int]] = {}
+    for i in order:
+        by_class.setdefault(examples[i].label, []).append(i)
+    quota = dict.fromkeys(sorted(by_class), 0)
+    left = limit
+    while left:  # equal shares, capped at each class's size, until the limit is spent
+        open_classes = [c for c in quota if quota[c] < len(by_class[c])]
+        share, extra = divmod(left, len(open_classes))
+        for rank, c in enumerate(open_classes):
+            take = min(share + (rank < extra), len(by_class[c]) - quota[c])
+            quota[c] += take
+            left -= take
+    return tuple(examples[i] for i in sorted(i for c, n in quota.items() for i in by_class[c][:n]))
+
+
+def balance_split(splits: TaskSplits, split: str, limit: int | None) -> TaskSplits:
+    """`splits` with `split` cut to its class-balanced subset of `limit` examples (`balanced_examples`).
+
+    Scored whole afterwards (limit None): the cells' data digest holds the subset's content, so they never
+    mix with cells of the seeded random subset of the same size."""
+    return replace(splits, **{split: balanced_examples(splits.split(split), limit, splits.task.split_seed)})
 
 
 def prepare_run(

@@ -45,7 +45,7 @@ from svdicl.experiments.condition import (
 )
 from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import PAPER_RATES, module_sets, parse_rates
-from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.runs import SAMPLINGS, EvalRun, balance_split, limit_examples, prepare_run, scored_seeds
 from svdicl.experiments.search_output import (
     CalibratedCurve,
     ScoringInfo,
@@ -164,6 +164,7 @@ class SearchConfig:
     limit_test: int | None = None
     metric: str | None = None
     arms: tuple[str, ...] = GROUPS  # optional arm groups beside unpruned and pruned (experiments/arms.py)
+    validation_sampling: str = "random"  # "balanced": the validation limit drawn per class, as the authors' code does
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", candidate_rates(self.rates))
@@ -180,6 +181,8 @@ class SearchConfig:
             raise SvdiclError(f"unknown metric {self.metric!r}; use {' or '.join(METRICS)} (or leave it out for the task's own)")
         if self.shots is not None and self.shots < 0:
             raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+        if self.validation_sampling not in SAMPLINGS:
+            raise SvdiclError(f"unknown validation sampling {self.validation_sampling!r}; use {' or '.join(SAMPLINGS)}")
 
     def examples(self, splits: TaskSplits) -> int:
         """Examples scored by a search from scratch, counting rate*'s test cell (for a progress bar's total)."""
@@ -228,6 +231,9 @@ def search(
     shots = task.shots if config.shots is None else config.shots
     sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
+    recorded = {split: cell_limit(limits[split], len(splits.split(split))) for split in limits}
+    if config.validation_sampling == "balanced":
+        splits, limits["validation"] = balance_split(splits, "validation", limits["validation"]), None
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     scored = 0  # cells scored by this search (not those read back, nor those another process stored)
     bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
@@ -305,7 +311,7 @@ def search(
         metric=metric,
         shots=shots,
         shots_total=shots * task.num_classes,
-        limit={split: cell_limit(limits[split], len(splits.split(split))) for split in limits},
+        limit=recorded,
         data=splits.origin,
         per_layer=None if choice is None else _per_layer(choice),
         top_k=None if choice is None else choice.top_k,
@@ -326,6 +332,7 @@ def search(
         ),
         wall_s=round(time.perf_counter() - started, 3),
         cells_scored=scored,
+        validation_sampling=config.validation_sampling,
     )
 
 

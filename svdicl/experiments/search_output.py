@@ -174,6 +174,7 @@ class SearchRecord:
     scoring: ScoringInfo
     wall_s: float
     cells_scored: int
+    validation_sampling: str = "random"  # how the validation limit drew its subset (experiments/runs.py SAMPLINGS)
 
     @property
     def layer_from(self) -> str:
@@ -199,6 +200,7 @@ class SearchRecord:
             "shots_per_class": self.shots,
             "shots_total": self.shots_total,
             "limit": dict(self.limit),
+            "validation_sampling": self.validation_sampling,
             "data": self.data,
             "condition": None if self.per_layer is None else {"aggregate": AGGREGATE, "per_layer": dict(self.per_layer)},
             "top_k": self.top_k,

@@ -45,9 +45,11 @@ def search_configs(
     limit: int | None = None,
     limit_validation: int | None = None,
     limit_test: int | None = None,
+    validation_sampling: str = "random",
 ) -> list[SearchConfig]:
     """One search per task and module, in that order, each once.  `shots` counts per class, or in all with
-    `shots_total` (lm-eval's --num_fewshot); `limit` caps both splits unless `limit_validation`/`limit_test` do."""
+    `shots_total` (lm-eval's --num_fewshot); `limit` caps both splits unless `limit_validation`/`limit_test` do;
+    `validation_sampling` "balanced" draws the validation limit per class (the authors' code)."""
     return list(
         dict.fromkeys(
             SearchConfig(
@@ -62,6 +64,7 @@ def search_configs(
                 arms=arms,
                 limit_validation=limit if limit_validation is None else limit_validation,
                 limit_test=limit if limit_test is None else limit_test,
+                validation_sampling=validation_sampling,
             )
             for task in tasks
             for module in modules

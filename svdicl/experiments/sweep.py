@@ -25,7 +25,7 @@ from svdicl.experiments.calls import Call, Progress, evaluate_calls
 from svdicl.experiments.cells import Scoring, data_digest, edit_cell, note_other_data, reuse_cells, run_key
 from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import SweepGrid, layer_sets, module_sets
-from svdicl.experiments.runs import limit_examples, prepare_run, scored_seeds
+from svdicl.experiments.runs import balance_split, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
 from svdicl.prompts import sample_demonstrations, shots_per_class
 from svdicl.specs import PruneSpec
@@ -70,13 +70,13 @@ def plan_sweep(
     plan = []
     for task_splits in splits.values():
         task = task_splits.task
-        examples = len(limit_examples(task_splits.split(grid.split), grid.limit, task.split_seed))
-        data = data_digest(task_splits, grid.split, grid.limit)
+        examples = len(limit_examples(task_splits.split(grid.split), grid.run_limit, task.split_seed))
+        data = data_digest(task_splits, grid.split, grid.run_limit)
         for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
             sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
             scored = scored_seeds(shots, grid.seeds, scoring.calibration)
             for seed in grid.seeds:
-                base = run_key(loaded, task_splits, grid.split, shots, seed, grid.limit, scoring, data)
+                base = run_key(loaded, task_splits, grid.split, shots, seed, grid.run_limit, scoring, data)
                 calls = []
                 for index, (layers, modules) in enumerate(lines):
                     rates = [r for r in grid.rates if r > 0]
@@ -105,6 +105,15 @@ def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | N
     return found
 
 
+def grid_splits(grid: SweepGrid, data_dir: str | Path | None = None) -> dict[str, TaskSplits]:
+    """Each task's splits as the grid scores them: with sampling "balanced", the scored split is cut to its
+    class-balanced subset of --limit examples and then scored whole (`SweepGrid.run_limit`)."""
+    splits = load_task_splits(grid.tasks, data_dir)
+    if grid.sampling == "balanced":
+        splits = {name: balance_split(found, grid.split, grid.limit) for name, found in splits.items()}
+    return splits
+
+
 @dataclass(frozen=True)
 class SweepResult:
     """What `sweep` returns: the grid's cells in plan order and how many this call scored."""
@@ -129,7 +138,7 @@ def sweep(
     process); one progress bar over the grid, in examples."""
     started = time.perf_counter()
     scoring = scoring or Scoring()
-    splits = load_task_splits(grid.tasks, data_dir)
+    splits = grid_splits(grid, data_dir)
     plan = plan_sweep(loaded, grid, splits, scoring)
     note_other_data(store, [key for group in plan for key, _ in group.cells])
     scored = [group for group in plan if group.reuse_from is None]
@@ -139,7 +148,7 @@ def sweep(
         for group in scored:
             prepare = functools.cache(
                 lambda group=group: prepare_run(
-                    loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.limit,
+                    loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.run_limit,
                     splits=splits[group.task.name], calibration=scoring.calibration, progress=progress,
                 )
             )  # fmt: skip
