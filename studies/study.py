@@ -1,0 +1,197 @@
+"""The powered study of docs/STUDY.md: every number there comes from this script.
+
+    python studies/study.py list                      # the parts, in the order they run, and which are done
+    python studies/study.py run [--until 03:40] [--parts NAME,...] [--workers 2]
+    python studies/study.py report                    # docs/STUDY.md's results section from what is stored
+
+Each part is one `svdicl` command writing a resumable result store under studies/<model>/<design>/;
+`run` runs the parts in order, skips those logged as done, and stops the running one cleanly at
+--until (SIGINT: finished cells stay, a rerun resumes).  CPU time per part (user + system of the
+command, from wait4) goes to studies/cpu-time.tsv, one row per invocation.  The order is the
+pre-registered priority (docs/STUDY.md "What CPU time buys"): cut seeds and the 1.5B model first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CPU_LOG = HERE / "cpu-time.tsv"
+TASKS = ("sst2", "agnews", "emoc", "mrpc", "rte", "cb", "copa")
+LAYER_TASKS = ("sst2", "rte", "agnews")  # the layer-choice comparison (SmolLM2 only)
+MODULES = ("mlp", "attn")
+SEEDS = "0,1,2"  # 5 pre-registered; 3 while CPU time forces it (docs/STUDY.md)
+VALIDATION, TEST = 200, 1000  # min(., split): RTE 277, CB 56, COPA 100 are whole test splits
+SEARCH = ("--limit-validation", str(VALIDATION), "--validation-sampling", "balanced", "--limit-test", str(TEST), "--arms", "all")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One svdicl command of the study; `argv` may be computed when the part starts (it reads earlier parts)."""
+
+    name: str
+    argv: Callable[[], list[str]]
+
+
+def folder(model: str, design: str) -> Path:
+    return HERE / model / design
+
+
+def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: str) -> Part:
+    out = folder(model, design)
+    argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", SEEDS, *SEARCH, *extra]
+    return Part(f"{model}/{design}/{module}", lambda: [*argv, "--output", str(out), "--no-report"])
+
+
+def oracle_sweep(model: str, task: str, module: str) -> Part:
+    """Every layer at the paper's rates on the same balanced validation subset as the searches (seed 0)."""
+    out = folder(model, "layer-oracle")
+    argv = ["sweep", "--model", model, "--tasks", task, "--modules", module, "--layers", "all", "--split", "validation",
+            "--limit", str(VALIDATION), "--sampling", "balanced", "--seeds", "0", "--calibration", "all",
+            "--output", str(out), "--no-report"]  # fmt: skip
+    return Part(f"{model}/layer-sweep/{task}-{module}", lambda: argv)
+
+
+def oracle_search(model: str, task: str, module: str) -> Part:
+    """Algorithm 1's steps 3-4 at the oracle layer: the one whose best rate scored highest on validation."""
+
+    def argv() -> list[str]:
+        layer = oracle_layer(folder(model, "layer-oracle"), task, module)
+        return [*search(model, "layer-oracle", [task], module, "--layer", str(layer), "--seeds", "0").argv()]
+
+    return Part(f"{model}/layer-oracle/{task}-{module}", argv)
+
+
+def oracle_layer(out: Path, task: str, module: str) -> int:
+    """The layer of the highest validation accuracy over rates > 0 (seed 0; ties to the shallower layer)."""
+    sys.path.insert(0, str(ROOT))
+    from svdicl.store import Store
+
+    best: dict[int, float] = {}
+    for cell in Store(out).cells():
+        key = cell.key
+        if key.task == task and key.split == "validation" and key.seed == 0 and key.edit != "none":
+            layer, found_module, rate = key.edit.split(":")
+            if found_module == module and float(rate) > 0:
+                best[int(layer)] = max(best.get(int(layer), 0.0), cell.metrics["accuracy"]["value"])
+    if not best:
+        raise SystemExit(f"study: no layer sweep of {task} {module} in {out}; run its layer-sweep part first")
+    return max(sorted(best), key=lambda layer: best[layer])
+
+
+def parts() -> list[Part]:
+    """The pre-registered order (docs/STUDY.md)."""
+    smol = "smollm2-135m"
+    found = [search(smol, "algorithm1", TASKS, m) for m in MODULES]
+    found += [search(smol, "layer-fixed", LAYER_TASKS, m, "--layer", "-2") for m in MODULES]
+    for model in ("gemma3-270m", "qwen2.5-coder-0.5b"):
+        found += [search(model, "algorithm1", TASKS, m) for m in MODULES]
+    for task in LAYER_TASKS:
+        for m in MODULES:
+            found += [oracle_sweep(smol, task, m), oracle_search(smol, task, m)]
+    found += [search(smol, "authors-format", ["studies/tasks/sst2-authors.yaml", "studies/tasks/emoc-authors.yaml"], m)
+              for m in MODULES]  # fmt: skip
+    found += [search(smol, "authors-5-demos", ["rte", "cb", "copa"], m, "--num_fewshot", "5") for m in MODULES]
+    found += [search("qwen2.5-coder-1.5b", "algorithm1", ["sst2", "agnews", "rte"], m) for m in MODULES]
+    return found
+
+
+def done() -> set[str]:
+    if not CPU_LOG.exists():
+        return set()
+    with CPU_LOG.open() as handle:
+        return {row["part"] for row in csv.DictReader(handle, delimiter="\t") if row["exit"] == "0"}
+
+
+def log(row: dict) -> None:
+    new = not CPU_LOG.exists()
+    with CPU_LOG.open("a") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(row), delimiter="\t", lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def run_part(part: Part, workers: int, deadline: float | None) -> int:
+    argv = [sys.executable, "-m", "svdicl", "-q", *part.argv(), "--workers", str(workers), "--threads-per-worker", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    logs = HERE / "logs"
+    logs.mkdir(exist_ok=True)
+    started, load = time.time(), os.getloadavg()[0]
+    with (logs / (part.name.replace("/", "__") + ".log")).open("a") as err:
+        err.write(f"# {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(argv)}\n")
+        err.flush()
+        child = subprocess.Popen(["nice", "-n", "10", *argv], cwd=ROOT, env=env, stdout=err, stderr=err)
+        status = None
+        while status is None:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid == 0:
+                status = None
+                if deadline is not None and time.time() > deadline:
+                    child.send_signal(signal.SIGINT)  # svdicl keeps every finished cell
+                    deadline = None
+                time.sleep(2)
+    code = os.waitstatus_to_exitcode(status)
+    log({
+        "part": part.name, "exit": code, "user_s": f"{usage.ru_utime:.1f}", "sys_s": f"{usage.ru_stime:.1f}",
+        "wall_s": f"{time.time() - started:.1f}", "max_rss_kib": usage.ru_maxrss, "workers": workers,
+        "load_start": f"{load:.2f}", "started": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
+    })  # fmt: skip
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["list", "run", "report"])
+    parser.add_argument("--parts", help="comma list of part names (default: all, in order)")
+    parser.add_argument("--until", help="HH:MM: stop the running part cleanly then, and start no other")
+    parser.add_argument("--workers", type=int, default=2, help="single-threaded worker processes per part (default: 2)")
+    args = parser.parse_args(argv)
+    if not os.environ.get("SVDICL_DATA"):
+        raise SystemExit("study: set SVDICL_DATA to the folder of <task>/<split>.jsonl files (e.g. ../shared/data)")
+    os.environ.setdefault("SVDICL_CACHE", str(ROOT / ".cache" / "svdicl"))
+    chosen = parts()
+    if args.parts:
+        names = set(args.parts.split(","))
+        chosen = [p for p in chosen if p.name in names]
+    finished = done()
+    if args.command == "list":
+        for part in chosen:
+            print(("done  " if part.name in finished else "todo  ") + part.name)
+        return 0
+    if args.command == "report":
+        sys.path.insert(0, str(HERE))
+        from report import write_report
+
+        write_report(HERE, ROOT / "docs" / "STUDY.md")
+        return 0
+    deadline = None
+    if args.until:
+        at = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(args.until))
+        deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
+    for part in chosen:
+        if part.name in finished:
+            continue
+        if deadline is not None and time.time() > deadline:
+            break
+        print(f"study: {part.name}", file=sys.stderr, flush=True)
+        code = run_part(part, args.workers, deadline)
+        if code != 0:
+            print(f"study: {part.name} stopped (exit {code}); rerun to resume", file=sys.stderr)
+            return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
