@@ -68,42 +68,53 @@ def build_prompt(task: TaskConfig, demonstrations: str, example: Example) -> Pro
     return Prompt(demonstrations=demonstrations, query=query_text(task, example), candidates=candidate_texts(task, example))
 
 
-def sample_demonstrations(task: TaskConfig, pool: Sequence[Example], shots: int, seed: int) -> tuple[Example, ...]:
-    """`shots` examples of every class from `pool`, drawn with `seed`, then shuffled with it.
+def sample_demonstrations(
+    task: TaskConfig, pool: Sequence[Example], shots: int, seed: int, extra: int = 0
+) -> tuple[Example, ...]:
+    """`shots` examples of every class from `pool`, plus one more from each of `extra` classes, drawn with `seed`,
+    then shuffled with it.
 
-    Shots count per class, as the authors' code does (SST-2's 10 demonstrations are 5 per class).
+    Shots count per class, as the authors' code does (SST-2's 10 demonstrations are 5 per class).  `extra`
+    (below the number of classes) is what a total the classes do not divide leaves over (`shot_counts`):
+    lm-eval's `--num_fewshot 5` on RTE is 2 per class plus 1 of a class the seed picks, among the classes
+    with a candidate to spare.  With no `extra` the draw is the class-balanced one, unchanged.
     """
+    classes = task.num_classes
     if shots < 0:
         raise SvdiclError(f"shots must be >= 0 (demonstrations per class), not {shots}")
+    if not 0 <= extra < classes:
+        raise SvdiclError(f"extra demonstrations must be 0 to {classes - 1} ({task.name} has {classes} classes), not {extra}")
+    by_class = [[e for e in pool if e.label == cls] for cls in range(classes)]
+    spare = [cls for cls, found in enumerate(by_class) if len(found) > shots]
+    short = min(range(classes), key=lambda cls: len(by_class[cls]))
+    if len(by_class[short]) < shots or len(spare) < extra:
+        most = len(by_class[short])
+        total = most * classes + sum(len(found) > most for found in by_class)
+        raise SvdiclError(
+            f"task {task.name}: {shots} shots per class{f' plus {extra} extra' if extra else ''}, but class "
+            f"{task.labels[short]!r} has only {most} demonstration candidates; "
+            f"use --shots {most} or fewer (--num_fewshot {total} or fewer in all)"
+        )
     rng = random.Random(seed)
+    lucky = set(rng.sample(spare, extra)) if extra else set()  # nothing drawn here for a balanced count: its draw is as before
     chosen: list[Example] = []
-    for cls, name in enumerate(task.labels):
-        of_class = [e for e in pool if e.label == cls]
-        if shots > len(of_class):
-            raise SvdiclError(
-                f"task {task.name}: {shots} shots per class, but class {name!r} has only {len(of_class)} "
-                f"demonstration candidates; use --shots {len(of_class)} or fewer"
-            )
-        chosen += rng.sample(of_class, shots)
+    for cls, of_class in enumerate(by_class):
+        chosen += rng.sample(of_class, shots + (cls in lucky))
     rng.shuffle(chosen)
     return tuple(chosen)
 
 
-def shots_per_class(task: TaskConfig, total: int) -> int:
-    """lm-eval's `--num_fewshot` (demonstrations in all) as the shots per class `sample_demonstrations` draws.
+def shot_counts(task: TaskConfig, shots: int | None, total: bool = False) -> tuple[int, int]:
+    """(shots per class, extra) for `sample_demonstrations`: the task's paper setting for None, `shots` per class,
+    or with `total` `shots` demonstrations in all (lm-eval's `--num_fewshot`), as balanced as they allow.
 
-    Demonstrations are class-balanced, so a total the number of classes does not divide is refused
-    rather than rounded: `--num_fewshot 4` is 2 per class on SST-2 and an error on CB (3 classes).
+    A total the classes divide is that many per class and no extra (`--num_fewshot 4` on SST-2 draws exactly
+    the demonstrations of `--shots-per-class 2`); otherwise the rest are one each from as many classes:
+    `--num_fewshot 5` is (2, 1) on RTE and (1, 2) on CB.
     """
-    classes = task.num_classes
-    if total < 0:
-        raise SvdiclError(f"--num_fewshot must be >= 0 (demonstrations in all), not {total}")
-    per_class, rest = divmod(total, classes)
-    if rest:
-        below, above = per_class * classes, (per_class + 1) * classes
-        raise SvdiclError(
-            f"--num_fewshot {total} on {task.name}: svdicl draws the same number of demonstrations from each of its "
-            f"{classes} classes, so the total must be a multiple of {classes}; use --num_fewshot {below} or {above}, "
-            "or --shots-per-class K"
-        )
-    return per_class
+    if shots is None:
+        return task.shots, 0
+    flag = "--num_fewshot" if total else "--shots"
+    if shots < 0:
+        raise SvdiclError(f"{flag} must be >= 0 (demonstrations {'in all' if total else 'per class'}), not {shots}")
+    return divmod(shots, task.num_classes) if total else (shots, 0)

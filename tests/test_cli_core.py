@@ -2,13 +2,14 @@
 one-line errors."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 import yaml
-from conftest import tiny_model, tiny_tokenizer, write_toy_task
+from conftest import TOY_TASK, tiny_model, tiny_tokenizer, write_toy_task
 
 import svdicl
 from svdicl import checkpoints
@@ -18,7 +19,7 @@ from svdicl.cli.common import seeds_from
 from svdicl.errors import SvdiclError
 from svdicl.experiments.grid import parse_list
 from svdicl.models import load_model
-from svdicl.prompts import shots_per_class
+from svdicl.prompts import shot_counts
 from svdicl.store import Store
 from svdicl.tasks import TASKS, get_task
 
@@ -169,21 +170,52 @@ def test_num_fewshot_counts_demonstrations_in_all_as_lm_eval_does(capsys, tmp_pa
         assert "shots=4 (2/class)" in printed
         totals[flag] = [run["demonstrations"] for run in results["runs"]]
     assert len({json.dumps(d) for d in totals.values()}) == 1  # one draw per seed, whichever convention names it
-    message = one_line_error(capsys, *toy_eval, "--num_fewshot", "3", "--output", str(tmp_path / "odd"))
-    assert "must be a multiple of 2" in message and "--num_fewshot 2 or 4" in message and "--shots-per-class" in message
     message = one_line_error(capsys, *toy_eval, "--num_fewshot", "4", "--shots", "2", "--output", str(tmp_path / "both"))
     assert "not both" in message
 
 
 @pytest.mark.parametrize("name", TASKS)
-def test_num_fewshot_divides_by_each_tasks_classes(name):
+def test_num_fewshot_is_each_tasks_shots_per_class_and_the_rest_as_extra(name):
     task = get_task(name)
     for total in range(13):
-        if total % task.num_classes:
-            with pytest.raises(SvdiclError, match=f"multiple of {task.num_classes}"):
-                shots_per_class(task, total)
-        else:
-            assert shots_per_class(task, total) * task.num_classes == total
+        shots, extra = shot_counts(task, total, total=True)  # a total the classes do not divide is no longer refused
+        assert shots * task.num_classes + extra == total and 0 <= extra < task.num_classes
+        if not extra:
+            assert shot_counts(task, shots) == (shots, 0)  # --shots-per-class of the same count
+
+
+def write_three_class_task(root: Path) -> Path:
+    """toy3.yaml and data/toy3/{train,test}.jsonl: write_toy_task's task with 3 classes (row i of class i % 3)."""
+    for source, n in (("train", 40), ("test", 70)):
+        folder = root / "data" / "toy3"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"text": "ab cd" if i % 2 else "ef", "label": i % 3} for i in range(n)]
+        (folder / f"{source}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "toy3.yaml").write_text(TOY_TASK.format(validation=30).replace('["Yes", "No"]', '["Yes", "No", "Maybe"]'))
+    return root / "toy3.yaml"
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_num_fewshot_5_gives_5_demonstrations_on_2_and_3_classes(capsys, tmp_path, toy_eval, classes):
+    argv = list(toy_eval)
+    if classes == 3:
+        argv[argv.index("--task") + 1] = str(write_three_class_task(tmp_path))
+    out = tmp_path / "five"
+    code, printed, err = run_cli(capsys, *argv, "--num_fewshot", "5", "--seeds", "0,1,2,3", "--output", str(out))
+    assert code == 0, err
+    config = json.loads((out / "results.json").read_text())["config"]
+    shots, extra = divmod(5, classes)
+    assert (config["shots_total"], config["shots_per_class"], config["extra_shots"]) == (5, shots, extra)
+    assert f"shots=5 ({shots}/class + {extra})" in printed
+    drawn = []
+    for run in json.loads((out / "results.json").read_text())["runs"]:
+        counts = Counter(int(d.split(":")[1]) % classes for d in run["demonstrations"])  # train row i: class i % classes
+        assert len(run["demonstrations"]) == 5 and max(counts.values()) - min(counts[c] for c in range(classes)) == 1
+        assert list(run["demonstrations_per_class"].values()) == [counts[c] for c in range(classes)]
+        drawn.append(run["demonstrations_per_class"])
+    assert len({json.dumps(d) for d in drawn}) > 1  # the seeds pick different classes for the extra ones
+    keys = [cell.key for cell in Store(out / "store").cells()]
+    assert {(k.shots, k.extra_shots) for k in keys} == {(shots, extra)} and len(keys) == 4
 
 
 def test_sweep_num_fewshot_is_a_total_per_task(capsys, tmp_path, toy_eval):
@@ -196,8 +228,15 @@ def test_sweep_num_fewshot_is_a_total_per_task(capsys, tmp_path, toy_eval):
     assert code == 0, err
     cells = Store(tmp_path / "s").cells()
     assert {(c.key.shots, c.info["shots_total"]) for c in cells} == {(0, 0), (2, 4)}
-    message = one_line_error(capsys, *argv, "--num_fewshot", "0,5", "--output", str(tmp_path / "odd"))
-    assert "--num_fewshot 5" in message and "multiple of 2" in message
+    code, _, err = run_cli(
+        capsys, *argv, "--rates", "0.5", "--num_fewshot", "4,5", "--output", str(tmp_path / "s"), "--no-report"
+    )
+    assert code == 0, err
+    cells = Store(tmp_path / "s").cells()  # 5 in all is 2 per class + 1: cells of its own, beside those of 4
+    assert {(c.key.shots, c.key.extra_shots, c.info["shots_total"]) for c in cells} == {(0, 0, 0), (2, 0, 4), (2, 1, 5)}
+    assert len(cells) == 6 and all(len(c.info["demonstrations"]) == c.info["shots_total"] for c in cells)
+    message = one_line_error(capsys, *argv, "--num_fewshot", "41", "--output", str(tmp_path / "big"))
+    assert "--num_fewshot 40 or fewer" in message
 
 
 def write_config(tmp_path: Path, values: dict, name: str = "run.yaml") -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -214,6 +215,21 @@ def test_fig2_has_a_row_per_shot_count(tmp_path):
     assert (tmp_path / "figures" / "fig2-shots-test.svg").is_file()
     fig1 = plot_rates(sweep_points(store.cells(), metric="accuracy"))  # fig 1 shows the most shots
     assert dashed(fig1.axes[0])[0].get_ydata()[0] == accuracy("sst2", 10, 0, "none")
+
+
+def test_an_uneven_total_is_a_shot_count_of_its_own_in_points_tables_and_figures(tmp_path):
+    store = make_store(tmp_path, shots=(2,), tasks=("sst2",))
+    uneven = [replace(c.key, extra_shots=1) for c in store.cells()]  # --num_fewshot 5: 2 per class + 1
+    fill(store, uneven, lambda key: result(replace(key, shots=7)))  # values no cell of 2 per class has
+    points = sweep_points(store.cells(), metric="accuracy")
+    baselines = {p.shot_count: p.value for p in points if p.rate == 0}
+    assert baselines == {(2, 0): accuracy("sst2", 2, 0, "none"), (2, 1): accuracy("sst2", 7, 0, "none")}  # never averaged
+    fig = plot_shots(points)
+    assert [ax.get_title().rsplit(" · ", 1)[1] for ax in fig.axes[:: len(MODULES)]] == ["2+1-shot", "2-shot"]
+    build_report(tmp_path, metric="accuracy")
+    assert {"**2+1-shot**", "**2-shot**"} <= set((tmp_path / "tables" / "sweep-test.md").read_text().splitlines())
+    rows = read_csv(tmp_path / "tables" / "sweep-test.csv")
+    assert {(r["shots"], r["extra_shots"]) for r in rows} == {("2", "0"), ("2", "1")}
 
 
 def conditions() -> list[MatrixCondition]:
@@ -523,6 +539,23 @@ def test_report_reads_eval_folders_and_pairs_each_with_its_unpruned_eval(tmp_pat
     assert "## Evaluations (svdicl eval)" in report.page.read_text()
     svg = (out / "figures" / "evals.svg").read_text()
     assert "SST-2 · test · n=14" in svg and "tiny · mean over seeds" in svg
+
+
+def test_an_eval_at_an_uneven_total_is_paired_only_with_an_unpruned_eval_of_the_same_draw(tmp_path):
+    import numpy as np
+
+    a, b = two_arms(np.random.default_rng(3))
+    folders = {"base": ("none", 0), "five": ("29:mlp:0.9", 1), "four": ("29:mlp:0.5", 0)}
+    for name, (edit, extra) in folders.items():
+        results = write_eval(tmp_path / name, b if extra else a, edit=edit) / "results.json"
+        data = json.loads(results.read_text())
+        data["config"].update(shots_per_class=2, shots_total=4 + extra, **({"extra_shots": extra} if extra else {}))
+        results.write_text(json.dumps(data))
+    build_report([tmp_path / name for name in folders], output=tmp_path / "out")
+    rows = {r["edit"]: r for r in read_csv(tmp_path / "out" / "tables" / "evals.csv")}
+    assert (rows["29:mlp:0.9"]["extra_shots"], rows["29:mlp:0.9"]["p_value"]) == ("1", "")  # no unpruned eval of 2 + 1
+    assert rows["29:mlp:0.5"]["extra_shots"] == "0" and rows["29:mlp:0.5"]["p_value"] != ""
+    assert "| 2+1 |" in (tmp_path / "out" / "tables" / "evals.md").read_text()
 
 
 def test_an_unwritable_report_folder_is_a_one_line_error(tmp_path, capsys):

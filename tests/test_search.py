@@ -465,3 +465,28 @@ def test_balanced_validation_draws_the_classes_evenly_and_never_mixes_with_the_r
     assert found["random"].to_json()["validation_sampling"] == "random"
     with pytest.raises(SvdiclError, match="use random or balanced"):
         SearchConfig(str(toy), validation_sampling="stratified")
+
+
+def test_a_search_at_5_demonstrations_on_2_classes_keys_records_and_replays_them(toy, capsys, tmp_path):
+    out, data = tmp_path / "out", str(toy.parent / "data")
+    model = save_model(planted_loaded(), tmp_path / "planted")
+    argv = ["-q", "search", "--model", str(model), "--tasks", str(toy), "--modules", "mlp", "--rates", "0.9", "--layer", "1"]
+    argv += ["--arms", "none", "--limit-validation", "12", "--limit-test", "10", "--data-dir", data, "--output", str(out)]
+    records, cells = {}, {}
+    for total in ("4", "5"):
+        before = {c.id for c in Store(out).cells()} if out.exists() else set()
+        assert main([*argv, "--num_fewshot", total, "--no-report"]) == 0
+        records[total] = json.loads((out / "search" / "toy-mlp.json").read_text())
+        cells[total] = [c for c in Store(out).cells() if c.id not in before]
+    capsys.readouterr()
+    assert [records[t]["shots_total"] for t in ("4", "5")] == [4, 5]
+    assert (records["5"]["shots_per_class"], records["5"]["extra_shots"], records["4"]["extra_shots"]) == (2, 1, 0)
+    assert cells["5"] and all(c.key.extra_shots == 1 and len(c.info["demonstrations"]) == 5 for c in cells["5"])
+    assert all(c.key.extra_shots == 0 and c.info["shots_total"] == 4 for c in cells["4"])  # nothing of 4 was reused for 5
+    replay = yaml.safe_load((out / "search" / "toy-mlp.yaml").read_text())
+    assert replay["num_fewshot"] == 5 and "shots_per_class" not in replay
+    again = tmp_path / "replay"
+    assert main(["-q", "eval", "--config", str(out / "search" / "toy-mlp.yaml"), "--output", str(again)]) == 0
+    replayed = json.loads((again / "results.json").read_text())
+    assert replayed["config"]["shots_total"] == 5
+    assert replayed["runs"][0]["metrics"]["accuracy"]["value"] == records["5"]["test"]["pruned"]["value"]

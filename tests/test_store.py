@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -40,6 +41,24 @@ def test_key_id_is_stable_and_sees_every_field():
     assert len({k.id for k in changed} | {key.id}) == len(changed) + 1
     assert CellKey("fp", "sst2", "test", 5, 0, "26:mlp:0").edit == "none"  # rate 0 is the unpruned model
     assert CellKey.from_dict(json.loads(json.dumps(key.to_dict()))) == key
+
+
+def test_extra_shots_key_an_uneven_total_apart_and_leave_every_other_id_as_it_was(tmp_path):
+    key = CellKey("fp", "rte", "test", 2, 0, "26:mlp:0.95", limit=100, options={"svd": "float32"}, data="d" * 16)
+    before = {name: value for name, value in key.to_dict().items() if name != "extra_shots"}  # a key's fields until now
+    text = json.dumps(before, sort_keys=True, separators=(",", ":"))
+    assert key.id == hashlib.sha256(text.encode()).hexdigest()[:16]  # no extra shots: the id stores already hold
+    uneven = replace(key, extra_shots=1)  # --num_fewshot 5 on RTE: 2 per class + 1
+    assert uneven.id not in {replace(key, shots=s).id for s in range(7)}
+    assert CellKey.from_dict(json.loads(json.dumps(uneven.to_dict()))) == uneven
+    assert CellKey.from_dict(before) == key  # a record written before the field was there
+    store = Store(tmp_path)
+    for k in (key, uneven):
+        store.put(k, fake_result(k))
+    assert [c.key.extra_shots for c in Store(tmp_path).cells()] == [0, 1]
+    assert Store(tmp_path).cells(extra_shots=1)[0].samples.startswith("samples/rte/test-2+1shot-")
+    with pytest.raises(SvdiclError, match="extra_shots"):
+        replace(key, extra_shots=-1)
 
 
 def test_bad_keys_are_refused():

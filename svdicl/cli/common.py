@@ -219,7 +219,8 @@ def add_demonstration_args(group: ArgumentGroup, several: bool) -> None:
         "--num_fewshot",
         "--num-fewshot",
         dest="num_fewshot",
-        help="demonstrations in all, as in lm-eval: a multiple of the task's classes, drawn class-balanced",
+        help="demonstrations in all, as in lm-eval: as many of every class as the total allows, any left over one "
+        "each from classes the seed picks (5 on RTE: 2 per class + 1)",
         **kind,
     )
     group.add_argument(
@@ -243,12 +244,10 @@ def check_shot_flags(args: argparse.Namespace) -> None:
         raise SvdiclError("give --shots (per class) or --num_fewshot (in all), not both")
 
 
-def shots_for(args: argparse.Namespace, task) -> int | None:
-    """The shots per class of one task the flags ask for (None: the task's paper setting)."""
-    from svdicl.prompts import shots_per_class
-
+def shot_flags(args: argparse.Namespace) -> tuple[int | None, bool]:
+    """The shot count the flags ask for (None: each task's paper setting) and whether it counts in all."""
     check_shot_flags(args)
-    return shots_per_class(task, args.num_fewshot) if args.num_fewshot is not None else args.shots
+    return (args.shots, False) if args.num_fewshot is None else (args.num_fewshot, True)
 
 
 def add_output_arg(group: ArgumentGroup, help: str, **kwargs) -> None:

@@ -19,7 +19,7 @@ from svdicl.cli.common import (
     positive_int,
     prune_specs,
     seeds_from,
-    shots_for,
+    shot_flags,
 )
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.task or not args.output:
         raise SvdiclError("give --task (e.g. --task sst2) and --output DIR")
     tasks = [get_task(name) for text in args.task for name in text.split(",") if name]
-    shots = {task.name: shots_for(args, task) for task in tasks}
+    shots, total = shot_flags(args)
     specs = prune_specs(args, required=False)
     cache_memory = parse_memory(args.cache_memory)
     seeds = list(seeds_from(args))
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         outputs = [root if len(tasks) == 1 else root / task.name for task in tasks]
         print(
             dry_run_eval(
-                loaded, tasks, split=args.split, shots=shots, seeds=seeds, limit=args.limit, edit=edit,
+                loaded, tasks, split=args.split, shots=shots, shots_total=total, seeds=seeds, limit=args.limit, edit=edit,
                 data_dir=args.data_dir, outputs=outputs, batch_size=args.batch_size, path=args.path, cache_memory=cache_memory,
                 calibration=args.calibration,
             ).text()
@@ -109,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
                 loaded,
                 task,
                 split=args.split,
-                shots=shots[task.name],
+                shots=shots,
+                shots_total=total,
                 seeds=seeds,
                 limit=args.limit,
                 specs=specs,
@@ -132,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _print(name: str, evaluation: Evaluation, folder: Path) -> None:
     print(
-        f"{name}  split={evaluation.split}  shots={evaluation.shots_total} ({evaluation.shots_per_class}/class)  "
+        f"{name}  split={evaluation.split}  shots={evaluation.shots_total} ({_per_class(evaluation)})  "
         f"edit={evaluation.edit}  path={evaluation.path}  -> {folder / 'results.json'}"
     )
     if evaluation.fallback:
@@ -150,6 +151,12 @@ def _print(name: str, evaluation: Evaluation, folder: Path) -> None:
             f"  over {acc.n} seeds: accuracy {acc.mean:.4f} ± {acc.std:.4f} (min {acc.min:.4f}, max {acc.max:.4f})"
             f"  macro-F1 {f1.mean:.4f} ± {f1.std:.4f}\n  [ ]: 95% CI over examples; ±: standard deviation over seeds"
         )
+
+
+def _per_class(evaluation: Evaluation) -> str:
+    """`2/class`, or `2/class + 1` where the total left demonstrations over (one each from classes the seed picks)."""
+    extra = f" + {evaluation.extra_shots}" if evaluation.extra_shots else ""
+    return f"{evaluation.shots_per_class}/class{extra}"
 
 
 def _bias(values: Mapping[str, float | None], prefix: str) -> str:

@@ -20,7 +20,7 @@ from svdicl.experiments.executors import Executor, Job, LocalExecutor
 from svdicl.experiments.runs import EvalRun
 from svdicl.models import LoadedModel
 from svdicl.specs import PruneSpec
-from svdicl.store import CellKey, Result, Store
+from svdicl.store import CellKey, Result, Store, shots_label
 
 
 class Progress:
@@ -107,7 +107,8 @@ def evaluate_calls(
             if todo:
                 run = prepare()
                 if progress is not None:
-                    progress.describe(f"{run.task.name} {run.split} {run.shots}-shot seed {run.seed} {_edit_label(todo)}")
+                    label = shots_label(run.shots, run.extra_shots)
+                    progress.describe(f"{run.task.name} {run.split} {label}-shot seed {run.seed} {_edit_label(todo)}")
                 yield Job(run, tuple(todo))
 
     work = functools.partial(score_job, scoring=scoring, model_name=model_name)

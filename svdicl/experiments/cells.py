@@ -88,14 +88,17 @@ def run_key(
     limit: int | None,
     scoring: Scoring,
     data: str | None = None,
+    extra_shots: int = 0,
 ) -> CellKey:
     """The unpruned cell of one run (`edit_cell` derives its edited cells): the one place where what identifies
-    a result is gathered -- weights, task name, data digest, split, shots, seed, limit, `Scoring.key_options`.
-    `data` is `data_digest(splits, split, limit)`, passed when already computed."""
+    a result is gathered -- weights, task name, data digest, split, shots (per class and any extra), seed, limit,
+    `Scoring.key_options`.  `data` is `data_digest(splits, split, limit)`, passed when already computed."""
     data = data_digest(splits, split, limit) if data is None else data
     limit = cell_limit(limit, len(splits.split(split)))
     options = scoring.key_options()
-    return CellKey(loaded.fingerprint, splits.task.name, split, shots, seed, limit=limit, options=options, data=data)
+    return CellKey(
+        loaded.fingerprint, splits.task.name, split, shots, seed, limit=limit, options=options, data=data, extra_shots=extra_shots
+    )
 
 
 def note_other_data(store: Store, keys: Iterable[CellKey]) -> int:
@@ -139,8 +142,9 @@ def cell_result(record: EditRecord, result: RunResult, model_name: str, scoring:
         ties=sum(result.ties),
         model_name=model_name,
         info={
-            "shots_total": run.shots * run.task.num_classes,
+            "shots_total": run.shots_total,
             "demonstrations": [e.id for e in run.demonstrations],
+            "demonstrations_per_class": run.demonstrations_per_class,
             "data": run.data,
             "prediction_counts": result.bias[None]["prediction_counts"],
             "calibration": result.calibration_summary(),

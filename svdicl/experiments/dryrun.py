@@ -21,8 +21,9 @@ from pathlib import Path
 from svdicl.experiments.run_scoring import evaluate_run
 from svdicl.experiments.runs import EvalRun, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
+from svdicl.prompts import shot_counts
 from svdicl.requests import forwarded_tokens
-from svdicl.store import CELLS_FILE, Cell
+from svdicl.store import CELLS_FILE, Cell, shots_label
 from svdicl.tasks import TaskConfig
 from svdicl.tasks.data import TaskSplits
 
@@ -92,11 +93,15 @@ class RunSize:
     sample: EvalRun
 
 
-def run_size(loaded: LoadedModel, task: TaskConfig, splits: TaskSplits, split: str, shots: int, seed: int, limit: int | None):
+def run_size(
+    loaded: LoadedModel, task: TaskConfig, splits: TaskSplits, split: str, shots: int, seed: int, limit: int | None,
+    extra_shots: int = 0,
+):  # fmt: skip
     """Count a run's examples; tokenize at most SAMPLE of them and extrapolate its prompt tokens."""
     examples = limit_examples(splits.split(split), limit, task.split_seed)
     sample = limit_examples(examples, SAMPLE, task.split_seed)
-    run = prepare_run(loaded, task, split=split, shots=shots, seed=seed, splits=replace(splits, **{split: sample}))
+    sampled = replace(splits, **{split: sample})
+    run = prepare_run(loaded, task, split=split, shots=shots, seed=seed, splits=sampled, extra_shots=extra_shots)
     tokens = forwarded_tokens(run.requests)
     exact = len(sample) == len(examples)
     return RunSize(len(examples), tokens if exact else round(tokens * len(examples) / max(len(sample), 1)), exact, run)
@@ -112,7 +117,7 @@ class Timer:
     def seconds(self, size: RunSize) -> float:
         """Estimated seconds to score one cell of the run `size` describes (timing its task and shots once)."""
         run = size.sample
-        key = (run.task.name, run.shots)
+        key = (run.task.name, run.shots_total)
         if key not in self.measured:
             self.measured[key] = self._measure(run)
         fixed, per_example = self.measured[key]
@@ -173,12 +178,13 @@ def plan_run(
     *,
     reuse_from: int | None = None,
     stored: set[str] = frozenset(),
+    extra_shots: int = 0,
 ) -> list[PlannedCell]:
     """The cells of one run, each given as (edit name, store id or None): in the store, reused (0 shots) or to score."""
-    size = run_size(loaded, splits.task, splits, split, shots, seed, limit)
+    size = run_size(loaded, splits.task, splits, split, shots, seed, limit, extra_shots)
     planned = []
     for name, cell_id in cells:
-        label = f"{splits.task.name} {split} {shots}-shot seed {seed} {name}"
+        label = f"{splits.task.name} {split} {shots_label(shots, extra_shots)}-shot seed {seed} {name}"
         if cell_id is not None and cell_id in stored:
             planned.append(PlannedCell(label, size.examples, size.tokens, size.exact, "stored"))
         elif reuse_from is not None:
@@ -207,6 +213,7 @@ def dry_run_eval(
     *,
     split: str = "test",
     shots: int | Mapping[str, int | None] | None = None,
+    shots_total: bool = False,
     seeds: Sequence[int] = (0,),
     limit: int | None = None,
     edit: str = "unpruned",
@@ -219,7 +226,7 @@ def dry_run_eval(
 ) -> DryRun:
     """What `svdicl eval` would score: one cell per task and seed (0 shots: one per task), under `edit`.
 
-    `shots` per class, for every task or by task name (None: the task's own)."""
+    `shots` per class (in all with `shots_total`), for every task or by task name (None: the task's own)."""
     from svdicl import calibration as cal
     from svdicl.experiments.evaluate import RESULTS_FILE
     from svdicl.tasks.data import load_splits
@@ -229,11 +236,13 @@ def dry_run_eval(
     for task, output in zip(tasks, list(outputs) or [None] * len(tasks), strict=True):
         splits = load_splits(task, data_dir)
         given = shots.get(task.name) if isinstance(shots, Mapping) else shots
-        count = task.shots if given is None else given
-        scored = scored_seeds(count, seeds, cal.applicable(task, cal.parse_calibration(calibration)))
+        count, extra = shot_counts(task, given, shots_total)
+        scored = scored_seeds(count, seeds, cal.applicable(task, cal.parse_calibration(calibration)), extra)
         for seed in seeds:
             reuse = None if seed in scored else scored[0]
-            cells += plan_run(loaded, timer, splits, split, count, seed, limit, [(edit, None)], reuse_from=reuse)
+            cells += plan_run(
+                loaded, timer, splits, split, count, seed, limit, [(edit, None)], reuse_from=reuse, extra_shots=extra
+            )
         if output is not None and (Path(output) / RESULTS_FILE).is_file():
             notes.append(f"{Path(output) / RESULTS_FILE} exists: the real run returns it unscored if it is the same evaluation")
     return DryRun(tuple(cells), (*notes, time_note(timer)))
@@ -252,7 +261,7 @@ def dry_run_sweep(loaded: LoadedModel, grid, scoring, *, data_dir: str | Path | 
         task_splits = splits[group.task.name]
         cells += plan_run(
             loaded, timer, task_splits, grid.split, group.shots, group.seed, grid.run_limit, named,
-            reuse_from=group.reuse_from, stored=stored,
+            reuse_from=group.reuse_from, stored=stored, extra_shots=group.extra_shots,
         )  # fmt: skip
     return DryRun(tuple(cells), (time_note(timer),))
 
@@ -273,17 +282,17 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
         task_splits = splits[task.name]
         methods = cal.applicable(task, calibration_methods(scoring.calibration, config.arms))  # as search() does
         keyed = replace(scoring, calibration=methods)
-        shots = task.shots if config.shots is None else config.shots
+        shots, extra = (task.shots if config.shots is None else config.shots), config.extra_shots
         layer = None
         if config.layer is not None:
             (layer,) = parse_layers(str(config.layer), len(layer_stack(loaded.model)[1]))
         else:
             notes.append(f"{task.name} {config.module}: the layer comes from condition numbers (L? below), computed first")
-        scored = scored_seeds(shots, config.seeds, methods)
+        scored = scored_seeds(shots, config.seeds, methods, extra)
         limits = {"validation": config.limit_validation, "test": config.limit_test}
         for split, rates in (("validation", config.rates), ("test", (0.0, None))):
             for seed in config.seeds:
-                base = run_key(loaded, task_splits, split, shots, seed, limits[split], keyed)
+                base = run_key(loaded, task_splits, split, shots, seed, limits[split], keyed, extra_shots=extra)
                 named = []
                 for rate in rates:
                     if rate is None:
@@ -295,8 +304,9 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
                         named.append((f"L?:{config.module}:{rate:g}", None))
                 reuse = None if seed in scored else scored[0]
                 cells += plan_run(
-                    loaded, timer, task_splits, split, shots, seed, limits[split], named, reuse_from=reuse, stored=stored
-                )
+                    loaded, timer, task_splits, split, shots, seed, limits[split], named, reuse_from=reuse, stored=stored,
+                    extra_shots=extra,
+                )  # fmt: skip
         if "controls" in config.arms:
             notes.append(f"{task.name} {config.module}: null-control test cells (2 per seed and pruned rate*) are not listed")
     notes.append("the test cell at rate* is counted, though when rate* = 0 it is the unpruned one and is not scored")

@@ -45,7 +45,7 @@ class Evaluation:
 
     task: str
     split: str
-    shots_per_class: int
+    shots_per_class: int  # at least: with `extra_shots`, that many classes (picked per seed) have one more
     shots_total: int
     edit: str  # the applied edit's key, "none" for the unpruned model
     path: str | list[str]  # the scoring path taken (one per seed where they differ)
@@ -54,6 +54,12 @@ class Evaluation:
     spread: Mapping[str, Spread]  # by metric: accuracy, macro_f1, and each as `<method>:<metric>` per calibration
     folder: Path | None  # where results.json and samples.jsonl were written, if anywhere
     results: dict
+
+    @property
+    def extra_shots(self) -> int:
+        """Demonstrations beyond `shots_per_class` of every class, one each from as many classes (0 unless the
+        total asked for was one the classes do not divide)."""
+        return self.results["config"].get("extra_shots", 0)
 
     @property
     def accuracy(self) -> float:

@@ -31,6 +31,7 @@ from svdicl.experiments.run_scoring import _choose, _score_run, _single
 from svdicl.experiments.runs import EvalRun, RunResult, limit_examples, prepare_run, scored_seeds
 from svdicl.files import replaced, write_atomic
 from svdicl.models import LoadedModel, as_loaded
+from svdicl.prompts import shot_counts
 from svdicl.prune import pruned
 from svdicl.requests import Scores
 from svdicl.scoring import ExecutionPath
@@ -54,6 +55,7 @@ def evaluate(
     *,
     split: str = "test",
     shots: int | None = None,
+    shots_total: bool = False,
     seeds: Sequence[int] = (0,),
     limit: int | None = None,
     specs: Sequence = (),
@@ -71,6 +73,9 @@ def evaluate(
     calibration: str | Sequence[str] = (),
 ) -> Evaluation:
     """Evaluate `task` for every seed under the edit `specs`; with `output`, write and resume there.
+
+    `shots` counts demonstrations per class (None: the task's paper setting), or in all with `shots_total`
+    (lm-eval's --num_fewshot, drawn as balanced as it allows: `svdicl.prompts.shot_counts`).
 
     `calibration` (none, all, or methods of svdicl.calibration) adds each method's scores,
     predictions and metrics beside the uncalibrated ones.
@@ -92,7 +97,7 @@ def evaluate(
     splits = load_splits(task, data_dir)
     _single(path)
     with pruned(loaded.model, specs=specs, svd=svd, allow_tied=allow_tied) as record:
-        shots = task.shots if shots is None else shots
+        shots, extra = shot_counts(task, shots, shots_total)
         methods = cal.applicable(task, cal.parse_calibration(calibration))
         examples = limit_examples(splits.split(split), limit, task.split_seed)  # what prepare_run scores
         config = {
@@ -107,7 +112,8 @@ def evaluate(
             "data_digest": content_digest(task, examples, splits.demonstrations),  # what is scored, by content
             "split": split,
             "shots_per_class": shots,
-            "shots_total": shots * task.num_classes,
+            "shots_total": shots * task.num_classes + extra,
+            **({"extra_shots": extra} if extra else {}),  # only when there are: earlier configs stay equal
             "seeds": list(seeds),
             "limit": limit,
             "limit_rule": LIMIT_RULE,
@@ -126,9 +132,9 @@ def evaluate(
         prepared = [
             prepare_run(
                 loaded, task, split=split, shots=shots, seed=seed, limit=limit, splits=splits, calibration=methods,
-                progress=not quiet,
+                progress=not quiet, extra_shots=extra,
             )
-            for seed in scored_seeds(shots, seeds, methods)
+            for seed in scored_seeds(shots, seeds, methods, extra)
         ]  # fmt: skip
         paths = [_choose(loaded, run, path, batch_size, cache_memory) for run in prepared]
         config["scoring"] = {**_paths_used(paths), **config["scoring"]}
@@ -137,7 +143,8 @@ def evaluate(
         options = Scoring(length_normalize=length_normalize, svd=svd, calibration=methods)
         scored = []
         for run, chosen in zip(prepared, paths, strict=True):
-            key = replace(run_key(loaded, splits, split, shots, run.seed, limit, options, config["data_digest"]), edit=record.key)
+            key = run_key(loaded, splits, split, shots, run.seed, limit, options, config["data_digest"], extra)
+            key = replace(key, edit=record.key)
             score = functools.partial(_score_run, loaded, run, chosen, batch_size, padding_side, length_normalize)
             scored.append(_score_seed(score, run, store, key, {"config": config}, model_name=loaded.source, quiet=quiet))
         scored += [_reused(scored[0], seed) for seed in seeds[len(scored) :]]  # zero-shot: the other seeds' prompts are the same

@@ -83,7 +83,8 @@ def module_sets(specs: str | Iterable[str]) -> list[str]:
 @dataclass(frozen=True)
 class SweepGrid:
     """What a sweep evaluates.  `shots` counts demonstrations per class (None: the task's paper default), or
-    in all with `shots_total` (lm-eval's --num_fewshot; each task divides them by its classes)."""
+    in all with `shots_total` (lm-eval's --num_fewshot; each task draws them as balanced as they allow,
+    `svdicl.prompts.shot_counts`)."""
 
     tasks: tuple[str, ...]
     layers: tuple[str, ...] = ("first2", "last2")
@@ -109,7 +110,7 @@ class SweepGrid:
             raise SvdiclError("give at least one seed, each once")
         object.__setattr__(self, "rates", parse_rates(self.rates))
         if any(s is not None and s < 0 for s in self.shots):
-            raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+            raise SvdiclError(f"shots must be >= 0 (demonstrations {'in all' if self.shots_total else 'per class'})")
 
     @property
     def run_limit(self) -> int | None:

@@ -50,6 +50,17 @@ class EvalRun:
     calibration: tuple[str, ...] = ()  # methods applied to this run's scores (svdicl.calibration)
     probes: tuple[tuple[str, str], ...] = ()  # (method, query) of every content-free / domain query
     probe_requests: tuple[Request, ...] = ()  # scored after the examples, on the same path
+    extra_shots: int = 0  # demonstrations beyond `shots` per class, one each from as many classes (prompts.shot_counts)
+
+    @property
+    def shots_total(self) -> int:
+        """The demonstrations in all."""
+        return self.shots * self.task.num_classes + self.extra_shots
+
+    @property
+    def demonstrations_per_class(self) -> dict[str, int]:
+        """How many demonstrations of each class the seed drew (with extra shots, some classes have one more)."""
+        return {name: sum(d.label == cls for d in self.demonstrations) for cls, name in enumerate(self.task.labels)}
 
     @property
     def gold(self) -> tuple[int, ...]:
@@ -121,10 +132,12 @@ def prepare_run(
     splits: TaskSplits | None = None,
     calibration: Sequence[str] = (),
     progress: bool = False,
+    extra_shots: int = 0,
 ) -> EvalRun:
     """Draw the demonstrations for `seed`, render every prompt and tokenize it into Requests.
 
-    `shots` counts demonstrations per class (default: the paper's, `task.shots`).  Pass
+    `shots` counts demonstrations per class (default: the paper's, `task.shots`), `extra_shots` those beyond
+    (one each from as many classes: a total the classes do not divide, `svdicl.prompts.shot_counts`).  Pass
     `splits` to reuse data already loaded for another seed.  `calibration` names methods of
     svdicl.calibration (those that apply to the task): their queries become extra requests
     after the same demonstrations.  Only the `limit` examples are tokenized;
@@ -137,7 +150,7 @@ def prepare_run(
     splits = splits if splits is not None else load_splits(task, data_dir)
     shots = task.shots if shots is None else shots
     examples = limit_examples(splits.split(split), limit, task.split_seed)
-    demonstrations = sample_demonstrations(task, splits.demonstrations, shots, seed)
+    demonstrations = sample_demonstrations(task, splits.demonstrations, shots, seed, extra_shots)
     block = demonstrations_text(task, demonstrations)
     prompts = tuple(build_prompt(task, block, e) for e in examples)
     desc = f"tokenizing {task.name} {split} seed {seed}"
@@ -163,7 +176,7 @@ def prepare_run(
     )
     return EvalRun(
         task, split, shots, seed, limit, examples, demonstrations, prompts, tuple(requests), splits.origin,
-        methods, probes, tuple(probe_requests),
+        methods, probes, tuple(probe_requests), extra_shots,
     )  # fmt: skip
 
 
@@ -176,10 +189,10 @@ class CalibratedRun:
     macro_f1: Estimate
 
 
-def scored_seeds(shots: int, seeds: Sequence[int], calibration: Sequence[str] = ()) -> tuple[int, ...]:
+def scored_seeds(shots: int, seeds: Sequence[int], calibration: Sequence[str] = (), extra_shots: int = 0) -> tuple[int, ...]:
     """The seeds whose runs are scored: with no demonstrations every seed has the same prompts, so the first stands
     for all; calibration (its domain queries are drawn per seed) keeps every seed."""
-    return tuple(seeds[:1]) if shots == 0 and not calibration else tuple(seeds)
+    return tuple(seeds[:1]) if shots == 0 and extra_shots == 0 and not calibration else tuple(seeds)
 
 
 @dataclass(frozen=True)
@@ -236,6 +249,7 @@ class RunResult:
         return {
             "seed": self.run.seed,
             "demonstrations": [e.id for e in self.run.demonstrations],
+            "demonstrations_per_class": self.run.demonstrations_per_class,
             "n_examples": len(self.predictions),
             "n_ties": sum(self.ties),
             "metrics": self.metrics(),

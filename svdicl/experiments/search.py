@@ -165,6 +165,7 @@ class SearchConfig:
     metric: str | None = None
     arms: tuple[str, ...] = GROUPS  # optional arm groups beside unpruned and pruned (experiments/arms.py)
     validation_sampling: str = "random"  # "balanced": the validation limit drawn per class, as the authors' code does
+    extra_shots: int = 0  # demonstrations beyond `shots` per class, one each from as many classes (prompts.shot_counts)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", candidate_rates(self.rates))
@@ -181,6 +182,8 @@ class SearchConfig:
             raise SvdiclError(f"unknown metric {self.metric!r}; use {' or '.join(METRICS)} (or leave it out for the task's own)")
         if self.shots is not None and self.shots < 0:
             raise SvdiclError("shots must be >= 0 (demonstrations per class)")
+        if self.extra_shots < 0 or (self.extra_shots and self.shots is None):
+            raise SvdiclError("extra_shots must be >= 0, beside a number of shots per class")
         if self.validation_sampling not in SAMPLINGS:
             raise SvdiclError(f"unknown validation sampling {self.validation_sampling!r}; use {' or '.join(SAMPLINGS)}")
 
@@ -190,7 +193,7 @@ class SearchConfig:
         validation = len(limit_examples(splits.validation, self.limit_validation, task.split_seed))
         test = len(limit_examples(splits.test, self.limit_test, task.split_seed))
         calibration = applicable(task, calibration_methods((), self.arms))  # with it, every seed is scored
-        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds, calibration)
+        seeds = scored_seeds(task.shots if self.shots is None else self.shots, self.seeds, calibration, self.extra_shots)
         controls = 2 * len(self.seeds) * ("controls" in self.arms)  # null controls are seeded per seed
         return len(seeds) * (validation * len(self.rates) + 2 * test) + controls * test
 
@@ -228,8 +231,8 @@ def search(
     else:
         (layer,) = parse_layers(str(config.layer), len(layer_stack(loaded.model)[1]))
     resolve(loaded.model, str(layer), config.module, allow_tied=scoring.allow_tied)
-    shots = task.shots if config.shots is None else config.shots
-    sample_demonstrations(task, splits.demonstrations, shots, 0)  # refuses an impossible shot count before any scoring
+    shots, extra = (task.shots if config.shots is None else config.shots), config.extra_shots
+    sample_demonstrations(task, splits.demonstrations, shots, 0, extra)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     recorded = {split: cell_limit(limits[split], len(splits.split(split))) for split in limits}
     if config.validation_sampling == "balanced":
@@ -245,19 +248,19 @@ def search(
         calls = {}
         data = data_digest(splits, split, limits[split])
         for seed in config.seeds:
-            base = run_key(loaded, splits, split, shots, seed, limits[split], scoring, data)
+            base = run_key(loaded, splits, split, shots, seed, limits[split], scoring, data, extra)
 
             def prepare(seed: int = seed) -> EvalRun:
                 return prepare_run(
                     loaded, task, split=split, shots=shots, seed=seed, limit=limits[split], splits=splits,
-                    calibration=scoring.calibration, progress=bar,
+                    calibration=scoring.calibration, progress=bar, extra_shots=extra,
                 )  # fmt: skip
 
             calls[seed] = (prepare, [_edit_cell(base, str(layer), config.module, rate, control) for rate, control in edits])
         note_other_data(store, [key for _, cells in calls.values() for key, _ in cells])
         # 0 shots: the first seed stands for all, except for null controls (seeded per seed)
         nonlocal scored
-        first = scored_seeds(shots, config.seeds, scoring.calibration)
+        first = scored_seeds(shots, config.seeds, scoring.calibration, extra)
         todo = [
             (prepare, [cell for cell, (_, control) in zip(cells, edits, strict=True) if seed in first or control])
             for seed, (prepare, cells) in calls.items()
@@ -278,7 +281,7 @@ def search(
     stars = {m: choose_rate(config.rates, v) for m, v in calibrated.items()}
     test_rates = sorted({0.0, rate_star, *stars.values()})
     if progress is not None:  # `SearchConfig.examples` counted two test cells per scored seed
-        per_cell = len(scored_seeds(shots, config.seeds, scoring.calibration)) * sizes["test"]
+        per_cell = len(scored_seeds(shots, config.seeds, scoring.calibration, extra)) * sizes["test"]
         if rate_star == 0:
             progress.add(per_cell)  # the pruned test cell is the unpruned one
         progress.grow((len(test_rates) - 2 + (rate_star == 0)) * per_cell)  # the calibrated rates* may add cells
@@ -310,7 +313,7 @@ def search(
         module=config.module,
         metric=metric,
         shots=shots,
-        shots_total=shots * task.num_classes,
+        shots_total=shots * task.num_classes + extra,
         limit=recorded,
         data=splits.origin,
         per_layer=None if choice is None else _per_layer(choice),
@@ -333,6 +336,7 @@ def search(
         wall_s=round(time.perf_counter() - started, 3),
         cells_scored=scored,
         validation_sampling=config.validation_sampling,
+        extra_shots=extra,
     )
 
 

@@ -147,7 +147,8 @@ class SearchRecord:
     """What `search` returns and DIR/search/<task>-<module>.json holds (`to_json`, schema svdicl.search/1).
 
     `per_layer` (condition number per layer, None where not finite), `top_k` and `top_layers` are None, None
-    and () when the layer was given; `shots` counts demonstrations per class; `limit` the examples per split;
+    and () when the layer was given; `shots` counts demonstrations per class, `extra_shots` those beyond it (one each
+    from as many classes, for a total the classes do not divide); `limit` the examples per split;
     `arms` are experiments/arms.py's entries as it writes them.
     """
 
@@ -175,6 +176,7 @@ class SearchRecord:
     wall_s: float
     cells_scored: int
     validation_sampling: str = "random"  # how the validation limit drew its subset (experiments/runs.py SAMPLINGS)
+    extra_shots: int = 0
 
     @property
     def layer_from(self) -> str:
@@ -198,6 +200,7 @@ class SearchRecord:
             "metric": self.metric,
             "shots": self.shots,
             "shots_per_class": self.shots,
+            "extra_shots": self.extra_shots,
             "shots_total": self.shots_total,
             "limit": dict(self.limit),
             "validation_sampling": self.validation_sampling,
@@ -257,7 +260,7 @@ def write_search(result: SearchRecord, directory: str | Path, *, data_dir: str |
               "svd_dtype": result.scoring.options["svd"]}  # fmt: skip
     evaluation = {
         "task": result.task_source,
-        "shots_per_class": result.shots,
+        **({"num_fewshot": result.shots_total} if result.extra_shots else {"shots_per_class": result.shots}),
         "seed": [s.seed for s in result.seeds],
         "split": "test",
         "limit": result.limit["test"],

@@ -21,10 +21,11 @@ from svdicl.experiments.grid import PAPER_RATES
 from svdicl.experiments.launch import ExecutorOptions, start_executor
 from svdicl.experiments.search import SearchConfig, conditions_for, search
 from svdicl.experiments.search_output import SearchRecord, card_notes, write_search
-from svdicl.experiments.sweep import load_task_splits, task_shots
+from svdicl.experiments.sweep import load_task_splits
 from svdicl.export import save_pruned
 from svdicl.models import LoadedModel
 from svdicl.outputs import check_output
+from svdicl.prompts import shot_counts
 from svdicl.specs import PruneSpec
 from svdicl.store import Store
 from svdicl.tasks import get_task
@@ -48,7 +49,8 @@ def search_configs(
     validation_sampling: str = "random",
 ) -> list[SearchConfig]:
     """One search per task and module, in that order, each once.  `shots` counts per class, or in all with
-    `shots_total` (lm-eval's --num_fewshot); `limit` caps both splits unless `limit_validation`/`limit_test` do;
+    `shots_total` (lm-eval's --num_fewshot, drawn as balanced as it allows); `limit` caps both splits unless
+    `limit_validation`/`limit_test` do;
     `validation_sampling` "balanced" draws the validation limit per class (the authors' code)."""
     return list(
         dict.fromkeys(
@@ -58,7 +60,7 @@ def search_configs(
                 rates=rates,
                 top_k=top_k,
                 layer=_layer(layer),
-                shots=None if shots is None else task_shots(get_task(task), shots, shots_total),
+                **_shots(task, shots, shots_total),
                 seeds=tuple(seeds),
                 metric=metric,
                 arms=arms,
@@ -70,6 +72,14 @@ def search_configs(
             for module in modules
         )
     )
+
+
+def _shots(task: str, shots: int | None, total: bool) -> dict[str, int | None]:
+    """A search's `shots` per class and `extra_shots` (`shot_counts`); None keeps the task's paper setting."""
+    if shots is None:
+        return {"shots": None, "extra_shots": 0}
+    per_class, extra = shot_counts(get_task(task), shots, total)
+    return {"shots": per_class, "extra_shots": extra}
 
 
 def _layer(value: int | str | None) -> int | None:

@@ -27,7 +27,7 @@ from svdicl.experiments.executors import Executor
 from svdicl.experiments.grid import SweepGrid, layer_sets, module_sets
 from svdicl.experiments.runs import balance_split, limit_examples, prepare_run, scored_seeds
 from svdicl.models import LoadedModel
-from svdicl.prompts import sample_demonstrations, shots_per_class
+from svdicl.prompts import sample_demonstrations, shot_counts
 from svdicl.specs import PruneSpec
 from svdicl.store import Cell, CellKey, Store
 from svdicl.targets import layer_stack, resolve
@@ -45,6 +45,7 @@ class RunCells:
     examples: int  # examples per cell
     calls: tuple[tuple[tuple[CellKey, tuple[PruneSpec, ...]], ...], ...]
     reuse_from: int | None = None  # 0 shots: the seed whose cells these copy (same prompts), else None
+    extra_shots: int = 0  # beyond `shots` per class (a total the classes do not divide)
 
     @property
     def cells(self) -> list[tuple[CellKey, tuple[PruneSpec, ...]]]:
@@ -72,11 +73,11 @@ def plan_sweep(
         task = task_splits.task
         examples = len(limit_examples(task_splits.split(grid.split), grid.run_limit, task.split_seed))
         data = data_digest(task_splits, grid.split, grid.run_limit)
-        for shots in dict.fromkeys(task_shots(task, s, grid.shots_total) for s in grid.shots):
-            sample_demonstrations(task, task_splits.demonstrations, shots, 0)  # refuses impossible shot counts now
-            scored = scored_seeds(shots, grid.seeds, scoring.calibration)
+        for shots, extra in dict.fromkeys(shot_counts(task, s, grid.shots_total) for s in grid.shots):
+            sample_demonstrations(task, task_splits.demonstrations, shots, 0, extra)  # refuses impossible shot counts now
+            scored = scored_seeds(shots, grid.seeds, scoring.calibration, extra)
             for seed in grid.seeds:
-                base = run_key(loaded, task_splits, grid.split, shots, seed, grid.run_limit, scoring, data)
+                base = run_key(loaded, task_splits, grid.split, shots, seed, grid.run_limit, scoring, data, extra)
                 calls = []
                 for index, (layers, modules) in enumerate(lines):
                     rates = [r for r in grid.rates if r > 0]
@@ -84,15 +85,8 @@ def plan_sweep(
                         rates.insert(0, 0.0)  # the unpruned cell rides along with the first line's call
                     calls.append(tuple(edit_cell(base, layers, modules, rate) for rate in rates))
                 reuse = None if seed in scored else scored[0]
-                plan.append(RunCells(task, shots, seed, examples, tuple(calls), reuse))
+                plan.append(RunCells(task, shots, seed, examples, tuple(calls), reuse, extra))
     return plan
-
-
-def task_shots(task: TaskConfig, shots: int | None, total: bool) -> int:
-    """Shots per class of `task`: its paper setting for None, `shots` itself, or `shots` in all divided by its classes."""
-    if shots is None:
-        return task.shots
-    return shots_per_class(task, shots) if total else shots
 
 
 def load_task_splits(tasks: Iterable[str | TaskConfig], data_dir: str | Path | None = None) -> dict[str, TaskSplits]:
@@ -150,6 +144,7 @@ def sweep(
                 lambda group=group: prepare_run(
                     loaded, group.task, split=grid.split, shots=group.shots, seed=group.seed, limit=grid.run_limit,
                     splits=splits[group.task.name], calibration=scoring.calibration, progress=progress,
+                    extra_shots=group.extra_shots,
                 )
             )  # fmt: skip
             for call in group.calls:

@@ -12,6 +12,7 @@ from typing import Any
 from svdicl.errors import SvdiclError
 from svdicl.report.labels import fmt, fmt_p, metric_label, module_label, module_order, task_label, task_order
 from svdicl.report.tables import markdown_table
+from svdicl.store import shots_label
 
 
 def _interval_text(entry: Mapping[str, Any], seeds: int) -> str:
@@ -44,7 +45,7 @@ def _options_label(options: Any) -> str:
 SEARCH_SETUP: tuple[tuple[str, Callable[[Mapping[str, Any]], Any], Callable[[Any], str]], ...] = (
     ("dtype", lambda r: r.get("model", {}).get("dtype"), str),
     ("fingerprint", lambda r: r.get("model", {}).get("fingerprint"), lambda v: f"fp {str(v)[:8]}"),
-    ("shots", lambda r: r.get("shots"), lambda v: f"{v}-shot"),
+    ("shots", lambda r: [r.get("shots"), r.get("extra_shots", 0)], lambda v: f"{shots_label(*v)}-shot"),
     ("limit", lambda r: r.get("limit"), _limits_label),
     ("seeds", lambda r: [s.get("seed") for s in r.get("seeds", [])], lambda v: "seeds " + ",".join(map(str, v))),
     ("metric", lambda r: r.get("metric"), lambda v: metric_label(str(v))),
@@ -99,7 +100,8 @@ def _collisions(keys: Mapping[int, list[str]]) -> list[list[int]]:
 
 
 ALGORITHM1_COLUMNS = (
-    "model_name", "column", "model", "dtype", "task", "module", "layer", "top_k", "top_layers", "metric", "shots", "rate_star",
+    "model_name", "column", "model", "dtype", "task", "module", "layer", "top_k", "top_layers", "metric", "shots", "extra_shots",
+    "rate_star",
     "baseline", "baseline_ci_low", "baseline_ci_high", "baseline_std", "pruned", "pruned_ci_low", "pruned_ci_high",
     "pruned_std", "mcnemar_p", "seeds", "n_test",
 )  # fmt: skip
@@ -115,7 +117,8 @@ def algorithm1_rows(results: Sequence[Mapping[str, Any]]) -> list[list[Any]]:
         seeds = [s.get("seed") for s in r.get("seeds", [])]
         rows.append([
             name, label, model.get("fingerprint", ""), model.get("dtype", ""), r["task"], r["module"], r["layer"], r.get("top_k"),
-            " ".join(map(str, r.get("top_layers", []))), r.get("metric", ""), r.get("shots"), r["rate_star"],
+            " ".join(map(str, r.get("top_layers", []))), r.get("metric", ""), r.get("shots"), r.get("extra_shots", 0),
+            r["rate_star"],
             base["value"], base.get("ci_low"), base.get("ci_high"), base.get("std"),
             pruned["value"], pruned.get("ci_low"), pruned.get("ci_high"), pruned.get("std"),
             test.get("p_value", test.get("mcnemar_p")), " ".join(map(str, seeds)), test.get("n"),

@@ -193,7 +193,7 @@ def _sweep_section(points, figures: Path, tables: Path, formats, bands: bool, wr
         if any(p.layers is not None for p in chosen):
             written += save_figure(plot_rates(chosen, bands=bands, title=title), figures / f"fig1-rates-{tag}", formats)
             page += [f"![fig 1](figures/fig1-rates-{tag}.png)", ""]
-            if len({p.shots for p in chosen}) > 1:
+            if len({p.shot_count for p in chosen}) > 1:
                 figure = plot_shots(chosen, bands=bands, title=title)
                 written += save_figure(figure, figures / f"fig2-shots-{tag}", formats)
                 page += [f"![fig 2](figures/fig2-shots-{tag}.png)", ""]

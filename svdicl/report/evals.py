@@ -18,6 +18,7 @@ from svdicl.experiments.evaluate import RESULTS_FILE
 from svdicl.report.labels import fmt, fmt_p, model_labels, task_label, task_order
 from svdicl.report.points import answer_share
 from svdicl.report.tables import markdown_table
+from svdicl.store import shots_label
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class EvalRow:
     dtype: str
     task: str
     split: str
-    shots: int | None
+    shots: int | None  # per class; `extra_shots` beyond it, one each from as many classes
     edit: str
     seeds: tuple[int, ...]
     n: int
@@ -44,6 +45,7 @@ class EvalRow:
     answer_share: float | None
     versus: stats.PairedComparison | None = None
     adjusted_p: float | None = None
+    extra_shots: int = 0
 
     def value(self, metric: str) -> stats.Estimate:
         """The estimate of `metric` (accuracy or macro_f1)."""
@@ -76,8 +78,8 @@ def eval_rows(evals: Sequence[EvalFolder]) -> list[EvalRow]:
 
 def _same_setting(a: EvalFolder, b: EvalFolder) -> bool:
     """Same weights, task, split, shots and examples: the pair `svdicl compare` would accept."""
-    same = (a.fingerprint, a.task, a.split, a.config.get("shots_per_class")) == (
-        b.fingerprint, b.task, b.split, b.config.get("shots_per_class"))  # fmt: skip
+    same = (a.fingerprint, a.task, a.split, a.config.get("shots_per_class"), a.config.get("extra_shots", 0)) == (
+        b.fingerprint, b.task, b.split, b.config.get("shots_per_class"), b.config.get("extra_shots", 0))  # fmt: skip
     return same and set(a.ids) == set(b.ids)
 
 
@@ -99,12 +101,12 @@ def _eval_row(e: EvalFolder, model: str, versus: stats.PairedComparison | None) 
         accuracy_std=statistics.stdev(per_seed["accuracy"]) if len(predicted) > 1 else None,
         macro_f1=stats.seed_mean_ci(gold, predicted, "macro_f1", classes),
         macro_f1_std=statistics.stdev(per_seed["macro_f1"]) if len(predicted) > 1 else None,
-        answer_share=statistics.fmean(shares), versus=versus,
+        answer_share=statistics.fmean(shares), versus=versus, extra_shots=e.config.get("extra_shots", 0),
     )  # fmt: skip
 
 
 EVAL_COLUMNS = (
-    "model_name", "model", "dtype", "task", "split", "shots", "edit", "seeds", "n", "metric",
+    "model_name", "model", "dtype", "task", "split", "shots", "extra_shots", "edit", "seeds", "n", "metric",
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "accuracy_ci_method", "accuracy_std",
     "macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "macro_f1_ci_method", "macro_f1_std", "answer_share",
     "delta_accuracy", "delta_ci_low", "delta_ci_high", "p_value", "p_holm", "p_method", "mde", "folder",
@@ -117,7 +119,8 @@ def eval_table_rows(rows: Sequence[EvalRow]) -> list[list[Any]]:
     for r in rows:
         v = r.versus
         out.append([
-            r.model, r.fingerprint, r.dtype, r.task, r.split, r.shots, r.edit, " ".join(map(str, r.seeds)), r.n, r.metric,
+            r.model, r.fingerprint, r.dtype, r.task, r.split, r.shots, r.extra_shots, r.edit, " ".join(map(str, r.seeds)), r.n,
+            r.metric,
             r.accuracy.value, r.accuracy.low, r.accuracy.high, r.accuracy.method, r.accuracy_std,
             r.macro_f1.value, r.macro_f1.low, r.macro_f1.high, r.macro_f1.method, r.macro_f1_std, r.answer_share,
             *((v.difference, v.low, v.high, v.p_value, r.adjusted_p, v.method, v.mde) if v else (None,) * 7), r.folder,
@@ -132,7 +135,7 @@ def eval_markdown(rows: Sequence[EvalRow]) -> str:
         v = r.versus
         delta = "–" if v is None else f"{v.difference:+.4f} [{v.low:+.3f}, {v.high:+.3f}]"
         table.append([
-            r.model, task_label(r.task), r.split, fmt(r.shots, 0) if r.shots is not None else "–", r.edit,
+            r.model, task_label(r.task), r.split, shots_label(r.shots, r.extra_shots) if r.shots is not None else "–", r.edit,
             len(r.seeds), r.n, _eval_estimate(r.accuracy, r.accuracy_std), _eval_estimate(r.macro_f1, r.macro_f1_std),
             fmt(r.answer_share, 2), delta, fmt_p(v.p_value if v else None), fmt_p(r.adjusted_p),
         ])  # fmt: skip

@@ -28,6 +28,7 @@ from svdicl.report.labels import (
     task_order,
 )
 from svdicl.report.points import Point, baseline_point, line_order, point_rates, setting_title
+from svdicl.store import shots_label
 from svdicl.style import BASELINE_COLOR, COLORS, MARKERS, styled
 
 
@@ -75,14 +76,17 @@ def _rate_panel(ax, points: Sequence[Point], baseline: Point | None, rates: Sequ
 
 
 @styled
-def plot_rates(points: Sequence[Point], *, shots: int | None = None, bands: bool = True, title: str | None = None) -> Figure:
+def plot_rates(
+    points: Sequence[Point], *, shots: int | tuple[int, int] | None = None, bands: bool = True, title: str | None = None
+) -> Figure:
     """Fig 1: metric vs clipping rate, a line per layer, dashed unpruned baseline, a panel per task x module.
 
-    `points` come from one setting (model, split, limit, options); `shots` defaults to the largest present;
-    `title` (default `setting_title`) names the model, split and n.
+    `points` come from one setting (model, split, limit, options); `shots` (per class, or a `Point.shot_count`)
+    defaults to the largest present; `title` (default `setting_title`) names the model, split and n.
     """
-    shots = max(p.shots for p in points) if shots is None else shots
-    chosen = [p for p in points if p.shots == shots]
+    shots = max(p.shot_count for p in points) if shots is None else shots
+    shots = (shots, 0) if isinstance(shots, int) else tuple(shots)
+    chosen = [p for p in points if p.shot_count == shots]
     tasks = sorted({p.task for p in chosen}, key=task_order)
     modules = sorted({p.modules for p in chosen if p.modules is not None}, key=module_order)
     if not modules:
@@ -106,7 +110,7 @@ def plot_rates(points: Sequence[Point], *, shots: int | None = None, bands: bool
 @styled
 def plot_shots(points: Sequence[Point], *, bands: bool = True, title: str | None = None) -> Figure:
     """Fig 2: the rate curves per shot count (rows, most shots first), a column per task x module; `title` as fig 1."""
-    shots = sorted({p.shots for p in points}, reverse=True)
+    shots = sorted({p.shot_count for p in points}, reverse=True)
     panels = sorted(
         {(p.task, p.modules) for p in points if p.modules is not None}, key=lambda x: (task_order(x[0]), module_order(x[1]))
     )
@@ -118,9 +122,9 @@ def plot_shots(points: Sequence[Point], *, bands: bool = True, title: str | None
     for i, k in enumerate(shots):
         for j, (task, module) in enumerate(panels):
             ax = axes[i][j]
-            chosen = [p for p in points if p.shots == k and p.task == task]
+            chosen = [p for p in points if p.shot_count == k and p.task == task]
             _rate_panel(ax, [p for p in chosen if p.modules == module], baseline_point(chosen), rates, styles, bands)
-            ax.set_title(f"{task_label(task)} · {module_label(module)} · {k}-shot")
+            ax.set_title(f"{task_label(task)} · {module_label(module)} · {shots_label(*k)}-shot")
             ax.set_ylabel(metric_label(chosen[0].metric) if chosen else "")  # columns are different tasks
     _legend(fig, axes, [*(layer_label(x) for x in layers), "unpruned"])
     fig.suptitle(setting_title(points) if title is None else title)

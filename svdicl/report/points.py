@@ -11,7 +11,7 @@ from typing import Any
 
 from svdicl.errors import SvdiclError
 from svdicl.report.labels import layer_order, model_labels, module_order, slug, task_label, task_order
-from svdicl.store import Cell
+from svdicl.store import Cell, shots_label
 
 TASK_METRIC = "task"  # --metric value: each task's own headline metric (accuracy; macro-F1 for COPA)
 
@@ -42,6 +42,17 @@ class Point:
     seeds: int
     n: int
     constant: bool = False
+    extra_shots: int = 0  # beyond `shots` per class (a total the classes do not divide): a shot count of its own
+
+    @property
+    def shot_count(self) -> tuple[int, int]:
+        """(shots per class, extra shots): what tells curves of different shot counts apart."""
+        return self.shots, self.extra_shots
+
+    @property
+    def shots_label(self) -> str:
+        """`5`, or `2+1` for 2 per class plus 1 extra."""
+        return shots_label(self.shots, self.extra_shots)
 
     @property
     def setting(self) -> tuple:
@@ -97,9 +108,10 @@ def sweep_points(
         if cell.metrics.get(name, {}).get("value") is None:
             continue
         key = cell.key
-        groups.setdefault((key.model, key.task, key.split, key.shots, key.limit, key.options, key.edit, name), []).append(cell)
+        setting = (key.model, key.task, key.split, key.shots, key.extra_shots, key.limit, key.options, key.edit, name)
+        groups.setdefault(setting, []).append(cell)
     points = []
-    for (model, task, split, shots, limit, options, _, name), group in groups.items():
+    for (model, task, split, shots, extra_shots, limit, options, _, name), group in groups.items():
         values = [c.metrics[name]["value"] for c in group]
         mean = statistics.fmean(values)
         if len(values) > 1:
@@ -117,6 +129,7 @@ def sweep_points(
                 task=task,
                 split=split,
                 shots=shots,
+                extra_shots=extra_shots,
                 limit=limit,
                 options=options,
                 layers=first.layers,
@@ -135,7 +148,8 @@ def sweep_points(
 
 
 def _point_order(p: Point) -> tuple:
-    return (p.model_name, p.split, task_order(p.task), -p.shots, module_order(p.modules or ""), layer_order(p.layers), p.rate)
+    shots = (-p.shots, -p.extra_shots)
+    return (p.model_name, p.split, task_order(p.task), shots, module_order(p.modules or ""), layer_order(p.layers), p.rate)
 
 
 def point_rates(points: Iterable[Point]) -> list[float]:

@@ -23,7 +23,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str
 
 
 SWEEP_COLUMNS = (
-    "model_name", "model", "task", "split", "shots", "limit", "options", "modules", "layers", "rate",
+    "model_name", "model", "task", "split", "shots", "extra_shots", "limit", "options", "modules", "layers", "rate",
     "metric", "value", "low", "high", "seeds", "n", "constant",
 )  # fmt: skip
 
@@ -34,7 +34,8 @@ def sweep_rows(points: Iterable[Point]) -> list[list[Any]]:
     for p in points:
         options = json.dumps(dict(p.options), sort_keys=True) if p.options else ""
         rows.append([
-            p.model_name, p.model, p.task, p.split, p.shots, p.limit, options, p.modules or "", p.layers or "", p.rate,
+            p.model_name, p.model, p.task, p.split, p.shots, p.extra_shots, p.limit, options, p.modules or "", p.layers or "",
+            p.rate,
             p.metric, p.value, p.low, p.high, p.seeds, p.n, p.constant,
         ])  # fmt: skip
     return rows
@@ -44,11 +45,11 @@ def sweep_markdown(points: Sequence[Point]) -> str:
     """Wide tables per shot count: a row per task x module x layer, a column per rate (rate 0 = unpruned); row best in bold."""
     parts = []
     rates = point_rates(points)
-    for shots in sorted({p.shots for p in points}, reverse=True):
-        chosen = [p for p in points if p.shots == shots]
+    for shots in sorted({p.shot_count for p in points}, reverse=True):
+        chosen = [p for p in points if p.shot_count == shots]
         counts = {p.seeds for p in chosen}
         note = f", mean of {max(counts)} seeds" if counts != {1} and len(counts) == 1 else ""
-        parts.append(f"**{shots}-shot{note}**\n")
+        parts.append(f"**{chosen[0].shots_label}-shot{note}**\n")
         rows = []
         for task in sorted({p.task for p in chosen}, key=task_order):
             baseline = baseline_point(chosen, task=task)
@@ -95,7 +96,7 @@ def _line_key(item: tuple[str | None, str | None]) -> tuple:
 
 
 CELL_COLUMNS = (
-    "id", "model_name", "model", "task", "split", "shots", "seed", "edit", "layers", "modules", "rate", "limit",
+    "id", "model_name", "model", "task", "split", "shots", "extra_shots", "seed", "edit", "layers", "modules", "rate", "limit",
     "options", "data", "n", "ties", "answer_share",
 )  # fmt: skip
 
@@ -108,7 +109,8 @@ def cell_rows(cells: Sequence[Cell], shares: Mapping[str, float | None]) -> tupl
     for c in cells:
         k = c.key
         options = json.dumps(dict(k.options), sort_keys=True) if k.options else ""
-        row = [c.id, c.model_name, k.model, k.task, k.split, k.shots, k.seed, k.edit, c.layers, c.modules, c.rate, k.limit]
+        row = [c.id, c.model_name, k.model, k.task, k.split, k.shots, k.extra_shots, k.seed, k.edit, c.layers, c.modules, c.rate]
+        row.append(k.limit)
         row += [options, k.data, c.n, c.ties, shares.get(c.id)]
         for m in metrics:
             entry = c.metrics.get(m, {})

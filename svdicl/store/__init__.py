@@ -5,7 +5,7 @@ One store per output folder:
     DIR/cells.jsonl                          one JSON line per finished cell (append-only)
     DIR/samples/<task>/<split>-...-<id>.jsonl  that cell's per-example predictions
 
-A cell is one evaluation: (model fingerprint, task, split, shots, seed, edit, limit, scoring
+A cell is one evaluation: (model fingerprint, task, split, shots (+ extra), seed, edit, limit, scoring
 options, data digest).  Writing a cell first puts its samples file in place (temp name, fsync, atomic
 rename), then appends its line with a single write and fsyncs it, all under an exclusive lock
 on cells.jsonl.  So a kill -9 at any moment loses at most the cell in flight: a torn last line
@@ -20,7 +20,7 @@ name) is never reused: such cells stay in the store, apart (`Store.other_data`).
     folder.py   Store: cells.jsonl and the samples files of one folder
 """
 
-from svdicl.store.cells import FORMAT, UNPRUNED, Cell, CellKey, Result, canonical_edit
+from svdicl.store.cells import FORMAT, UNPRUNED, Cell, CellKey, Result, canonical_edit, shots_label
 from svdicl.store.claims import CLAIMS_DIR
 from svdicl.store.folder import CELLS_FILE, SAMPLES_DIR, Store
 
@@ -35,4 +35,5 @@ __all__ = [
     "Result",
     "Store",
     "canonical_edit",
+    "shots_label",
 ]

@@ -29,6 +29,8 @@ class CellKey:
     examples (None = the whole split), `options` the scoring options (e.g. length
     normalisation) as a mapping of JSON scalars, `data` the digest of the task definition and
     the examples scored (`svdicl.tasks.data.content_digest`; empty in stores older than it).
+    `shots` counts demonstrations per class; `extra_shots` the ones beyond, one each from as many
+    classes (a total the classes do not divide, e.g. `--num_fewshot 5` on RTE: 2 per class + 1).
     """
 
     model: str
@@ -40,6 +42,7 @@ class CellKey:
     limit: int | None = None
     options: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
     data: str = ""
+    extra_shots: int = 0
 
     def __post_init__(self) -> None:
         options = dict(self.options)
@@ -47,8 +50,10 @@ class CellKey:
         if bad:
             raise SvdiclError(f"scoring option {bad[0]!r} must be a string, number, bool or null to be part of a cell key")
         object.__setattr__(self, "options", tuple(sorted(options.items())))
-        for name in ("shots", "seed"):
+        for name in ("shots", "seed", "extra_shots"):
             object.__setattr__(self, name, _integer(name, getattr(self, name)))
+        if self.extra_shots < 0:
+            raise SvdiclError(f"cell key field 'extra_shots' must be >= 0, got {self.extra_shots}")
         if self.limit is not None:
             object.__setattr__(self, "limit", _integer("limit", self.limit))
         for name in ("model", "task", "split", "edit"):
@@ -60,9 +65,9 @@ class CellKey:
 
     @property
     def id(self) -> str:
-        """16 hex digits of SHA-256 over the canonical JSON of the key (an empty `data` left out, so cells
-        of stores older than the data digest keep their ids)."""
-        key = {name: value for name, value in self.to_dict().items() if name != "data" or value}
+        """16 hex digits of SHA-256 over the canonical JSON of the key (an empty `data` and no `extra_shots` left
+        out, so cells of stores older than either keep their ids)."""
+        key = {name: value for name, value in self.to_dict().items() if name not in ("data", "extra_shots") or value}
         text = json.dumps(key, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -74,6 +79,11 @@ class CellKey:
     def from_dict(cls, data: Mapping[str, Any]) -> CellKey:
         """A key from its JSON object (unknown fields ignored)."""
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+def shots_label(shots: int, extra_shots: int = 0) -> str:
+    """A shot count as reports and progress bars name it: `5` per class, `2+1` for 2 per class plus 1 extra."""
+    return f"{shots}+{extra_shots}" if extra_shots else str(shots)
 
 
 def _integer(name: str, value: Any) -> int:

@@ -21,7 +21,7 @@ from typing import Any
 
 from svdicl.errors import SvdiclError, write_error
 from svdicl.files import replaced
-from svdicl.store.cells import Cell, CellKey, Result, normal_metrics, plain
+from svdicl.store.cells import Cell, CellKey, Result, normal_metrics, plain, shots_label
 from svdicl.store.claims import Claims
 
 try:
@@ -117,7 +117,7 @@ class Store:
     def cells(self, **filters: Any) -> list[Cell]:
         """Cells in file order whose fields equal the filters (a list/tuple/set value means any of them).
 
-        Filters are CellKey fields (model, task, split, shots, seed, edit, limit) or the
+        Filters are CellKey fields (model, task, split, shots, extra_shots, seed, edit, limit) or the
         derived layers, modules, rate and model_name: `store.cells(task="sst2", modules="mlp")`.
         """
         allowed = {f.name for f in fields(CellKey)} | {"layers", "modules", "rate", "model_name"}
@@ -202,7 +202,7 @@ class Store:
     def samples_path(self, key: CellKey) -> Path:
         """Where a cell's samples go: readable, and unique through the key's id."""
         edit = re.sub(r"[^A-Za-z0-9.,_-]+", "_", key.edit)[:60]
-        name = f"{key.split}-{key.shots}shot-seed{key.seed}-{edit}-{key.id}.jsonl"
+        name = f"{key.split}-{shots_label(key.shots, key.extra_shots)}shot-seed{key.seed}-{edit}-{key.id}.jsonl"
         return self.root / SAMPLES_DIR / re.sub(r"[^A-Za-z0-9._-]+", "_", key.task) / name
 
     def unfinished(self, key: CellKey) -> Path:
