@@ -110,8 +110,9 @@ def evaluate(
 
     The weights are restored bit-identically afterwards.  `shots` counts demonstrations as `svdicl
     eval --shots` does (default: the paper's; with `shots_total=True` in all, as `--num_fewshot`);
-    `output` writes results.json and samples.jsonl there and resumes an interrupted run.  Other keywords
-    (batch_size, path, cache_memory, length_normalize, svd, overwrite, ...) go to svdicl.experiments.evaluate.evaluate, the function `svdicl eval` calls.
+    `output` writes results.json and samples.jsonl there and resumes an interrupted run.  Other
+    keywords (batch_size, path, cache_memory, length_normalize, svd, overwrite, ...) go to
+    svdicl.experiments.evaluate.evaluate, the function `svdicl eval` calls.
     """
     from svdicl.experiments.evaluate import evaluate as run_evaluation
 
