@@ -33,6 +33,7 @@ TASKS = ("sst2", "agnews", "emoc", "mrpc", "rte", "cb", "copa")
 LAYER_TASKS = ("sst2", "rte", "agnews")  # the layer-choice comparison (SmolLM2 only)
 MODULES = ("mlp", "attn")
 SEEDS = "0,1,2"  # 5 pre-registered; 3 while CPU time forces it (docs/STUDY.md)
+ALL_SEEDS = "0,1,2,3,4"
 VALIDATION, TEST = 200, 1000  # min(., split): RTE 277, CB 56, COPA 100 are whole test splits
 SEARCH = ("--limit-validation", str(VALIDATION), "--validation-sampling", "balanced", "--limit-test", str(TEST), "--arms", "all")
 
@@ -52,7 +53,8 @@ def folder(model: str, design: str) -> Path:
 def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: str, seeds: str = SEEDS) -> Part:
     out = folder(model, design)
     argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", seeds, *SEARCH, *extra]
-    return Part(f"{model}/{design}/{module}", lambda: [*argv, "--output", str(out), "--no-report"])
+    name = f"{model}/{design}/{module}" + ("" if seeds == SEEDS else f"/seeds-{seeds}")
+    return Part(name, lambda: [*argv, "--output", str(out), "--no-report"])
 
 
 def oracle_sweep(model: str, task: str, module: str) -> Part:
@@ -105,6 +107,9 @@ def parts() -> list[Part]:
               for m in MODULES]  # fmt: skip
     found += [search(smol, "authors-5-demos", ["rte", "cb", "copa"], m, "--num_fewshot", "5") for m in MODULES]
     found += [search("qwen2.5-coder-1.5b", "algorithm1", ["sst2", "agnews", "rte"], m) for m in MODULES]
+    for model in (smol, "gemma3-270m", "qwen2.5-coder-0.5b"):  # the pre-registered 5 seeds, seeds 0-2's cells reused
+        found += [search(model, "algorithm1", TASKS, m, seeds=ALL_SEEDS) for m in MODULES]
+    found += [search(smol, "layer-fixed", LAYER_TASKS, m, "--layer", "-2", seeds=ALL_SEEDS) for m in MODULES]
     return found
 
 
