@@ -7,7 +7,7 @@ from pathlib import Path
 
 from analysis import Study
 from family import CONFIRMATORY_LABELS, DESCRIPTIVE, MISSING, TESTED, ZERO, Comparison
-from findings import VARIANTS
+from findings import MAIN, VARIANTS
 from matplotlib.figure import Figure
 
 from svdicl.report.files import write_csv
@@ -80,6 +80,7 @@ def tables(study: Study) -> dict[str, tuple[list[str], list[list]]]:
                c.so_far] for c in study.claims]  # fmt: skip
     missing = [["part", p, "", "", "", "", ""] for p in study.missing_parts]
     missing += [["comparison", c.label, c.family, c.model, c.design, c.task, c.module] for c in missing_comparisons(study)]
+    missing += [["comparison", "Spearman ρ", "finding 4", t.model, MAIN, "", t.module] for t in study.trends if t.verdict is None]
     return {
         "searches.csv": ([*SEARCH_FIELDS, *(f"{k}_{arm}" for k in keys for arm in ("unpruned", "pruned"))], searches),
         "comparisons.csv": (
