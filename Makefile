@@ -24,8 +24,8 @@ demo: setup
 	$(BIN)/svdicl search --model smollm2-135m --task sst2 --module mlp --limit-validation 200 --limit-test 500 --output runs/demo
 
 lint: setup
-	$(BIN)/ruff check svdicl tests benchmarks docs/api.py
-	$(BIN)/ruff format --check svdicl tests benchmarks docs/api.py
+	$(BIN)/ruff check svdicl tests benchmarks studies docs/api.py
+	$(BIN)/ruff format --check svdicl tests benchmarks studies docs/api.py
 	$(BIN)/lint-imports --no-cache
 
 test: setup lint

@@ -46,19 +46,20 @@ class Planned:
 
 
 def planned(parts: Iterable[Any]) -> list[Planned]:
-    """What study.py's parts cover, task by task; a part's argv is read only for plain searches (the oracle search's
-    argv reads its sweep's store, so its task and module come from its name, `<model>/layer-oracle/<task>-<module>`)."""
-    found = []
+    """What study.py's parts cover, task by task, each search once: a part that reruns searches with more seeds
+    (`<model>/<design>/<module>/seeds-...`) rewrites the same records.  A part's argv is read only for plain
+    searches (the oracle search's argv reads its sweep's store; its task and module are in its name)."""
+    found: dict[tuple[str, str, str, str], Planned] = {}
     for part in parts:
-        model, design, rest = part.name.split("/")
+        model, design, rest = part.name.split("/")[:3]
         if design in (SWEEPS, "layer-oracle"):
-            task, module = rest.rsplit("-", 1)
-            found.append(Planned(model, design, task, module, part.name))
-            continue
-        argv = part.argv()
-        tasks = argv[argv.index("--tasks") + 1].split(",")
-        found += [Planned(model, design, Path(t).stem if t.endswith(".yaml") else t, rest, part.name) for t in tasks]
-    return found
+            tasks, module = [rest.rsplit("-", 1)[0]], rest.rsplit("-", 1)[1]
+        else:
+            argv = part.argv()
+            tasks, module = [Path(t).stem if t.endswith(".yaml") else t for t in argv[argv.index("--tasks") + 1].split(",")], rest
+        for task in tasks:
+            found.setdefault((model, design, task, module), Planned(model, design, task, module, part.name))
+    return list(found.values())
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
     python studies/study.py list                      # the parts, in the order they run, and which are done
     python studies/study.py run [--until 03:40] [--parts NAME,...] [--workers 2]
     python studies/study.py report [--studies DIR] [--doc FILE]   # docs/STUDY.md's results section from what is stored
+    python studies/study.py pack                      # gzip finished cells' samples before a commit (~5x smaller)
 
 Each part is one `svdicl` command writing a resumable result store under studies/<model>/<design>/;
 `run` runs the parts in order, skips those logged as done, and stops the running one cleanly at
@@ -32,6 +33,7 @@ TASKS = ("sst2", "agnews", "emoc", "mrpc", "rte", "cb", "copa")
 LAYER_TASKS = ("sst2", "rte", "agnews")  # the layer-choice comparison (SmolLM2 only)
 MODULES = ("mlp", "attn")
 SEEDS = "0,1,2"  # 5 pre-registered; 3 while CPU time forces it (docs/STUDY.md)
+ALL_SEEDS = "0,1,2,3,4"
 VALIDATION, TEST = 200, 1000  # min(., split): RTE 277, CB 56, COPA 100 are whole test splits
 SEARCH = ("--limit-validation", str(VALIDATION), "--validation-sampling", "balanced", "--limit-test", str(TEST), "--arms", "all")
 
@@ -48,10 +50,11 @@ def folder(model: str, design: str) -> Path:
     return HERE / model / design
 
 
-def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: str) -> Part:
+def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: str, seeds: str = SEEDS) -> Part:
     out = folder(model, design)
-    argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", SEEDS, *SEARCH, *extra]
-    return Part(f"{model}/{design}/{module}", lambda: [*argv, "--output", str(out), "--no-report"])
+    argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", seeds, *SEARCH, *extra]
+    name = f"{model}/{design}/{module}" + ("" if seeds == SEEDS else f"/seeds-{seeds}")
+    return Part(name, lambda: [*argv, "--output", str(out), "--no-report"])
 
 
 def oracle_sweep(model: str, task: str, module: str) -> Part:
@@ -68,7 +71,7 @@ def oracle_search(model: str, task: str, module: str) -> Part:
 
     def argv() -> list[str]:
         layer = oracle_layer(folder(model, "layer-oracle"), task, module)
-        return [*search(model, "layer-oracle", [task], module, "--layer", str(layer), "--seeds", "0").argv()]
+        return search(model, "layer-oracle", [task], module, "--layer", str(layer), seeds="0").argv()
 
     return Part(f"{model}/layer-oracle/{task}-{module}", argv)
 
@@ -104,6 +107,9 @@ def parts() -> list[Part]:
               for m in MODULES]  # fmt: skip
     found += [search(smol, "authors-5-demos", ["rte", "cb", "copa"], m, "--num_fewshot", "5") for m in MODULES]
     found += [search("qwen2.5-coder-1.5b", "algorithm1", ["sst2", "agnews", "rte"], m) for m in MODULES]
+    for model in (smol, "gemma3-270m", "qwen2.5-coder-0.5b"):  # the pre-registered 5 seeds, seeds 0-2's cells reused
+        found += [search(model, "algorithm1", TASKS, m, seeds=ALL_SEEDS) for m in MODULES]
+    found += [search(smol, "layer-fixed", LAYER_TASKS, m, "--layer", "-2", seeds=ALL_SEEDS) for m in MODULES]
     return found
 
 
@@ -153,7 +159,7 @@ def run_part(part: Part, workers: int, deadline: float | None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["list", "run", "report"])
+    parser.add_argument("command", choices=["list", "run", "report", "pack"])
     parser.add_argument("--parts", help="comma list of part names (default: all, in order)")
     parser.add_argument("--until", help="HH:MM: stop the running part cleanly then, and start no other")
     parser.add_argument("--workers", type=int, default=2, help="single-threaded worker processes per part (default: 2)")
@@ -171,6 +177,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "list":
         for part in chosen:
             print(("done  " if part.name in finished else "todo  ") + part.name)
+        return 0
+    if args.command == "pack":
+        sys.path.insert(0, str(ROOT))
+        from svdicl.store import Store
+
+        for cells in sorted(HERE.glob("*/*/cells.jsonl")):
+            print(f"{cells.parent.relative_to(HERE)}: {Store(cells.parent).pack()} samples files packed")
         return 0
     if args.command == "report":
         sys.path.insert(0, str(HERE))

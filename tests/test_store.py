@@ -268,6 +268,25 @@ def test_a_deleted_samples_file_is_recomputed_and_its_new_line_wins(tmp_path):
     assert reopened.get(keys[0]).value("accuracy") == fake_result(keys[0]).metrics["accuracy"]["value"]
 
 
+def test_packed_samples_read_back_the_same_and_count_as_finished(tmp_path):
+    keys = sweep_keys()[1:4]
+    fill(Store(tmp_path), keys[:2], fake_result)
+    before = contents(Store(tmp_path))
+    plain = [tmp_path / Store(tmp_path).get(k).samples for k in keys[:2]]
+    store = Store(tmp_path)
+    assert store.pack() == 2 and store.pack() == 0  # packed once; nothing left to pack
+    assert not any(p.exists() for p in plain) and all(p.with_name(p.name + ".gz").is_file() for p in plain)
+    reopened = Store(tmp_path)
+    assert all(reopened.has(k) for k in keys[:2]) and contents(reopened) == before
+    computed: list[str] = []
+    fill(reopened, keys, lambda key: computed.append(key.id) or fake_result(key))
+    assert computed == [keys[2].id]  # a packed cell is finished: only the new one is scored
+    packed = plain[0].with_name(plain[0].name + ".gz")
+    packed.write_bytes(packed.read_bytes()[:20])  # a truncated archive is a damaged file, named, not a traceback
+    with pytest.raises(SvdiclError, match="is damaged"):
+        Store(tmp_path).samples(Store(tmp_path).get(keys[0]))
+
+
 CONCURRENT_SCRIPT = """
 import os, sys, time
 sys.path.insert(0, {tests!r})

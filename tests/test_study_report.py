@@ -6,9 +6,12 @@ reported as missing.  The stores are written through the store's API with known 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import sys
+from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import analysis
 import family
 import report
-import study
-from findings import Planned
+from findings import Planned, planned
 
+ROOT = Path(__file__).resolve().parents[1]
 MODEL = "toy-model"
 N, SEEDS = 40, (0, 1, 2)
 RATES = [0, 0.5, 0.9]
@@ -299,7 +302,7 @@ def test_write_report_rewrites_only_the_results_section_and_reports_what_is_miss
         f"{MODEL}/algorithm1/mlp\t130\t10.0\t1.0\t20.0\n{MODEL}/algorithm1/mlp\t0\t100.0\t9.0\t200.0\n"
     )
     parts = [Part(f"{MODEL}/algorithm1/mlp", ["sst2", "rte"]), Part(f"{MODEL}/algorithm1/attn", ["sst2"])]
-    monkeypatch.setattr(study, "parts", lambda: parts)
+    monkeypatch.setitem(sys.modules, "study", SimpleNamespace(parts=lambda: parts))  # write_report imports it
     doc = folder.parent / "docs" / "STUDY.md"
     doc.parent.mkdir()
     doc.write_text(f"# Study\n\ndesign\n\n{report.START}\nSTALE\n{report.END}\n\ntail\n")
@@ -332,9 +335,25 @@ def test_write_report_rewrites_only_the_results_section_and_reports_what_is_miss
 
 def test_a_page_without_the_markers_is_refused_in_one_line(studies, monkeypatch):
     folder, _ = studies
-    monkeypatch.setattr(study, "parts", lambda: [])
+    monkeypatch.setitem(sys.modules, "study", SimpleNamespace(parts=list))
     doc = folder / "STUDY.md"
     doc.write_text("no markers\n")
     with pytest.raises(SystemExit, match="needs one <!-- results:start --> line"):
         report.write_report(folder, doc)
     assert doc.read_text() == "no markers\n"
+
+
+def test_the_plan_has_each_search_of_the_design_once_whatever_parts_rerun_it(monkeypatch):
+    spec = importlib.util.spec_from_file_location("study_for_plan", ROOT / "studies" / "study.py")
+    runner = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, runner)  # its dataclass looks its module up while it is defined
+    spec.loader.exec_module(runner)
+    monkeypatch.setattr(runner, "oracle_layer", lambda *args: pytest.fail("the plan must not read the sweeps' stores"))
+    plans = planned(runner.parts())
+    keys = [(p.model, p.design, p.task, p.module) for p in plans]
+    assert len(keys) == len(set(keys))
+    designs = Counter(p.design for p in plans)
+    assert designs["algorithm1"] == 3 * 7 * 2 + 3 * 2  # three models on all seven tasks, the 1.5B on three
+    assert (designs["layer-fixed"], designs["layer-oracle"], designs["layer-sweep"]) == (6, 6, 6)
+    assert (designs["authors-format"], designs["authors-5-demos"]) == (4, 6)
+    assert all("/seeds-" not in p.part for p in plans)  # the first part to cover a search names it
