@@ -53,11 +53,13 @@ def planned(parts: Iterable[Any]) -> list[Planned]:
     for part in parts:
         model, design, rest = part.name.split("/")[:3]
         if design in (SWEEPS, "layer-oracle"):
-            tasks, module = [rest.rsplit("-", 1)[0]], rest.rsplit("-", 1)[1]
+            task, module = rest.rsplit("-", 1)
+            tasks = [task]
         else:
             argv = part.argv()
-            tasks, module = [Path(t).stem if t.endswith(".yaml") else t for t in argv[argv.index("--tasks") + 1].split(",")], rest
-        for task in tasks:
+            tasks, module = argv[argv.index("--tasks") + 1].split(","), rest
+        for source in tasks:
+            task = Path(source).stem if source.endswith(".yaml") else source  # a task file's stem is its name
             found.setdefault((model, design, task, module), Planned(model, design, task, module, part.name))
     return list(found.values())
 
@@ -172,10 +174,6 @@ def confirmatory(
 
     C1 pruned − unpruned; C2 pruned − (unpruned + c); C3 (pruned + c) − (unpruned + c), c the best calibration on
     validation; C4, C5 pruned − each null control at ξ*.  A task without calibration (COPA) has no C2, C3."""
-    if search is not None:
-        calibrated = bool(search.record["validation"].get("calibrated"))
-    else:  # only C2 and C3 ask, and only the main design's tasks are built in
-        calibrated = not {"C2", "C3"} & set(labels) or bool(applicable(get_task(plan.task), METHODS))
     c = (best_calibration(search.record) if search else None) or "best calibration"
     arms = {
         "C1": ("unpruned", "pruned"),
@@ -188,7 +186,7 @@ def confirmatory(
     for label in labels:
         a, b = arms[label]
         base = Comparison(family, label, plan.model, plan.design, plan.task, plan.module, a, b, MISSING)
-        if label in ("C2", "C3") and not calibrated:
+        if label in ("C2", "C3") and not has_calibration(plan, search):
             found.append(dataclasses.replace(base, status=NOT_APPLICABLE, note="no calibration for this task"))
         elif search is None:
             found.append(base)
@@ -197,10 +195,18 @@ def confirmatory(
     return found
 
 
+def has_calibration(plan: Planned, search: Search | None) -> bool:
+    """Whether C2 and C3 are in the design: the record's calibrated curves, else the task's kind (multiple choice,
+    COPA, has no calibration).  Only the main design's tasks are asked, all of them built in."""
+    if search is not None:
+        return bool(search.record["validation"].get("calibrated"))
+    return bool(applicable(get_task(plan.task), METHODS))
+
+
 def _paired(base: Comparison, search: Search, a: dict | None, b: dict | None) -> Comparison:
     """`base` tested on the arms' samples; ZERO when `b` reads the same cells as `a` or is a null control at ξ* = 0."""
     if b is not None and b.get("same_as") is not None and b["same_as"] == base.a:
-        return dataclasses.replace(base, status=ZERO, note=f"ξ* = 0: {base.b} is {base.a}")
+        return dataclasses.replace(base, status=ZERO, note=f"{base.b} is {base.a}: its ξ* = 0")
     if base.a in (RANDOM, NOISE) and search.record["rate_star"] == 0:
         return dataclasses.replace(base, status=ZERO, note="ξ* = 0: pruned is the unpruned model, no control to run")
     if a is None or b is None:
