@@ -26,18 +26,17 @@ def write_report(studies_dir: Path, doc: Path) -> None:
     """Rewrite `doc`'s results section, the CSV tables under `studies_dir`/tables and the figure beside `doc`."""
     import study  # studies/study.py: the parts, in their pre-registered order
 
-    parts = study.parts()
-    result = analyse(Path(studies_dir), planned(parts), [p.name for p in parts])
-    write_tables(result, Path(studies_dir) / "tables")
-    figure = doc.parent / FIGURE
-    drawn = forest_plot(result.family)
-    if drawn is not None:
-        save_figure(drawn, figure.with_suffix(""), formats=("png",))
     text = doc.read_text(encoding="utf-8")
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"report: {doc} needs one {START} line and one {END} line after it; restore them")
+    parts = study.parts()
+    result = analyse(Path(studies_dir), planned(parts), [p.name for p in parts])
+    write_tables(result, Path(studies_dir) / "tables")
+    drawn = forest_plot(result.family)
+    if drawn is not None:
+        save_figure(drawn, (doc.parent / FIGURE).with_suffix(""), formats=("png",))
     head, rest = text.split(START)
-    section = results_section(result, figure.relative_to(doc.parent).as_posix() if drawn is not None else None)
+    section = results_section(result, FIGURE.as_posix() if drawn is not None else None)
     doc.write_text(head + START + "\n" + section + END + rest.split(END, 1)[1], encoding="utf-8")
 
 
@@ -190,7 +189,7 @@ def _delta(c: Comparison) -> str:
 def _cpu(cpu: Sequence[CpuTime]) -> str:
     lines = ["| part | status | invocations | CPU hours (user + sys) | wall hours |", "|---|---|---|---|---|"]
     for c in cpu:
-        status = "done" if c.done else ("started" if c.invocations else "not run")
+        status = "done" if c.done else ("stopped, resumes" if c.invocations else "running or to come")
         lines.append(f"| {c.part} | {status} | {c.invocations} | {c.cpu_s / 3600:.2f} | {c.wall_s / 3600:.2f} |")
     total = sum(c.cpu_s for c in cpu) / 3600
     return "\n".join(lines) + f"\n\nIn all: {total:.2f} CPU hours (studies/cpu-time.tsv, one row per invocation)."
