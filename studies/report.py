@@ -85,7 +85,7 @@ def _status(study: Study) -> str:
         )
     lines.append(
         "**Cut.** Finding 3 (fewer shots slow the collapse) from the start; "
-        f'{len(study.missing_parts)} of {len(study.cpu)} parts not run yet (listed under "What is missing"): '
+        f'{len(study.missing_parts)} of {len(study.cpu)} parts not finished yet (listed under "What is missing"): '
         "their comparisons are missing, never counted as either verdict."
     )
     return "\n\n".join(line for line in lines if line)
