@@ -1,0 +1,107 @@
+"""The whole analysis of docs/STUDY.md at any stage of completion: what the stores hold, set against what the design
+plans, every comparison tested, missing or 0 by construction, each family Holm-adjusted, each claim counted."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from family import HOLDS, INCONCLUSIVE, NOT_HOLD, ClaimVerdict, Comparison, adjust, claim_verdict
+from findings import MAIN, VARIANTS, Planned, Row, confirmatory, load_searches, row
+from layers import COLLAPSE, LAYER_DESIGNS, Trend, collapse, layer_choice, trends
+
+CLAIMS = (
+    ("pruning raises ICL accuracy (paper finding 1)", ("C1",)),
+    ("pruning beats the best calibration", ("C2",)),
+    ("pruning adds to calibration", ("C3",)),
+    ("the effect is specific to the smallest singular directions", ("C4", "C5")),
+)
+LAYER_CLAIM = ("the condition number picks a good layer", tuple(LAYER_DESIGNS.values()))
+COLLAPSE_CLAIM = ("deep layers tolerate ξ = 0.995, shallow ones collapse (paper finding 2)", (COLLAPSE[-1],))
+TREND_CLAIM = "condition numbers grow with depth (paper finding 4)"
+
+
+@dataclass(frozen=True)
+class CpuTime:
+    """One part's CPU time (user + system) over all its invocations in studies/cpu-time.tsv."""
+
+    part: str
+    invocations: int
+    cpu_s: float
+    wall_s: float
+    done: bool
+
+
+def cpu_times(log: Path, parts: Sequence[str]) -> list[CpuTime]:
+    """Per part, in the design's order: every invocation logged (a part stopped at --until resumes in the next)."""
+    rows = []
+    if log.is_file():
+        with log.open(encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle, delimiter="\t"))
+    found = []
+    for part in parts:
+        mine = [r for r in rows if r["part"] == part]
+        cpu = sum(float(r["user_s"]) + float(r["sys_s"]) for r in mine)
+        wall = sum(float(r["wall_s"]) for r in mine)
+        found.append(CpuTime(part, len(mine), cpu, wall, any(r["exit"] == "0" for r in mine)))
+    return found
+
+
+@dataclass(frozen=True)
+class Study:
+    """Everything the results section shows; every comparison of the design is in one of the lists, even when missing."""
+
+    plans: tuple[Planned, ...]
+    rows: tuple[Row, ...]  # one per search record of a planned search, in the design's order
+    family: tuple[Comparison, ...]  # C1-C5, Holm over all of it
+    layers: tuple[Comparison, ...]  # the layer-choice family, Holm over it
+    collapse: tuple[Comparison, ...]  # finding 2 (its tested comparisons Holm-adjusted together)
+    trends: tuple[Trend, ...]  # finding 4
+    variants: tuple[Comparison, ...]  # C1 of the comparability designs and of their main-design rows, not adjusted
+    claims: tuple[ClaimVerdict, ...]
+    cpu: tuple[CpuTime, ...]
+
+    @property
+    def missing_parts(self) -> list[str]:
+        """The parts studies/cpu-time.tsv does not log as finished."""
+        return [c.part for c in self.cpu if not c.done]
+
+
+def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str]) -> Study:
+    """The study as its stores under `studies` hold it, against the planned searches and the parts that run them."""
+    searches = load_searches(studies)
+    index = {s.key: s for s in searches}
+    searched = [p for p in plans if (p.model, p.design, p.task, p.module) in index]
+    rows = tuple(row(index[(p.model, p.design, p.task, p.module)]) for p in searched)
+    main = [p for p in plans if p.design == MAIN]
+    family = adjust([c for p in main for c in confirmatory(p, index.get((p.model, p.design, p.task, p.module)))])
+    layers = adjust(layer_choice(plans, searches))
+    found = adjust(collapse(studies, plans, searches))
+    variants = []
+    for plan in (p for p in plans if p.design in VARIANTS):
+        twin = Planned(plan.model, MAIN, plan.task.removesuffix("-authors"), plan.module, "")
+        for p in (plan, twin):
+            variants += confirmatory(p, index.get((p.model, p.design, p.task, p.module)), ("C1",), "comparability")
+    shown = trends(plans, searches)
+    claims = [claim_verdict(name, labels, family) for name, labels in CLAIMS]
+    claims += [claim_verdict(*LAYER_CLAIM, layers), claim_verdict(*COLLAPSE_CLAIM, found), trend_verdict(shown)]
+    return Study(
+        plans=tuple(plans),
+        rows=rows,
+        family=tuple(family),
+        layers=tuple(layers),
+        collapse=tuple(found),
+        trends=tuple(shown),
+        variants=tuple(variants),
+        claims=tuple(claims),
+        cpu=tuple(cpu_times(studies / "cpu-time.tsv", parts)),
+    )
+
+
+def trend_verdict(found: Sequence[Trend]) -> ClaimVerdict:
+    """Finding 4 counted like a claim: one verdict per model x module."""
+    verdicts = [t.verdict for t in found]
+    return ClaimVerdict(TREND_CLAIM, ("Spearman ρ",), len(found), verdicts.count(HOLDS), verdicts.count(NOT_HOLD),
+                        verdicts.count(INCONCLUSIVE), 0, verdicts.count(None))  # fmt: skip
