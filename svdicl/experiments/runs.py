@@ -73,15 +73,21 @@ class EvalRun:
         return self.requests + self.probe_requests
 
 
-def limit_examples(examples: Sequence[Example], limit: int | None, split_seed: int) -> tuple[Example, ...]:
-    """The --limit subset: the first `limit` of a seeded shuffle, returned in file order."""
+def _limit_order(examples: Sequence[Example], limit: int | None, split_seed: int) -> list[int] | None:
+    """The seeded shuffle a --limit draws from; None when the limit covers the split (it stays whole)."""
     if limit is None or limit >= len(examples):
-        return tuple(examples)
+        return None
     if limit < 1:
         raise SvdiclError(f"--limit must be >= 1, not {limit}")
     order = list(range(len(examples)))
     random.Random(f"limit:{split_seed}").shuffle(order)
-    return tuple(examples[i] for i in sorted(order[:limit]))
+    return order
+
+
+def limit_examples(examples: Sequence[Example], limit: int | None, split_seed: int) -> tuple[Example, ...]:
+    """The --limit subset: the first `limit` of a seeded shuffle, returned in file order."""
+    order = _limit_order(examples, limit, split_seed)
+    return tuple(examples) if order is None else tuple(examples[i] for i in sorted(order[:limit]))
 
 
 SAMPLINGS = ("random", "balanced")  # how a --limit draws its subset: the paper's sizes only, or the authors' per class
@@ -91,12 +97,9 @@ def balanced_examples(examples: Sequence[Example], limit: int | None, split_seed
     """`limit` examples with the classes as even as the split allows, as the authors' code samples validation
     (SST-2 4,000/4,000): `limit_examples`' seeded shuffle taken class by class, a class short of its share
     leaving the rest to the others; returned in file order.  A limit that covers the split keeps it whole."""
-    if limit is None or limit >= len(examples):
+    order = _limit_order(examples, limit, split_seed)
+    if order is None:
         return tuple(examples)
-    if limit < 1:
-        raise SvdiclError(f"--limit must be >= 1, not {limit}")
-    order = list(range(len(examples)))
-    random.Random(f"limit:{split_seed}").shuffle(order)
     by_class: dict[int, list[int]] = {}
     for i in order:
         by_class.setdefault(examples[i].label, []).append(i)
