@@ -1,13 +1,14 @@
 """The powered study of docs/STUDY.md: every number there comes from this script.
 
     python studies/study.py list                      # the parts, in the order they run, and which are done
-    python studies/study.py run [--until 03:40] [--parts NAME,...] [--workers 2]
+    python studies/study.py run [--until 03:40] [--parts NAME,...] [--slots 2] [--workers 1]
     python studies/study.py report [--studies DIR] [--doc FILE]   # docs/STUDY.md's results section from what is stored
     python studies/study.py pack                      # gzip finished cells' samples before a commit (~5x smaller)
 
 Each part is one `svdicl` command writing a resumable result store under studies/<model>/<design>/;
-`run` runs the parts in order, skips those logged as done, and stops the running one cleanly at
---until (SIGINT: finished cells stay, a rerun resumes).  CPU time per part (user + system of the
+`run` runs the parts in order, two side by side with one single-threaded worker each (a part that
+needs another's results waits for it), skips those logged as done, and stops the running ones
+cleanly at --until (SIGINT: finished cells stay, a rerun resumes).  CPU time per part (user + system of the
 command, from wait4) goes to studies/cpu-time.tsv, one row per invocation.  The order is the
 pre-registered priority (docs/STUDY.md "What CPU time buys"): cut seeds and the 1.5B model first.
 """
@@ -34,6 +35,7 @@ LAYER_TASKS = ("sst2", "rte", "agnews")  # the layer-choice comparison (SmolLM2 
 MODULES = ("mlp", "attn")
 SEEDS = "0,1,2"  # 5 pre-registered; 3 while CPU time forces it (docs/STUDY.md)
 ALL_SEEDS = "0,1,2,3,4"
+POLL_S = 2.0  # how often the runner looks at its running parts
 VALIDATION, TEST = 200, 1000  # min(., split): RTE 277, CB 56, COPA 100 are whole test splits
 SEARCH = (  # accuracy on every task, COPA too (the paper's COPA "F1" is accuracy in the authors' code)
     "--limit-validation", str(VALIDATION), "--validation-sampling", "balanced", "--limit-test", str(TEST), "--arms", "all",
@@ -47,6 +49,7 @@ class Part:
 
     name: str
     argv: Callable[[], list[str]]
+    after: str = ""  # a part that must be done first (its results feed this one)
 
 
 def folder(model: str, design: str) -> Path:
@@ -56,7 +59,9 @@ def folder(model: str, design: str) -> Path:
 def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: str, seeds: str = SEEDS) -> Part:
     out = folder(model, design)
     argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", seeds, *SEARCH, *extra]
-    name = f"{model}/{design}/{module}" + ("" if seeds == SEEDS else f"/seeds-{seeds}")
+    name = f"{model}/{design}/{module}"
+    if seeds != SEEDS:  # more seeds rewrite the 3-seed records: after them
+        return Part(f"{name}/seeds-{seeds}", lambda: [*argv, "--output", str(out), "--no-report"], after=name)
     return Part(name, lambda: [*argv, "--output", str(out), "--no-report"])
 
 
@@ -76,7 +81,7 @@ def oracle_search(model: str, task: str, module: str) -> Part:
         layer = oracle_layer(folder(model, "layer-oracle"), task, module)
         return search(model, "layer-oracle", [task], module, "--layer", str(layer), seeds="0").argv()
 
-    return Part(f"{model}/layer-oracle/{task}-{module}", argv)
+    return Part(f"{model}/layer-oracle/{task}-{module}", argv, after=oracle_sweep(model, task, module).name)
 
 
 def oracle_layer(out: Path, task: str, module: str) -> int:
@@ -132,32 +137,73 @@ def log(row: dict) -> None:
         writer.writerow(row)
 
 
-def run_part(part: Part, workers: int, deadline: float | None) -> int:
-    argv = [sys.executable, "-m", "svdicl", "-q", *part.argv(), "--workers", str(workers), "--threads-per-worker", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    logs = HERE / "logs"
-    logs.mkdir(exist_ok=True)
-    started, load = time.time(), os.getloadavg()[0]
-    with (logs / (part.name.replace("/", "__") + ".log")).open("a") as err:
-        err.write(f"# {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(argv)}\n")
-        err.flush()
-        child = subprocess.Popen(["nice", "-n", "10", *argv], cwd=ROOT, env=env, stdout=err, stderr=err)
-        status = None
-        while status is None:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid == 0:
-                status = None
-                if deadline is not None and time.time() > deadline:
-                    child.send_signal(signal.SIGINT)  # svdicl keeps every finished cell
-                    deadline = None
-                time.sleep(2)
-    code = os.waitstatus_to_exitcode(status)
-    log({
-        "part": part.name, "exit": code, "user_s": f"{usage.ru_utime:.1f}", "sys_s": f"{usage.ru_stime:.1f}",
-        "wall_s": f"{time.time() - started:.1f}", "max_rss_kib": usage.ru_maxrss, "workers": workers,
-        "load_start": f"{load:.2f}", "started": dt.datetime.fromtimestamp(started).isoformat(timespec="seconds"),
-    })  # fmt: skip
-    return code
+@dataclass
+class Running:
+    """A part's svdicl command in flight, with what its CPU-time row needs."""
+
+    part: Part
+    child: subprocess.Popen
+    started: float
+    load: float
+    workers: int
+
+    @classmethod
+    def start(cls, part: Part, workers: int) -> Running:
+        argv = [sys.executable, "-m", "svdicl", "-q", *part.argv(), "--workers", str(workers), "--threads-per-worker", "1"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        logs = HERE / "logs"
+        logs.mkdir(exist_ok=True)
+        print(f"study: {part.name}", file=sys.stderr, flush=True)
+        with (logs / (part.name.replace("/", "__") + ".log")).open("a") as err:
+            err.write(f"# {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(argv)}\n")
+            err.flush()
+            child = subprocess.Popen(["nice", "-n", "10", *argv], cwd=ROOT, env=env, stdout=err, stderr=err)
+        return cls(part, child, time.time(), os.getloadavg()[0], workers)
+
+    def poll(self) -> int | None:
+        """The exit code once the command has ended (its CPU time then logged), else None."""
+        pid, status, usage = os.wait4(self.child.pid, os.WNOHANG)
+        if pid == 0:
+            return None
+        code = os.waitstatus_to_exitcode(status)
+        log({
+            "part": self.part.name, "exit": code, "user_s": f"{usage.ru_utime:.1f}", "sys_s": f"{usage.ru_stime:.1f}",
+            "wall_s": f"{time.time() - self.started:.1f}", "max_rss_kib": usage.ru_maxrss, "workers": self.workers,
+            "load_start": f"{self.load:.2f}", "started": dt.datetime.fromtimestamp(self.started).isoformat(timespec="seconds"),
+        })  # fmt: skip
+        return code
+
+
+def run_parts(chosen: Sequence[Part], finished: set[str], slots: int, workers: int, deadline: float | None) -> int:
+    """Run the parts not yet done, in order, `slots` at a time (a part waits for its `after`); at the deadline stop
+    the running ones cleanly (SIGINT: svdicl keeps every finished cell) and start no other.  0, or the first failure's
+    exit code (the parts already running then finish)."""
+    todo = [p for p in chosen if p.name not in finished]
+    running: list[Running] = []
+    failed, stopping = 0, False
+    while True:
+        for job in list(running):
+            code = job.poll()
+            if code is not None:
+                running.remove(job)
+                if code == 0:
+                    finished.add(job.part.name)
+                else:
+                    print(f"study: {job.part.name} stopped (exit {code}); rerun to resume", file=sys.stderr)
+                    failed = failed or code
+        if not stopping and deadline is not None and time.time() > deadline:
+            for job in running:
+                job.child.send_signal(signal.SIGINT)
+            stopping = True
+        while not (failed or stopping) and len(running) < slots:
+            ready = next((p for p in todo if not p.after or p.after in finished), None)
+            if ready is None:
+                break
+            todo.remove(ready)
+            running.append(Running.start(ready, workers))
+        if not running:
+            return failed
+        time.sleep(POLL_S)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,7 +211,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("command", choices=["list", "run", "report", "pack"])
     parser.add_argument("--parts", help="comma list of part names (default: all, in order)")
     parser.add_argument("--until", help="HH:MM: stop the running part cleanly then, and start no other")
-    parser.add_argument("--workers", type=int, default=2, help="single-threaded worker processes per part (default: 2)")
+    parser.add_argument("--slots", type=int, default=2, help="parts run side by side (default: 2)")
+    parser.add_argument("--workers", type=int, default=1, help="single-threaded worker processes per part (default: 1)")
     parser.add_argument("--studies", type=Path, default=HERE, help="report: the folder of the stores (default: studies/; a copy)")
     parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "STUDY.md", help="report: the page to rewrite")
     args = parser.parse_args(argv)
@@ -198,17 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until:
         at = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(args.until))
         deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
-    for part in chosen:
-        if part.name in finished:
-            continue
-        if deadline is not None and time.time() > deadline:
-            break
-        print(f"study: {part.name}", file=sys.stderr, flush=True)
-        code = run_part(part, args.workers, deadline)
-        if code != 0:
-            print(f"study: {part.name} stopped (exit {code}); rerun to resume", file=sys.stderr)
-            return code
-    return 0
+    return run_parts(chosen, finished, args.slots, args.workers, deadline)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -58,3 +59,73 @@ def test_the_oracle_layer_is_the_best_validation_accuracy_over_rates_above_zero(
     assert study.oracle_layer(tmp_path, "rte", "mlp") == 4
     with pytest.raises(SystemExit, match="no layer sweep of cb mlp"):
         study.oracle_layer(tmp_path, "cb", "mlp")
+
+
+class FakeRun:
+    """Stands in for study.Running: ends after `polls` polls with the part's planned exit code."""
+
+    events: ClassVar[list[str]] = []
+    codes: ClassVar[dict[str, int]] = {}
+    polls = 2
+
+    def __init__(self, part) -> None:
+        self.part, self.left, self.child = part, self.polls, self
+        FakeRun.events.append(f"start {part.name}")
+
+    @classmethod
+    def start(cls, part, workers):
+        return cls(part)
+
+    def poll(self) -> int | None:
+        self.left -= 1
+        if self.left > 0:
+            return None
+        FakeRun.events.append(f"end {self.part.name}")
+        return FakeRun.codes.get(self.part.name, 0)
+
+    def send_signal(self, sig) -> None:
+        FakeRun.events.append(f"interrupt {self.part.name}")
+        self.left = 1
+
+
+class Clock:
+    """study.time for the runner: each reading one second later, sleeping takes no time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def time(self) -> float:
+        self.now += 1
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        pass
+
+
+def run_fake(monkeypatch, parts, *, slots=2, codes=None, deadline=None, finished=(), polls=2):
+    study = load_study()
+    monkeypatch.setattr(study, "Running", FakeRun)
+    monkeypatch.setattr(study, "time", Clock())
+    FakeRun.events, FakeRun.codes, FakeRun.polls = [], dict(codes or {}), polls
+    plan = [study.Part(name, lambda: [], after) for name, after in parts]
+    return study.run_parts(plan, set(finished), slots, 1, deadline), FakeRun.events
+
+
+def test_the_runner_keeps_two_parts_going_and_a_part_waits_for_the_one_it_needs(monkeypatch):
+    code, events = run_fake(monkeypatch, [("a", ""), ("a+", "a"), ("b", ""), ("c", ""), ("d", "done")], finished=["done"])
+    assert code == 0 and sorted(e for e in events if e.startswith("start")) == ["start a", "start a+", "start b",
+                                                                              "start c", "start d"]  # fmt: skip
+    assert events[:2] == ["start a", "start b"]  # a+ waits for a: b takes the second slot
+    assert events.index("start a+") > events.index("end a")
+    for i in range(len(events)):  # never more than two at once
+        assert sum(e.startswith("start") for e in events[: i + 1]) - sum(e.startswith("end") for e in events[: i + 1]) <= 2
+    code, events = run_fake(monkeypatch, [("a", ""), ("b", ""), ("c", "")], slots=1)
+    assert events == ["start a", "end a", "start b", "end b", "start c", "end c"]
+
+
+def test_the_runner_starts_nothing_after_a_failure_or_the_deadline(monkeypatch):
+    code, events = run_fake(monkeypatch, [("a", ""), ("b", ""), ("c", "")], codes={"a": 2})
+    assert code == 2 and "start c" not in events and "end b" in events  # b, already running, finishes
+    code, events = run_fake(monkeypatch, [("a", ""), ("b", ""), ("c", "")], deadline=3, polls=5)
+    assert code == 0 and events[:2] == ["start a", "start b"]
+    assert {"interrupt a", "interrupt b"} <= set(events) and "start c" not in events
