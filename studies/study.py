@@ -137,6 +137,12 @@ def log(row: dict) -> None:
         writer.writerow(row)
 
 
+def _interruptible() -> None:
+    """In the child before exec: take SIGINT as Python does by default, even where the runner was started in the
+    background by a shell without job control (which sets it to ignored, and a child would inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @dataclass
 class Running:
     """A part's svdicl command in flight, with what its CPU-time row needs."""
@@ -157,7 +163,9 @@ class Running:
         with (logs / (part.name.replace("/", "__") + ".log")).open("a") as err:
             err.write(f"# {dt.datetime.now().isoformat(timespec='seconds')} {' '.join(argv)}\n")
             err.flush()
-            child = subprocess.Popen(["nice", "-n", "10", *argv], cwd=ROOT, env=env, stdout=err, stderr=err)
+            child = subprocess.Popen(
+                ["nice", "-n", "10", *argv], cwd=ROOT, env=env, stdout=err, stderr=err, preexec_fn=_interruptible
+            )
         return cls(part, child, time.time(), os.getloadavg()[0], workers)
 
     def poll(self) -> int | None:
