@@ -174,6 +174,18 @@ def test_search_dry_run_lists_validation_and_test_cells(toy, tmp_path, capsys):
     assert {k for k, s in status.items() if s != "stored"} == {("test", 0, "2:mlp:rate*"), ("test", 1, "2:mlp:rate*")}
 
 
+def test_a_balanced_search_dry_run_finds_the_cells_the_search_stored(toy, tmp_path, capsys):
+    model, out, data = save_model(toy_loaded(), tmp_path / "model"), tmp_path / "out", str(toy.parent / "data")
+    argv = ["-q", "search", "--model", str(model), "--tasks", str(toy), "--layer", "-1", "--rates", "0.9"]
+    argv += ["--limit-validation", "6", "--validation-sampling", "balanced", "--limit-test", "6"]
+    argv += ["--data-dir", data, "--output", str(out), "--no-report"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main([*argv, "--dry-run"]) == 0
+    status = {(r[1], r[4]): r[-1] for r in dry_rows(capsys.readouterr().out)}
+    assert {k for k, s in status.items() if s != "stored"} == {("test", "2:mlp:rate*")}  # the balanced validation cells too
+
+
 def test_zero_shot_search_scores_once_for_all_seeds(toy):
     from svdicl.experiments.search import SearchConfig, search
 

@@ -279,7 +279,7 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
     cells, notes = [], []
     for config in configs:
         task = get_task(config.task)
-        task_splits = splits[task.name]
+        task_splits, limits = config.scored_splits(splits[task.name])
         methods = cal.applicable(task, calibration_methods(scoring.calibration, config.arms))  # as search() does
         keyed = replace(scoring, calibration=methods)
         shots, extra = (task.shots if config.shots is None else config.shots), config.extra_shots
@@ -289,7 +289,6 @@ def dry_run_search(loaded: LoadedModel, configs: Sequence, scoring, splits: dict
         else:
             notes.append(f"{task.name} {config.module}: the layer comes from condition numbers (L? below), computed first")
         scored = scored_seeds(shots, config.seeds, methods, extra)
-        limits = {"validation": config.limit_validation, "test": config.limit_test}
         for split, rates in (("validation", config.rates), ("test", (0.0, None))):
             for seed in config.seeds:
                 base = run_key(loaded, task_splits, split, shots, seed, limits[split], keyed, extra_shots=extra)

@@ -187,6 +187,14 @@ class SearchConfig:
         if self.validation_sampling not in SAMPLINGS:
             raise SvdiclError(f"unknown validation sampling {self.validation_sampling!r}; use {' or '.join(SAMPLINGS)}")
 
+    def scored_splits(self, splits: TaskSplits) -> tuple[TaskSplits, dict[str, int | None]]:
+        """The splits and the limit per split the search scores: with `validation_sampling` "balanced", the validation
+        split is its class-balanced subset, scored whole (one place, so `search` and its dry run key the same cells)."""
+        limits = {"validation": self.limit_validation, "test": self.limit_test}
+        if self.validation_sampling == "balanced":
+            return balance_split(splits, "validation", self.limit_validation), {**limits, "validation": None}
+        return splits, limits
+
     def examples(self, splits: TaskSplits) -> int:
         """Examples scored by a search from scratch, counting rate*'s test cell (for a progress bar's total)."""
         task = splits.task
@@ -235,8 +243,7 @@ def search(
     sample_demonstrations(task, splits.demonstrations, shots, 0, extra)  # refuses an impossible shot count before any scoring
     limits = {"validation": config.limit_validation, "test": config.limit_test}
     recorded = {split: cell_limit(limits[split], len(splits.split(split))) for split in limits}
-    if config.validation_sampling == "balanced":
-        splits, limits["validation"] = balance_split(splits, "validation", limits["validation"]), None
+    splits, limits = config.scored_splits(splits)
     sizes = {split: len(limit_examples(splits.split(split), limits[split], task.split_seed)) for split in limits}
     scored = 0  # cells scored by this search (not those read back, nor those another process stored)
     bar = progress is not None and not progress.bar.disable  # a bar while a run is tokenized, too
