@@ -175,7 +175,10 @@ class Store:
             try:
                 data = gzip.decompress(data)
             except (OSError, EOFError):
-                data = b"\xff"  # reported below as a damaged line
+                raise SvdiclError(
+                    f"samples file {path} is damaged (not a whole gzip file); delete cell {cell.id}'s line in {self.file} "
+                    "to recompute it, or rerun in a new output folder"
+                ) from None
         records = []
         for number, line in enumerate(data.splitlines(), start=1):
             try:
