@@ -118,3 +118,8 @@ def shot_counts(task: TaskConfig, shots: int | None, total: bool = False) -> tup
     if shots < 0:
         raise SvdiclError(f"{flag} must be >= 0 (demonstrations {'in all' if total else 'per class'}), not {shots}")
     return divmod(shots, task.num_classes) if total else (shots, 0)
+
+
+def shots_in_all(task: TaskConfig, shots: int, extra: int = 0) -> int:
+    """The demonstrations in all of `shots` per class plus `extra` (the inverse of `shot_counts` with `total`)."""
+    return shots * task.num_classes + extra

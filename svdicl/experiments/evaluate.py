@@ -31,7 +31,7 @@ from svdicl.experiments.run_scoring import _choose, _score_run, _single
 from svdicl.experiments.runs import EvalRun, RunResult, limit_examples, prepare_run, scored_seeds
 from svdicl.files import replaced, write_atomic
 from svdicl.models import LoadedModel, as_loaded
-from svdicl.prompts import shot_counts
+from svdicl.prompts import shot_counts, shots_in_all
 from svdicl.prune import pruned
 from svdicl.requests import Scores
 from svdicl.scoring import ExecutionPath
@@ -112,7 +112,7 @@ def evaluate(
             "data_digest": content_digest(task, examples, splits.demonstrations),  # what is scored, by content
             "split": split,
             "shots_per_class": shots,
-            "shots_total": shots * task.num_classes + extra,
+            "shots_total": shots_in_all(task, shots, extra),
             **({"extra_shots": extra} if extra else {}),  # only when there are: earlier configs stay equal
             "seeds": list(seeds),
             "limit": limit,

@@ -25,7 +25,7 @@ from svdicl import calibration as cal
 from svdicl.bias import bias_metrics
 from svdicl.errors import SvdiclError
 from svdicl.models import LoadedModel, as_loaded
-from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations
+from svdicl.prompts import Prompt, build_prompt, demonstrations_text, sample_demonstrations, shots_in_all
 from svdicl.requests import Request, Scores, build_requests, context_length
 from svdicl.scoring import choose
 from svdicl.stats import Estimate, accuracy_ci, macro_f1_ci
@@ -55,7 +55,7 @@ class EvalRun:
     @property
     def shots_total(self) -> int:
         """The demonstrations in all."""
-        return self.shots * self.task.num_classes + self.extra_shots
+        return shots_in_all(self.task, self.shots, self.extra_shots)
 
     @property
     def demonstrations_per_class(self) -> dict[str, int]:

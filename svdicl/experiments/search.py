@@ -57,7 +57,7 @@ from svdicl.experiments.search_output import (
     Validation,
 )
 from svdicl.models import LoadedModel
-from svdicl.prompts import sample_demonstrations
+from svdicl.prompts import sample_demonstrations, shots_in_all
 from svdicl.specs import CONTROLS, PruneSpec
 from svdicl.stats import compare, paired_by_id
 from svdicl.store import Cell, CellKey, Store
@@ -320,7 +320,7 @@ def search(
         module=config.module,
         metric=metric,
         shots=shots,
-        shots_total=shots * task.num_classes + extra,
+        shots_total=shots_in_all(task, shots, extra),
         limit=recorded,
         data=splits.origin,
         per_layer=None if choice is None else _per_layer(choice),
