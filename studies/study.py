@@ -84,13 +84,19 @@ def oracle_search(model: str, task: str, module: str) -> Part:
     return Part(f"{model}/layer-oracle/{task}-{module}", argv, after=oracle_sweep(model, task, module).name)
 
 
-def oracle_layer(out: Path, task: str, module: str) -> int:
-    """The layer of the highest validation accuracy over rates > 0 (seed 0; ties to the shallower layer)."""
+def store(out: Path, readonly: bool = False):
+    """svdicl's result store of `out`, imported only here (`list` needs no torch; the checkout on the path, installed
+    or not)."""
     sys.path.insert(0, str(ROOT))
     from svdicl.store import Store
 
+    return Store(out, readonly=readonly)
+
+
+def oracle_layer(out: Path, task: str, module: str) -> int:
+    """The layer of the highest validation accuracy over rates > 0 (seed 0; ties to the shallower layer)."""
     best: dict[int, float] = {}
-    for cell in Store(out).cells():
+    for cell in store(out, readonly=True).cells():
         key = cell.key
         if key.task == task and key.split == "validation" and key.seed == 0 and key.edit != "none":
             layer, found_module, rate = key.edit.split(":")
@@ -237,11 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(("done  " if part.name in finished else "todo  ") + part.name)
         return 0
     if args.command == "pack":
-        sys.path.insert(0, str(ROOT))
-        from svdicl.store import Store
-
         for cells in sorted(HERE.glob("*/*/cells.jsonl")):
-            print(f"{cells.parent.relative_to(HERE)}: {Store(cells.parent).pack()} samples files packed")
+            print(f"{cells.parent.relative_to(HERE)}: {store(cells.parent).pack()} samples files packed")
         return 0
     if args.command == "report":
         sys.path.insert(0, str(HERE))
