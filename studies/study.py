@@ -220,11 +220,19 @@ def run_parts(chosen: Sequence[Part], finished: set[str], slots: int, workers: i
         time.sleep(POLL_S)
 
 
+def clock(text: str) -> dt.time:
+    """--until's HH:MM, or argparse's one-line error naming the fix."""
+    try:
+        return dt.time.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time of day; give HH:MM, e.g. 18:30") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["list", "run", "report", "pack"])
     parser.add_argument("--parts", help="comma list of part names (default: all, in order)")
-    parser.add_argument("--until", help="HH:MM: stop the running part cleanly then, and start no other")
+    parser.add_argument("--until", type=clock, help="HH:MM: stop the running parts cleanly then, and start no other")
     parser.add_argument("--slots", type=int, default=2, help="parts run side by side (default: 2)")
     parser.add_argument("--workers", type=int, default=1, help="single-threaded worker processes per part (default: 1)")
     parser.add_argument("--studies", type=Path, default=HERE, help="report: the folder of the stores (default: studies/; a copy)")
@@ -254,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     deadline = None
     if args.until:
-        at = dt.datetime.combine(dt.date.today(), dt.time.fromisoformat(args.until))
+        at = dt.datetime.combine(dt.date.today(), args.until)
         deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
     return run_parts(chosen, finished, args.slots, args.workers, deadline)
 

@@ -129,3 +129,9 @@ def test_the_runner_starts_nothing_after_a_failure_or_the_deadline(monkeypatch):
     code, events = run_fake(monkeypatch, [("a", ""), ("b", ""), ("c", "")], deadline=3, polls=5)
     assert code == 0 and events[:2] == ["start a", "start b"]
     assert {"interrupt a", "interrupt b"} <= set(events) and "start c" not in events
+
+
+def test_a_bad_until_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_study().main(["run", "--until", "25:00"])
+    assert stop.value.code == 2 and "'25:00' is not a time of day; give HH:MM" in capsys.readouterr().err
