@@ -1,6 +1,6 @@
 """The powered study of docs/STUDY.md: every number there comes from this script.
 
-    python studies/study.py list                      # the parts, in the order they run, and which are done
+    python studies/study.py list                      # the parts in the order they run: done, started or todo, CPU hours
     python studies/study.py run [--until 03:40] [--parts NAME,...] [--slots 2] [--workers 1]
     python studies/study.py report [--studies DIR] [--doc FILE]   # docs/STUDY.md's results section from what is stored
     python studies/study.py pack                      # gzip finished cells' samples before a commit (~5x smaller)
@@ -127,11 +127,36 @@ def parts() -> list[Part]:
     return found
 
 
+def logged() -> dict[str, tuple[bool, float]]:
+    """Per part in the CPU log: whether an invocation of it finished (exit 0), and the CPU seconds of all of them."""
+    found: dict[str, tuple[bool, float]] = {}
+    if CPU_LOG.exists():
+        with CPU_LOG.open() as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                finished, cpu = found.get(row["part"], (False, 0.0))
+                found[row["part"]] = (finished or row["exit"] == "0", cpu + float(row["user_s"]) + float(row["sys_s"]))
+    return found
+
+
 def done() -> set[str]:
-    if not CPU_LOG.exists():
-        return set()
-    with CPU_LOG.open() as handle:
-        return {row["part"] for row in csv.DictReader(handle, delimiter="\t") if row["exit"] == "0"}
+    return {part for part, (finished, _) in logged().items() if finished}
+
+
+def listing(chosen: Sequence[Part]) -> list[str]:
+    """A line per part: done, started (an invocation stopped before the end: its finished cells are kept) or todo,
+    with the CPU hours logged for it (an invocation is logged when it ends); then the totals."""
+    log = logged()
+    lines = []
+    for part in chosen:
+        finished, cpu = log.get(part.name, (False, 0.0))
+        state = "done" if finished else "started" if part.name in log else "todo"
+        hours = f"{cpu / 3600:6.2f} h" if part.name in log else " " * 8
+        lines.append(f"{state:8} {hours}  {part.name}")
+    names = {part.name for part in chosen}
+    total = sum(cpu for name, (_, cpu) in log.items() if name in names)
+    finished = sum(log.get(name, (False, 0.0))[0] for name in names)
+    lines.append(f"{finished} of {len(chosen)} parts done; {total / 3600:.2f} CPU hours logged ({CPU_LOG.name})")
+    return lines
 
 
 def log(row: dict) -> None:
@@ -245,10 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.parts:
         names = set(args.parts.split(","))
         chosen = [p for p in chosen if p.name in names]
-    finished = done()
     if args.command == "list":
-        for part in chosen:
-            print(("done  " if part.name in finished else "todo  ") + part.name)
+        print("\n".join(listing(chosen)))
         return 0
     if args.command == "pack":
         for cells in sorted(HERE.glob("*/*/cells.jsonl")):
@@ -264,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until:
         at = dt.datetime.combine(dt.date.today(), args.until)
         deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
-    return run_parts(chosen, finished, args.slots, args.workers, deadline)
+    return run_parts(chosen, done(), args.slots, args.workers, deadline)
 
 
 if __name__ == "__main__":

@@ -135,3 +135,19 @@ def test_a_bad_until_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as stop:
         load_study().main(["run", "--until", "25:00"])
     assert stop.value.code == 2 and "'25:00' is not a time of day; give HH:MM" in capsys.readouterr().err
+
+
+def test_list_shows_each_part_done_started_or_todo_with_its_logged_cpu_hours(tmp_path, monkeypatch):
+    study = load_study()
+    first, second, third = study.parts()[:3]
+    log = tmp_path / "cpu-time.tsv"
+    log.write_text(
+        f"part\texit\tuser_s\tsys_s\n{first.name}\t130\t3000\t600\n{first.name}\t0\t3400\t200\n{second.name}\t130\t1700\t100\n"
+    )
+    monkeypatch.setattr(study, "CPU_LOG", log)
+    lines = study.listing([first, second, third])
+    assert lines[0].split() == ["done", "2.00", "h", first.name]
+    assert lines[1].split() == ["started", "0.50", "h", second.name]
+    assert lines[2].split() == ["todo", third.name]
+    assert lines[3] == "1 of 3 parts done; 2.50 CPU hours logged (cpu-time.tsv)"
+    assert study.done() == {first.name}
