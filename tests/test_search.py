@@ -19,6 +19,7 @@ import svdicl.experiments.condition as condition
 from svdicl.calibration import METHODS
 from svdicl.cli import main, parse_args
 from svdicl.errors import SvdiclError
+from svdicl.experiments.arms import GROUPS, parse_arms
 from svdicl.experiments.condition import condition_numbers
 from svdicl.experiments.grid import parse_list
 from svdicl.experiments.run_scoring import evaluate_run
@@ -490,3 +491,37 @@ def test_a_search_at_5_demonstrations_on_2_classes_keys_records_and_replays_them
     replayed = json.loads((again / "results.json").read_text())
     assert replayed["config"]["shots_total"] == 5
     assert replayed["runs"][0]["metrics"]["accuracy"]["value"] == records["5"]["test"]["pruned"]["value"]
+
+
+@pytest.mark.parametrize(
+    ("arms", "control_rates"), [(("calibration", "controls"), [0.9]), ("all", [0.5, 0.9])], ids=["controls", "all"]
+)
+def test_null_controls_run_at_rate_star_and_at_calibrated_rates_only_with_calibrated_controls(
+    toy, monkeypatch, arms, control_rates
+):
+    """`controls` scores the two null controls at ξ* (read raw, and under each calibration whose ξ* is the same);
+    `calibrated-controls` (in `all`) adds them at every other calibrated ξ*, two more test cells per rate and seed."""
+    import svdicl.experiments.search as searching
+
+    calls = Calls(monkeypatch)
+    picks = iter([0.9, 0.5, 0.5, 0.9])  # raw rate* 0.9; contextual and domain 0.5; batch 0.9
+    monkeypatch.setattr(searching, "choose_rate", lambda rates, values: next(picks))
+    config = SearchConfig(str(toy), "mlp", rates=(0.5, 0.9), layer=1, seeds=(0,), limit_validation=20, limit_test=24, arms=arms)
+    splits = next(iter(load_task_splits([str(toy)], toy.parent / "data").values()))
+    progress = scoring_calls.Progress(config.examples(splits), "search", enabled=False)
+    result = search(planted_loaded(), config, Store(toy.parent / "out"), splits=splits, progress=progress)
+    scored = {float(e.split(":")[2].split("@")[0]) for e in calls.edits[-1] if "@" in e}
+    assert sorted(scored) == control_rates
+    controls = {(a["name"], a["rate"]) for a in result.arms if a["control"]}
+    expected = {("random subspace", 0.9), ("random subspace + batch", 0.9)}
+    if 0.5 in control_rates:
+        expected |= {("random subspace + contextual", 0.5), ("random subspace + domain", 0.5)}
+    assert {c for c in controls if c[0].startswith("random subspace")} == expected
+    assert len(controls) == 2 * len(expected)  # the norm-matched noise mirrors each
+    assert progress.done == progress.bar.total
+
+
+def test_calibrated_controls_need_calibration_and_controls():
+    assert parse_arms("calibration,controls,calibrated-controls") == GROUPS
+    with pytest.raises(SvdiclError, match="calibrated-controls needs calibration and controls; add them, or use --arms all"):
+        parse_arms("controls,calibrated-controls")

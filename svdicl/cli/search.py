@@ -73,7 +73,8 @@ def add(sub) -> None:
         default="all",
         help="arms scored beside unpruned and pruned on the same test examples: calibration (each --calibration method, "
         "default all, on the unpruned and the pruned model), controls (random-subspace and norm-matched-noise edits at "
-        "rate*), all or none (default: all)",
+        "rate*), calibrated-controls (the controls also at each calibrated arm's own rate*; needs the other two), "
+        "all or none (default: all)",
     )
     what.add_argument("--data-dir", help="folder of <task>/<split>.jsonl files (default: env SVDICL_DATA, else the Hub)")
     add_sweep_scoring_args(p)

@@ -9,9 +9,12 @@ search` therefore scores these arms on the same test examples and seeds:
     pruned                        the ξ*-pruned model (Algorithm 1)
     pruned + <method>             that calibration on the model pruned at ξ*_method, the rate
                                   chosen on validation under the same calibration
-    random subspace [+ <method>]  the null controls (svdicl.prune) at the rate of every pruned arm
-    norm-matched noise [+ ...]    with a rate > 0, read the same way: the same rank from random
-                                  singular directions; a perturbation of the same norm
+    random subspace [+ <method>]  the null controls (svdicl.prune) at ξ*, read raw and under each
+    norm-matched noise [+ ...]    calibration whose ξ*_method is ξ*: the same rank from random
+                                  singular directions; a perturbation of the same norm.  With the
+                                  group calibrated-controls also at every other ξ*_method > 0 (two
+                                  more test cells per distinct rate: the question of C4/C5 asked
+                                  again under each calibration)
 
 Every arm gives its metric (mean over seeds, ± their SD), a CI over examples [Wilson where the
 test has at most 100 examples and the metric is accuracy, else the bootstrap], the paired
@@ -35,13 +38,14 @@ from svdicl.errors import SvdiclError
 from svdicl.stats import Estimate, holm, paired_by_id, seed_mean_ci, wilson_interval
 from svdicl.store import Cell, Store
 
-GROUPS = ("calibration", "controls")  # optional arm groups; unpruned and pruned are always there
+GROUPS = ("calibration", "controls", "calibrated-controls")  # optional arm groups; unpruned and pruned are always there
 WILSON_MAX_N = 100
 BIAS = ("balanced_accuracy", "top_answer_share", "auc")
 
 
 def parse_arms(value: str | Sequence[str] | None) -> tuple[str, ...]:
-    """`all` (the default), `none`, or a comma list of calibration, controls."""
+    """`all` (the default), `none`, or a comma list of calibration, controls, calibrated-controls (which needs both
+    others: the controls at each calibrated arm's own rate)."""
     if value is None:
         return GROUPS
     items = value.split(",") if isinstance(value, str) else list(value)
@@ -53,6 +57,8 @@ def parse_arms(value: str | Sequence[str] | None) -> tuple[str, ...]:
     unknown = sorted(names - set(GROUPS))
     if unknown:
         raise SvdiclError(f"unknown arm group {unknown[0]!r}; use all, none or a comma list of {', '.join(GROUPS)}")
+    if "calibrated-controls" in names and not {"calibration", "controls"} <= names:
+        raise SvdiclError("arm group calibrated-controls needs calibration and controls; add them, or use --arms all")
     return tuple(g for g in GROUPS if g in names)
 
 

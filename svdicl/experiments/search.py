@@ -292,10 +292,11 @@ def search(
         if rate_star == 0:
             progress.add(per_cell)  # the pruned test cell is the unpruned one
         progress.grow((len(test_rates) - 2 + (rate_star == 0)) * per_cell)  # the calibrated rates* may add cells
-    control_rates = sorted({r for r in (rate_star, *stars.values()) if r > 0}) if "controls" in config.arms else []
+    calibrated_rates = stars.values() if "calibrated-controls" in config.arms else ()
+    control_rates = sorted({r for r in (rate_star, *calibrated_rates) if r > 0}) if "controls" in config.arms else []
     if "controls" in config.arms and not control_rates and progress is not None:
         progress.add(2 * len(config.seeds) * sizes["test"])  # nothing was pruned, so there is nothing to control for
-    elif control_rates and progress is not None:  # counted at one rate; they run at every pruned arm's rate
+    elif control_rates and progress is not None:  # counted at one rate; calibrated-controls may add more
         progress.grow(2 * len(config.seeds) * (len(control_rates) - 1) * sizes["test"])
     controls = [(rate, control) for control in (CONTROLS if control_rates else ()) for rate in control_rates]
     test = evaluate("test", [(rate, None) for rate in test_rates] + controls)  # one job per seed: every arm at once
@@ -305,8 +306,8 @@ def search(
     arms += [Arm(arm_name(m), 0.0, at[0.0], calibration=m) for m in scoring.calibration]
     arms += [Arm("pruned", rate_star, at[rate_star])]
     arms += [Arm(arm_name(m, pruned=True), stars[m], at[stars[m]], calibration=m) for m in scoring.calibration]
-    for control in CONTROLS if control_rates else ():  # each pruned arm gets both null controls at its rate, read the same way
-        for arm in [arm for arm in arms if arm.rate > 0 and arm.control is None]:
+    for control in CONTROLS if control_rates else ():  # each pruned arm at a control rate: both controls, read the same way
+        for arm in [arm for arm in arms if arm.rate in control_rates and arm.control is None]:
             k = len(test_rates) + controls.index((arm.rate, control))
             found = tuple(test[seed][k] for seed in config.seeds)
             name = arm_name(arm.calibration, CONTROL_NAMES[control])
