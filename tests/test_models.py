@@ -54,6 +54,13 @@ def test_chunks_are_assembled_in_order_checked_and_cached(chunked_alias, tmp_pat
     assert written == []
 
 
+def test_an_alias_is_installed_only_when_every_package_of_its_weights_is(chunked_alias):
+    alias, _ = chunked_alias
+    assert aliases.installed(alias)
+    one_missing = Alias(alias.name, alias.packages, (*alias.modules, "fakechunk_part4"), alias.filename, "", "")
+    assert not aliases.installed(one_missing)
+
+
 def test_a_corrupt_assembly_is_refused(chunked_alias, tmp_path):
     alias, _ = chunked_alias
     wrong = Alias(alias.name, alias.packages, alias.modules, alias.filename, "f" * 64, alias.note)

@@ -151,3 +151,24 @@ def test_list_shows_each_part_done_started_or_todo_with_its_logged_cpu_hours(tmp
     assert lines[2].split() == ["todo", third.name]
     assert lines[3] == "1 of 3 parts done; 2.50 CPU hours logged (cpu-time.tsv)"
     assert study.done() == {first.name}
+
+
+def test_run_stops_before_starting_anything_when_a_model_it_needs_is_not_installed(monkeypatch, capsys):
+    study = load_study()
+    import svdicl.aliases as aliases
+
+    monkeypatch.setenv("SVDICL_DATA", "data")
+    monkeypatch.setattr(aliases, "installed", lambda alias: alias.name != "gemma3-270m")
+    monkeypatch.setattr(study, "done", lambda: set())
+    monkeypatch.setattr(study, "run_parts", lambda *a: pytest.fail("started parts"))
+    with pytest.raises(SystemExit) as stop:
+        study.main(["run"])
+    assert str(stop.value) == (
+        "study: 1 model(s) not installed: run `make models` or " + aliases.install_command(aliases.ALIASES["gemma3-270m"])
+    )
+    everything_but_gemma = [p.name for p in study.parts() if not p.name.startswith("gemma3-270m/")]
+    assert study.not_installed(study.parts(), set(everything_but_gemma)) == [
+        aliases.install_command(aliases.ALIASES["gemma3-270m"])
+    ]
+    gemma_done = {p.name for p in study.parts() if p.name.startswith("gemma3-270m/")}
+    assert study.not_installed(study.parts(), gemma_done) == []
