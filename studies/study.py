@@ -23,7 +23,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,7 @@ MODULES = ("mlp", "attn")
 SEEDS = "0,1,2"  # 5 pre-registered; 3 while CPU time forces it (docs/STUDY.md)
 ALL_SEEDS = "0,1,2,3,4"
 POLL_S = 2.0  # how often the runner looks at its running parts
+PACK_S = 600.0  # how often it packs the finished cells' samples of the running parts (and whenever a part ends)
 VALIDATION, TEST = 200, 1000  # min(., split): RTE 277, CB 56, COPA 100 are whole test splits
 SEARCH = (  # accuracy on every task, COPA too (the paper's COPA "F1" is accuracy in the authors' code)
     "--limit-validation", str(VALIDATION), "--validation-sampling", "balanced", "--limit-test", str(TEST),
@@ -50,6 +51,7 @@ class Part:
     name: str
     argv: Callable[[], list[str]]
     after: str = ""  # a part that must be done first (its results feed this one)
+    out: Path | None = None  # its result store
 
 
 def folder(model: str, design: str) -> Path:
@@ -61,8 +63,8 @@ def search(model: str, design: str, tasks: Sequence[str], module: str, *extra: s
     argv = ["search", "--model", model, "--tasks", ",".join(tasks), "--modules", module, "--seeds", seeds, *SEARCH, *extra]
     name = f"{model}/{design}/{module}"
     if seeds != SEEDS:  # more seeds rewrite the 3-seed records: after them
-        return Part(f"{name}/seeds-{seeds}", lambda: [*argv, "--output", str(out), "--no-report"], after=name)
-    return Part(name, lambda: [*argv, "--output", str(out), "--no-report"])
+        return Part(f"{name}/seeds-{seeds}", lambda: [*argv, "--output", str(out), "--no-report"], after=name, out=out)
+    return Part(name, lambda: [*argv, "--output", str(out), "--no-report"], out=out)
 
 
 def oracle_sweep(model: str, task: str, module: str) -> Part:
@@ -71,7 +73,7 @@ def oracle_sweep(model: str, task: str, module: str) -> Part:
     argv = ["sweep", "--model", model, "--tasks", task, "--modules", module, "--layers", "all", "--split", "validation",
             "--limit", str(VALIDATION), "--sampling", "balanced", "--seeds", "0", "--calibration", "all",
             "--output", str(out), "--no-report"]  # fmt: skip
-    return Part(f"{model}/layer-sweep/{task}-{module}", lambda: argv)
+    return Part(f"{model}/layer-sweep/{task}-{module}", lambda: argv, out=out)
 
 
 def oracle_search(model: str, task: str, module: str) -> Part:
@@ -81,7 +83,8 @@ def oracle_search(model: str, task: str, module: str) -> Part:
         layer = oracle_layer(folder(model, "layer-oracle"), task, module)
         return search(model, "layer-oracle", [task], module, "--layer", str(layer), seeds="0").argv()
 
-    return Part(f"{model}/layer-oracle/{task}-{module}", argv, after=oracle_sweep(model, task, module).name)
+    sweep = oracle_sweep(model, task, module)
+    return Part(f"{model}/layer-oracle/{task}-{module}", argv, after=sweep.name, out=sweep.out)
 
 
 def checkout_on_path() -> None:
@@ -143,23 +146,37 @@ def logged() -> dict[str, tuple[bool, float]]:
     return found
 
 
-def done() -> set[str]:
-    return {part for part, (finished, _) in logged().items() if finished}
+def lost(out: Path | None) -> bool:
+    """Whether a store lists cells whose samples file is gone: a checkout without the ignored, not yet packed files
+    of an earlier machine.  Its parts run again (only those cells are computed again)."""
+    if out is None or not (out / "cells.jsonl").is_file():
+        return False
+    found = store(out, readonly=True)
+    return any(not found.has(cell.key) for cell in found.cells())
+
+
+def done(chosen: Sequence[Part]) -> set[str]:
+    """The parts an invocation finished, less those whose store lost samples files since."""
+    finished = {part for part, (ended, _) in logged().items() if ended}
+    broken = {p.out for p in chosen if p.name in finished and lost(p.out)}
+    return finished - {p.name for p in chosen if p.out in broken}
 
 
 def listing(chosen: Sequence[Part]) -> list[str]:
-    """A line per part: done, started (an invocation stopped before the end: its finished cells are kept) or todo,
-    with the CPU hours logged for it (an invocation is logged when it ends); then the totals."""
+    """A line per part: done, redo (done, but its store lost samples files), started (an invocation stopped before
+    the end: its finished cells are kept) or todo, with the CPU hours logged for it (an invocation is logged when it
+    ends); then the totals."""
     log = logged()
+    complete = done(chosen)
     lines = []
     for part in chosen:
         finished, cpu = log.get(part.name, (False, 0.0))
-        state = "done" if finished else "started" if part.name in log else "todo"
+        state = "done" if part.name in complete else "redo" if finished else "started" if part.name in log else "todo"
         hours = f"{cpu / 3600:6.2f} h" if part.name in log else " " * 8
         lines.append(f"{state:8} {hours}  {part.name}")
     names = {part.name for part in chosen}
     total = sum(cpu for name, (_, cpu) in log.items() if name in names)
-    finished = sum(log.get(name, (False, 0.0))[0] for name in names)
+    finished = len(complete & names)
     lines.append(f"{finished} of {len(chosen)} parts done; {total / 3600:.2f} CPU hours logged ({CPU_LOG.name})")
     return lines
 
@@ -228,23 +245,36 @@ def not_installed(chosen: Sequence[Part], finished: set[str]) -> list[str]:
     return [install_command(ALIASES[m]) for m in models if m in ALIASES and not installed(ALIASES[m])]
 
 
+def pack(folders: Iterable[Path | None]) -> None:
+    """Gzip the finished cells' samples of these stores as the study goes: git ignores the plain files, so a checkout
+    carried to a new machine before a commit keeps only the packed ones (an interrupted session lost 4 CPU hours)."""
+    for out in dict.fromkeys(folders):
+        if out is not None and (out / "cells.jsonl").is_file():
+            store(out).pack()
+
+
 def run_parts(chosen: Sequence[Part], finished: set[str], slots: int, workers: int, deadline: float | None) -> int:
     """Run the parts not yet done, in order, `slots` at a time (a part waits for its `after`); at the deadline stop
     the running ones cleanly (SIGINT: svdicl keeps every finished cell) and start no other.  0, or the first failure's
-    exit code (the parts already running then finish)."""
+    exit code (the parts already running then finish).  Packs samples as it goes (`pack`)."""
     todo = [p for p in chosen if p.name not in finished]
     running: list[Running] = []
-    failed, stopping = 0, False
+    failed, stopping, packed = 0, False, time.time()
     while True:
+        ended = []
         for job in list(running):
             code = job.poll()
             if code is not None:
                 running.remove(job)
+                ended.append(job.part.out)
                 if code == 0:
                     finished.add(job.part.name)
                 else:
                     print(f"study: {job.part.name} stopped (exit {code}); rerun to resume", file=sys.stderr)
                     failed = failed or code
+        if ended or time.time() - packed > PACK_S:
+            pack([*ended, *(job.part.out for job in running)])
+            packed = time.time()
         if not stopping and deadline is not None and time.time() > deadline:
             for job in running:
                 job.child.send_signal(signal.SIGINT)
@@ -302,10 +332,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.until:
         at = dt.datetime.combine(dt.date.today(), args.until)
         deadline = (at if at > dt.datetime.now() else at + dt.timedelta(days=1)).timestamp()
-    missing = not_installed(chosen, done())
+    finished = done(chosen)
+    missing = not_installed(chosen, finished)
     if missing:
         raise SystemExit(f"study: {len(missing)} model(s) not installed: run `make models` or {'; '.join(missing)}")
-    return run_parts(chosen, done(), args.slots, args.workers, deadline)
+    return run_parts(chosen, finished, args.slots, args.workers, deadline)
 
 
 if __name__ == "__main__":

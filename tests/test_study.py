@@ -3,6 +3,7 @@ argmax of the layer sweep's validation accuracy over rates > 0."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -139,7 +140,7 @@ def test_a_bad_until_is_a_one_line_error(capsys):
 
 def test_list_shows_each_part_done_started_or_todo_with_its_logged_cpu_hours(tmp_path, monkeypatch):
     study = load_study()
-    first, second, third = study.parts()[:3]
+    first, second, third = (dataclasses.replace(p, out=tmp_path / "store") for p in study.parts()[:3])  # no store yet
     log = tmp_path / "cpu-time.tsv"
     log.write_text(
         f"part\texit\tuser_s\tsys_s\n{first.name}\t130\t3000\t600\n{first.name}\t0\t3400\t200\n{second.name}\t130\t1700\t100\n"
@@ -150,7 +151,7 @@ def test_list_shows_each_part_done_started_or_todo_with_its_logged_cpu_hours(tmp
     assert lines[1].split() == ["started", "0.50", "h", second.name]
     assert lines[2].split() == ["todo", third.name]
     assert lines[3] == "1 of 3 parts done; 2.50 CPU hours logged (cpu-time.tsv)"
-    assert study.done() == {first.name}
+    assert study.done([first, second, third]) == {first.name}
 
 
 def test_run_stops_before_starting_anything_when_a_model_it_needs_is_not_installed(monkeypatch, capsys):
@@ -159,7 +160,7 @@ def test_run_stops_before_starting_anything_when_a_model_it_needs_is_not_install
 
     monkeypatch.setenv("SVDICL_DATA", "data")
     monkeypatch.setattr(aliases, "installed", lambda alias: alias.name != "gemma3-270m")
-    monkeypatch.setattr(study, "done", lambda: set())
+    monkeypatch.setattr(study, "done", lambda chosen: set())
     monkeypatch.setattr(study, "run_parts", lambda *a: pytest.fail("started parts"))
     with pytest.raises(SystemExit) as stop:
         study.main(["run"])
@@ -172,3 +173,29 @@ def test_run_stops_before_starting_anything_when_a_model_it_needs_is_not_install
     ]
     gemma_done = {p.name for p in study.parts() if p.name.startswith("gemma3-270m/")}
     assert study.not_installed(study.parts(), gemma_done) == []
+
+
+def test_the_runner_packs_samples_as_it_goes_and_a_done_part_whose_store_lost_some_is_redone(tmp_path, monkeypatch):
+    study = load_study()
+    out = tmp_path / "store"
+    for seed in (0, 1):
+        key = CellKey("fp", "sst2", "test", 5, seed, "none")
+        Store(out).put(key, Result(metrics={"accuracy": 0.5}, n=1, samples=[{"i": seed}]))
+    part = study.Part("m/algorithm1/mlp", lambda: [], out=out)
+    monkeypatch.setattr(study, "CPU_LOG", tmp_path / "cpu-time.tsv")
+    study.CPU_LOG.write_text(f"part\texit\tuser_s\tsys_s\n{part.name}\t0\t3000\t600\n")
+    assert study.done([part]) == {part.name}
+    monkeypatch.setattr(study, "Running", FakeRun)
+    monkeypatch.setattr(study, "time", Clock())
+    monkeypatch.setattr(study, "PACK_S", 2.5)
+    packs = []
+    monkeypatch.setattr(study, "pack", lambda folders, pack=study.pack: packs.append(FakeRun.events[-1]) or pack(folders))
+    FakeRun.events, FakeRun.codes, FakeRun.polls = [], {}, 4
+    assert study.run_parts([part], set(), 1, 1, None) == 0
+    assert packs == [f"start {part.name}", f"end {part.name}"]  # every PACK_S while it runs, and when it ends
+    files = sorted((out / "samples").rglob("*"))
+    assert [f.name.endswith(".jsonl.gz") for f in files if f.is_file()] == [True, True]  # what git does not ignore
+    assert [Store(out).samples(cell) for cell in Store(out).cells()] == [[{"i": 0}], [{"i": 1}]]
+    next(f for f in files if f.is_file()).unlink()  # a checkout that lacks one
+    assert study.done([part]) == set()
+    assert study.listing([part])[0].split() == ["redo", "1.00", "h", part.name]
