@@ -99,8 +99,9 @@ class Search:
 
 
 def load_searches(studies: Path) -> list[Search]:
-    """Every search record under studies/<model>/<design>/search/ whose cells its store holds (a record read while
-    the store was copied may name cells the copy lacks: it counts as missing until the next report)."""
+    """Every search record under studies/<model>/<design>/search/ whose cells its store holds with their samples (a
+    record read while the store was copied may name cells the copy lacks, a checkout may lack samples files not yet
+    packed: it counts as missing until they are back)."""
     found = []
     for folder in sorted(p.parent for p in studies.glob(f"*/*/{SEARCH_DIR}")):
         if not (folder / CELLS_FILE).is_file():
@@ -109,7 +110,8 @@ def load_searches(studies: Path) -> list[Search]:
         cells = {c.id: c for c in store.cells()}
         for path in sorted((folder / SEARCH_DIR).glob("*.json")):
             record = read_search(path)
-            if all(i in cells for arm in record.get("arms", []) for i in arm["cells"]) and record.get("arms"):
+            ids = [i for arm in record.get("arms", []) for i in arm["cells"]]
+            if ids and all(i in cells and store.has(cells[i].key) for i in ids):
                 found.append(Search(folder.parent.name, folder.name, record, store, cells))
     return found
 

@@ -97,7 +97,7 @@ def _sweep_runs(folder: Path, plan: Planned, layers: int) -> dict[str, list] | N
     edits = {layer: f"{layer}:{plan.module}:{DEEP_RATE:g}" for layer in (0, 1, layers - 2, layers - 1)}
     cells = {layer: store.get(dataclasses.replace(key, edit=edit)) for layer, edit in edits.items()}
     unpruned = store.get(dataclasses.replace(key, edit="none"))
-    if unpruned is None or any(c is None for c in cells.values()):
+    if unpruned is None or any(c is None or not store.has(c.key) for c in [unpruned, *cells.values()]):
         return None
 
     def run(cell) -> list[tuple[str, float]]:

@@ -225,6 +225,16 @@ def test_a_claim_with_missing_comparisons_is_open_and_says_what_the_rule_gives_s
     assert c1.missing == 0 and c1.verdict == family.claim_rule(c1.holds, c1.not_hold, 2)
 
 
+def test_a_search_whose_samples_files_a_checkout_lacks_is_missing_until_they_are_back(studies, tmp_path):
+    folder, _ = studies
+    before = analysis.analyse(folder, [plan("sst2"), plan("rte")], [])
+    lacking = next((folder / MODEL / "algorithm1" / "samples" / "rte").iterdir())
+    lacking.rename(tmp_path / lacking.name)  # e.g. an ignored, not yet packed file of another machine
+    result = analysis.analyse(folder, [plan("sst2"), plan("rte")], [])
+    assert [c.task for c in result.family if c.status == family.MISSING] == ["rte"] * len(by_label(before.family, "rte"))
+    assert by_label(result.family, "sst2")["C1"].paired == by_label(before.family, "sst2")["C1"].paired
+
+
 def test_copa_has_no_calibration_comparisons_in_the_design(tmp_path):
     result = analysis.analyse(tmp_path, [plan("copa"), plan("sst2")], [])
     copa = by_label(result.family, "copa")
@@ -275,6 +285,8 @@ def test_finding_2_compares_the_last_two_layers_with_the_first_two_at_the_deepes
     unpruned = np.hstack([data[None], data[None]])
     assert found["first two − unpruned"].paired.difference == pytest.approx(paired_comparison(unpruned, shallow).difference)
     assert found["first two − unpruned"].verdict is None  # descriptive
+    next((folder / MODEL / "layer-oracle" / "samples").rglob("*-0_mlp_0.995-*")).unlink()  # a checkout lacks it
+    assert {c.status for c in analysis.analyse(folder, plans, []).collapse} == {family.MISSING}
 
 
 def test_finding_4_is_spearman_of_the_condition_numbers_with_depth(studies):
