@@ -1,9 +1,9 @@
 """The powered study of docs/STUDY.md: every number there comes from this script.
 
-    python studies/study.py list                      # the parts in the order they run: done, started or todo, CPU hours
+    python studies/study.py list                      # the parts in the order they run: done, redo, started or todo, CPU hours
     python studies/study.py run [--until 03:40] [--parts NAME,...] [--slots 2] [--workers 1]
     python studies/study.py report [--studies DIR] [--doc FILE]   # docs/STUDY.md's results section from what is stored
-    python studies/study.py pack                      # gzip finished cells' samples before a commit (~5x smaller)
+    python studies/study.py pack                      # gzip finished cells' samples (~5x smaller; `run` packs as it goes)
 
 Each part is one `svdicl` command writing a resumable result store under studies/<model>/<design>/;
 `run` runs the parts in order, two side by side with one single-threaded worker each (a part that
@@ -147,12 +147,19 @@ def logged() -> dict[str, tuple[bool, float]]:
 
 
 def lost(out: Path | None) -> bool:
-    """Whether a store lists cells whose samples file is gone: a checkout without the ignored, not yet packed files
-    of an earlier machine.  Its parts run again (only those cells are computed again)."""
+    """Whether a cell the store's search records name (every cell, in a store without records: a layer sweep's) lacks
+    its samples file: a checkout without the ignored, not yet packed files of an earlier machine.  Its parts run
+    again (only such cells are scored again); cells no record names, e.g. controls an amendment dropped, do not count."""
     if out is None or not (out / "cells.jsonl").is_file():
         return False
+    checkout_on_path()
+    from svdicl.experiments.search_output import read_search
+
     found = store(out, readonly=True)
-    return any(not found.has(cell.key) for cell in found.cells())
+    cells = {cell.id: cell for cell in found.cells()}
+    records = [read_search(path) for path in sorted((out / "search").glob("*.json"))]
+    named = {i for record in records for arm in record.get("arms", []) for i in arm["cells"]} if records else set(cells)
+    return any(i not in cells or not found.has(cells[i].key) for i in named)
 
 
 def done(chosen: Sequence[Part]) -> set[str]:

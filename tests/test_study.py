@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from typing import ClassVar
@@ -199,3 +200,12 @@ def test_the_runner_packs_samples_as_it_goes_and_a_done_part_whose_store_lost_so
     next(f for f in files if f.is_file()).unlink()  # a checkout that lacks one
     assert study.done([part]) == set()
     assert study.listing([part])[0].split() == ["redo", "1.00", "h", part.name]
+    (out / "search").mkdir()  # with search records, only the cells they name count
+    kept = next(cell for cell in Store(out).cells() if Store(out).has(cell.key))
+    record = {"format": "svdicl.search/1", "task": "sst2", "module": "mlp", "layer": 1, "rates": [0], "rate_star": 0,
+              "validation": {"values": [0.5]}, "test": {"baseline": {"value": 0.5}, "pruned": {"value": 0.5}},
+              "arms": [{"name": "unpruned", "cells": [kept.id]}]}  # fmt: skip
+    (out / "search" / "sst2-mlp.json").write_text(json.dumps(record))
+    assert study.done([part]) == {part.name}
+    next((out / "samples").rglob("*.gz")).unlink()
+    assert study.done([part]) == set()
