@@ -165,7 +165,7 @@ def lost(out: Path | None) -> bool:
 def done(chosen: Sequence[Part]) -> set[str]:
     """The parts an invocation finished, less those whose store lost samples files since."""
     finished = {part for part, (ended, _) in logged().items() if ended}
-    broken = {p.out for p in chosen if p.name in finished and lost(p.out)}
+    broken = {out for out in {p.out for p in chosen if p.name in finished} if lost(out)}  # once per store
     return finished - {p.name for p in chosen if p.out in broken}
 
 
