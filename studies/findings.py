@@ -206,11 +206,15 @@ def has_calibration(plan: Planned, search: Search | None) -> bool:
 
 
 def _paired(base: Comparison, search: Search, a: dict | None, b: dict | None) -> Comparison:
-    """`base` tested on the arms' samples; ZERO when `b` reads the same cells as `a` or is a null control at ξ* = 0."""
+    """`base` tested on the arms' samples; ZERO when `b` reads the same cells as `a` or is a null control at ξ* = 0;
+    a note when `b` is another arm's cells (ξ* = 0), so a C2 "holds" there reads as calibration losing, not pruning."""
     if b is not None and b.get("same_as") is not None and b["same_as"] == base.a:
         return dataclasses.replace(base, status=ZERO, note=f"{base.b} is {base.a}: its ξ* = 0")
     if base.a in (RANDOM, NOISE) and search.record["rate_star"] == 0:
         return dataclasses.replace(base, status=ZERO, note="ξ* = 0: pruned is the unpruned model, no control to run")
     if a is None or b is None:
         return dataclasses.replace(base, note="arm not scored")
-    return dataclasses.replace(base, status=TESTED, paired=paired_by_id(search.runs(a), search.runs(b)))
+    tested = dataclasses.replace(base, status=TESTED, paired=paired_by_id(search.runs(a), search.runs(b)))
+    if b.get("same_as") is not None:  # C2 at ξ* = 0: the rule still judges it, the reader must see what it compares
+        return dataclasses.replace(tested, note=f"{base.b} is {b['same_as']}, ξ* = 0: pruning did nothing here")
+    return tested

@@ -37,6 +37,7 @@ def comparison_table(comparisons: Sequence[Comparison], holm: str) -> str:
             numbers = ["–", c.status, "–", "–", "–", c.note or "–"]
         else:
             verdict = "–" if c.status == DESCRIPTIVE else c.verdict or "–"
+            verdict += f" ({c.note})" if c.note else ""
             mde = "–" if p.mde is None else f"{p.mde:.3f}"
             numbers = [f"{p.n} × {p.seeds}", f"{p.difference:+.3f} [{p.low:+.3f}, {p.high:+.3f}]", fmt_p(p.p_value),
                        fmt_p(c.p_holm), mde, verdict]  # fmt: skip

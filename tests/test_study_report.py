@@ -23,6 +23,7 @@ from svdicl.store import CellKey, Result, Store
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "studies"))
 import analysis
 import family
+import render
 import report
 from findings import Planned, planned
 
@@ -179,6 +180,27 @@ def test_holm_runs_over_the_whole_family_and_leaves_out_what_is_zero_by_construc
         assert rte[label].status == family.ZERO and rte[label].p_holm is None and rte[label].paired is None
         assert rte[label].verdict == family.NOT_HOLD  # counted as "no gain"
     assert rte["C2"].status == family.TESTED
+
+
+def test_a_c2_that_holds_at_xi_star_0_is_marked_as_calibration_losing_not_pruning(tmp_path):
+    rng = np.random.default_rng(3)
+    arms = {**zero_arms(rng), "unpruned + domain": (0, "domain", None, answers(rng, 0.2))}  # calibration loses on test
+    write_search(tmp_path / MODEL / "algorithm1", "emoc", arms, rate_star=0, unpruned_calibrated={"domain": 0.7})
+    result = analysis.analyse(tmp_path, [plan("emoc"), plan("sst2")], [])
+    c2 = by_label(result.family, "emoc")["C2"]
+    assert c2.status == family.TESTED and c2.verdict == family.HOLDS  # the registered rule is applied unchanged
+    assert c2.note == "pruned is unpruned, ξ* = 0: pruning did nothing here"
+    assert "| holds (pruned is unpruned, ξ* = 0: pruning did nothing here) |" in render.comparison_table([c2], "h")
+    claims = report.results_section(result, None)
+    assert "1 of the comparisons that hold have ξ* = 0 (toy-model EmoC MLP C2)" in claims
+
+
+def test_a_c2_at_xi_star_0_that_does_not_hold_is_not_listed_as_vacuous(studies):
+    folder, _ = studies
+    result = analysis.analyse(folder, [plan("sst2"), plan("rte")], [])
+    c2 = by_label(result.family, "rte")["C2"]
+    assert c2.note and c2.verdict != family.HOLDS  # marked in its row, but nothing to explain away
+    assert "comparisons that hold have ξ* = 0" not in report.results_section(result, None)
 
 
 @pytest.mark.parametrize(
