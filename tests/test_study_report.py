@@ -192,15 +192,37 @@ def test_a_c2_that_holds_at_xi_star_0_is_marked_as_calibration_losing_not_prunin
     assert c2.note == "pruned is unpruned, ξ* = 0: pruning did nothing here"
     assert "| holds (pruned is unpruned, ξ* = 0: pruning did nothing here) |" in render.comparison_table([c2], "h")
     claims = report.results_section(result, None)
-    assert "1 of the comparisons that hold have ξ* = 0 (toy-model EmoC MLP C2)" in claims
+    assert "1 of the 1 C2 comparisons that hold come with a C1 that does not hold (toy-model EmoC MLP at ξ* = 0)" in claims
 
 
-def test_a_c2_at_xi_star_0_that_does_not_hold_is_not_listed_as_vacuous(studies):
+def test_a_c2_at_xi_star_0_that_does_not_hold_is_not_explained_away(studies):
     folder, _ = studies
     result = analysis.analyse(folder, [plan("sst2"), plan("rte")], [])
     c2 = by_label(result.family, "rte")["C2"]
     assert c2.note and c2.verdict != family.HOLDS  # marked in its row, but nothing to explain away
-    assert "comparisons that hold have ξ* = 0" not in report.results_section(result, None)
+    assert "C2 comparisons that hold come with a C1" not in report.results_section(result, None)
+
+
+def test_a_c2_that_holds_without_a_c1_gain_is_named_and_one_with_a_c1_gain_is_not(tmp_path):
+    """C2 holds in both searches because calibration loses on test; only on emoc does pruning itself not gain."""
+    rng = np.random.default_rng(4)
+    arms, _ = full_arms(rng)
+    arms["unpruned + domain"] = (0, "domain", None, answers(rng, 0.1))
+    write_search(tmp_path / MODEL / "algorithm1", "sst2", arms, rate_star=0.5, unpruned_calibrated={"domain": 0.7})
+    unpruned = answers(rng, 0.7)
+    pruned = unpruned.copy()
+    pruned[:4] = 0  # a small loss: C1's CI lies below +0.03
+    emoc = {**full_arms(rng)[0], "unpruned": (0, None, None, unpruned), "pruned": (0.5, None, None, pruned),
+            "unpruned + domain": (0, "domain", None, answers(rng, 0.1))}  # fmt: skip
+    write_search(tmp_path / MODEL / "algorithm1", "emoc", emoc, rate_star=0.5, unpruned_calibrated={"domain": 0.7})
+    result = analysis.analyse(tmp_path, [plan("sst2"), plan("emoc")], [])
+    verdicts = {t: {k: c.verdict for k, c in by_label(result.family, t).items()} for t in ("sst2", "emoc")}
+    assert (verdicts["sst2"]["C1"], verdicts["sst2"]["C2"]) == (family.HOLDS, family.HOLDS)
+    assert (verdicts["emoc"]["C1"], verdicts["emoc"]["C2"]) == (family.NOT_HOLD, family.HOLDS)
+    assert not by_label(result.family, "emoc")["C2"].note  # ξ* > 0: the row carries no note
+    assert "1 of the 2 C2 comparisons that hold come with a C1 that does not hold (toy-model EmoC MLP):" in (
+        report.results_section(result, None)
+    )
 
 
 @pytest.mark.parametrize(
