@@ -23,10 +23,11 @@ CLAIM_FIELDS = ("claim", "labels", "total", "holds", "does_not_hold", "zero_by_c
                 "verdict", "so_far")  # fmt: skip
 
 
-def comparison_table(comparisons: Sequence[Comparison], holm: str) -> str:
-    """One line per comparison: b − a with its 95% CI, raw and Holm-adjusted p, the MDE at 80% power, the verdict."""
+def comparison_table(comparisons: Sequence[Comparison], holm: str, runs: str = "seeds") -> str:
+    """One line per comparison: b − a with its 95% CI, raw and Holm-adjusted p, the MDE at 80% power, the verdict.
+    `runs` names what each example's correctness is averaged over (finding 2 averages two layers, not seeds)."""
     lines = [
-        "| model | task | module | comparison | b − a | n × seeds | difference [95% CI] | p | p (Holm) | MDE | verdict |",
+        f"| model | task | module | comparison | b − a | n × {runs} | difference [95% CI] | p | p (Holm) | MDE | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in comparisons:

@@ -329,6 +329,8 @@ def test_finding_2_compares_the_last_two_layers_with_the_first_two_at_the_deepes
     unpruned = np.hstack([data[None], data[None]])
     assert found["first two − unpruned"].paired.difference == pytest.approx(paired_comparison(unpruned, shallow).difference)
     assert found["first two − unpruned"].verdict is None  # descriptive
+    table = report.results_section(analysis.analyse(folder, plans, []), None).split("Finding 2: validation")[1]
+    assert "| n × layers |" in table and f"| {len(data[0])} × 2 |" in table  # two layers per arm, not two seeds
     next((folder / MODEL / "layer-oracle" / "samples").rglob("*-0_mlp_0.995-*")).unlink()  # a checkout lacks it
     assert {c.status for c in analysis.analyse(folder, plans, []).collapse} == {family.MISSING}
 
