@@ -21,9 +21,9 @@ CONFIRMATORY_LABELS = ("C1", "C2", "C3", "C4", "C5")
 @dataclass(frozen=True)
 class Comparison:
     """One comparison of a family: arm `b` − arm `a` on the same examples, each example's correctness averaged over
-    the seeds first.  `status`: TESTED (with `paired`), ZERO (the two arms give the same answers by construction:
-    counted as "no gain" without a test, outside Holm), MISSING (no data yet), NOT_APPLICABLE (not in the design) or
-    DESCRIPTIVE (computed, never judged)."""
+    its `runs` first (the seeds; finding 2's two layers per arm).  `status`: TESTED (with `paired`), ZERO (the two
+    arms give the same answers by construction: counted as "no gain" without a test, outside Holm), MISSING (no data
+    yet), NOT_APPLICABLE (not in the design) or DESCRIPTIVE (computed, never judged)."""
 
     family: str
     label: str  # C1..C5, "vs L−2", "vs oracle", "last two − first two"
@@ -37,6 +37,7 @@ class Comparison:
     paired: PairedComparison | None = None
     p_holm: float | None = None
     note: str = ""
+    runs: str = "seeds"  # what `paired`'s per-example correctness is averaged over, for the tables' "n × runs"
 
     @property
     def verdict(self) -> str | None:

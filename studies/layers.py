@@ -75,7 +75,7 @@ def collapse(studies: Path, plans: Sequence[Planned], searches: Sequence[Search]
         runs = _sweep_runs(folder, plan, count) if count and (folder / CELLS_FILE).is_file() else None
         for label in COLLAPSE:
             base = Comparison("finding 2", label, plan.model, plan.design, plan.task, plan.module,
-                              *reversed(label.split(" − ")), MISSING)  # fmt: skip
+                              *reversed(label.split(" − ")), MISSING, runs="layers")  # fmt: skip
             if runs is None:
                 note = "number of layers unknown: no search record of this model" if not count else "sweep cells missing"
                 found.append(dataclasses.replace(base, note=note))

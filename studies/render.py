@@ -15,17 +15,19 @@ from svdicl.report.labels import fmt_p, module_label, task_label
 from svdicl.style import BASELINE_COLOR, COLORS, MARKERS, styled
 
 FIGURE = Path("figures/study/c1-c5.png")  # relative to docs/STUDY.md
-COMPARISON_FIELDS = ("family", "label", "model", "design", "task", "module", "a", "b", "status", "n", "seeds", "mean_a",
-                     "mean_b", "difference", "ci_low", "ci_high", "p_value", "p_holm", "mde", "verdict", "note")  # fmt: skip
+COMPARISON_FIELDS = ("family", "label", "model", "design", "task", "module", "a", "b", "status", "n", "runs", "mean_a",
+                     "mean_b", "difference", "ci_low", "ci_high", "p_value", "p_holm", "mde", "verdict", "runs_over",
+                     "note")  # fmt: skip
 SEARCH_FIELDS = ("model", "design", "task", "module", "layer", "rate_star", "best_calibration", "n_validation", "n_test",
                  "seeds", "accuracy_unpruned", "accuracy_pruned")  # fmt: skip
 CLAIM_FIELDS = ("claim", "labels", "total", "holds", "does_not_hold", "zero_by_construction", "inconclusive", "missing",
                 "verdict", "so_far")  # fmt: skip
 
 
-def comparison_table(comparisons: Sequence[Comparison], holm: str, runs: str = "seeds") -> str:
+def comparison_table(comparisons: Sequence[Comparison], holm: str) -> str:
     """One line per comparison: b − a with its 95% CI, raw and Holm-adjusted p, the MDE at 80% power, the verdict.
-    `runs` names what each example's correctness is averaged over (finding 2 averages two layers, not seeds)."""
+    The "n × runs" column names what each example's correctness is averaged over (seeds, or finding 2's layers)."""
+    runs = " or ".join(sorted({c.runs for c in comparisons})) or "seeds"
     lines = [
         f"| model | task | module | comparison | b − a | n × {runs} | difference [95% CI] | p | p (Holm) | MDE | verdict |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -59,7 +61,7 @@ def comparison_rows(comparisons: Sequence[Comparison]) -> list[list]:
         p = c.paired
         stats = [p.n, p.seeds, p.mean_a, p.mean_b, p.difference, p.low, p.high, p.p_value] if p else [None] * 8
         found.append([c.family, c.label, c.model, c.design, c.task, c.module, c.a, c.b, c.status, *stats, c.p_holm,
-                      p.mde if p else None, c.verdict, c.note])  # fmt: skip
+                      p.mde if p else None, c.verdict, c.runs, c.note])  # fmt: skip
     return found
 
 

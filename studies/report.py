@@ -172,8 +172,7 @@ def _layers(study: Study) -> str:
     text.append(
         "Finding 2: validation accuracy at ξ = 0.995 (seed 0, the sweeps' balanced validation subset), each example "
         "averaged over the first two or the last two layers; only `last two − first two` is judged (Holm over those):"
-        "\n\n"
-        + (comparison_table(collapse, holm="Holm over finding 2", runs="layers") if collapse else "No layer sweep is in yet.")
+        "\n\n" + (comparison_table(collapse, holm="Holm over finding 2") if collapse else "No layer sweep is in yet.")
     )
     trend_rows = ["| model | module | layers | Spearman ρ | p | verdict |", "|---|---|---|---|---|---|"]
     trend_rows += [f"| {t.model} | {module_label(t.module)} | {t.layers or '–'} | {fmt(t.rho, 3)} | {fmt_p(t.p_value)} | "

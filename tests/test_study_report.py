@@ -331,6 +331,9 @@ def test_finding_2_compares_the_last_two_layers_with_the_first_two_at_the_deepes
     assert found["first two − unpruned"].verdict is None  # descriptive
     table = report.results_section(analysis.analyse(folder, plans, []), None).split("Finding 2: validation")[1]
     assert "| n × layers |" in table and f"| {len(data[0])} × 2 |" in table  # two layers per arm, not two seeds
+    (row,) = render.comparison_rows([judged])
+    csv_row = dict(zip(render.COMPARISON_FIELDS, row, strict=True))
+    assert (csv_row["runs"], csv_row["runs_over"]) == (2, "layers")  # the CSV says what the 2 counts, too
     next((folder / MODEL / "layer-oracle" / "samples").rglob("*-0_mlp_0.995-*")).unlink()  # a checkout lacks it
     assert {c.status for c in analysis.analyse(folder, plans, []).collapse} == {family.MISSING}
 
@@ -385,6 +388,7 @@ def test_write_report_rewrites_only_the_results_section_and_reports_what_is_miss
         rows = {(r["task"], r["module"], r["label"]): r for r in csv.DictReader(handle)}
     c1 = by_label(analysis.analyse(folder, [plan("sst2")], []).family, "sst2")["C1"]
     assert float(rows[("sst2", "mlp", "C1")]["difference"]) == pytest.approx(c1.paired.difference)
+    assert (rows[("sst2", "mlp", "C1")]["runs"], rows[("sst2", "mlp", "C1")]["runs_over"]) == (str(len(SEEDS)), "seeds")
     figure = doc.parent / "figures" / "study" / "c1-c5.png"
     first = figure.read_bytes()
     report.write_report(folder, doc)
