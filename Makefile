@@ -33,7 +33,7 @@ lint: setup
 	$(BIN)/lint-imports --no-cache
 
 test: setup lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # Renew the lock: today's newest versions inside pyproject's ranges, in a scratch venv; then run `make test`.
 lock:
