@@ -49,6 +49,12 @@ def check_precision(precision: str) -> str:
     return precision
 
 
+def emulated_bfloat16() -> bool:
+    """Whether this CPU lacks bfloat16 matmul kernels (no AVX-512: torch reports AVX2 or less) and emulates them:
+    6x slower than float32 on an AVX2 EPYC (docs/fast-paths.md), so the mixed path could only cost time there."""
+    return torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
+
+
 def unsupported_reason(model: nn.Module) -> str | None:
     """None when the mixed path can run `model`; otherwise why only float32 runs (recorded in results)."""
     dtypes = {p.dtype for p in model.parameters()}
@@ -56,6 +62,9 @@ def unsupported_reason(model: nn.Module) -> str | None:
         return f"the model's weights are {', '.join(sorted(str(d) for d in dtypes))}, not float32; scoring as loaded"
     if getattr(model, "hf_device_map", None):
         return "a model spread over devices by --device-map keeps its own precision; scoring in float32"
+    if next(model.parameters()).device.type == "cpu" and emulated_bfloat16():
+        capability = torch.backends.cpu.get_cpu_capability()
+        return f"this CPU ({capability}, no AVX-512) emulates bfloat16 matmuls, 6x slower than float32; scoring in float32"
     return None
 
 

@@ -106,7 +106,8 @@ def test_unknown_precision_and_non_float32_models_are_said():
 
 
 @pytest.fixture
-def toy(tmp_path):
+def toy(tmp_path, monkeypatch):
+    monkeypatch.setattr(px, "emulated_bfloat16", lambda: False)  # the mixed path runs on any CPU here (tiny model)
     write_toy_task(tmp_path, 80, validation=10)
     model = tiny_model("llama")
     loaded = LoadedModel(model=model, tokenizer=tiny_tokenizer(), source="tiny", fingerprint=fingerprint(model), dtype="float32")
@@ -141,16 +142,30 @@ def test_mixed_predictions_equal_float32_under_every_edit(toy, path):
             assert change.max() - change.min() <= b.timing["precision_bound"]
 
 
+@pytest.mark.parametrize(("capability", "expected"), [("AVX2", "float32"), ("NO AVX", "float32"), ("AVX512", "mixed")])
+def test_mixed_falls_back_to_float32_where_the_cpu_emulates_bfloat16(toy, monkeypatch, capability, expected):
+    loaded, run = toy
+    monkeypatch.undo()  # the toy's forced mixed path off: the CPU's capability decides
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    edits = [(), (PruneSpec.parse("1:mlp:0.9"),)]
+    exact = [r for _, r in evaluate_edits(loaded, run, edits)]
+    mixed = [r for _, r in evaluate_edits(loaded, run, edits, precision="mixed")]
+    for a, b in zip(exact, mixed, strict=True):
+        assert b.timing["precision"] == expected and a.predictions == b.predictions
+        if expected == "float32":
+            assert capability in b.timing["precision_fallback"] and "emulates bfloat16" in b.timing["precision_fallback"]
+            assert b.scores == a.scores  # float32 alone ran: the same scores, not merely the same decisions
+        else:
+            assert "precision_fallback" not in b.timing
+
+
 TASKS = ("sst2", "agnews", "emoc", "mrpc", "rte", "cb", "copa")
 
 
-# Without AVX-512 the CPU has no bfloat16 matmul kernels and emulates them (6x slower than float32
-# on an AVX2 EPYC): seven real-model tasks would take CI past its budget; the toy tests above run anywhere.
-EMULATED_BF16 = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "NO AVX", "AVX2")
-
-
+# Without AVX-512 the mixed path falls back to float32 (bfloat16 is emulated there, 6x slower): forcing it
+# on seven real-model tasks would take CI past its budget; the toy tests above run anywhere.
 @pytest.mark.slow
-@pytest.mark.skipif(EMULATED_BF16, reason="bfloat16 is emulated on this CPU (no AVX-512): too slow for CI")
+@pytest.mark.skipif(px.emulated_bfloat16(), reason="bfloat16 is emulated on this CPU (no AVX-512): too slow for CI")
 @pytest.mark.parametrize("task", TASKS)
 def test_mixed_predictions_equal_float32_on_real_smollm2(real_model, data_dir, task, one_thread):
     run = prepare_run(real_model, task, split="test", limit=10, data_dir=data_dir)

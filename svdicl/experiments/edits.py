@@ -115,7 +115,7 @@ def _sweep_layers(
                     logprobs[e][i] = values
                 walls[e] += time.perf_counter() - started
                 if number == len(chosen.passes) - 1:
-                    timing = {**_timing(walls[e], len(run.examples), tokens, prompt_tokens, 0), **chosen.to_dict()}
+                    timing = {**_timing(walls[e], len(run.examples), tokens, prompt_tokens, 0, model), **chosen.to_dict()}
                     timing["shared_s"] = round(shared, 3)
                     yield record, finish_run(run, plan.scores(logprobs[e]), length_normalize, timing)
         del scorer

@@ -12,11 +12,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping
 
+from torch import nn
+
 from svdicl import precision as px
 from svdicl.errors import SvdiclError
 from svdicl.experiments.runs import EvalRun, RunResult, finish_run
 from svdicl.memory import DEFAULT_CACHE_MEMORY
 from svdicl.models import LoadedModel, as_loaded
+from svdicl.provenance import machine
 from svdicl.requests import Scores, forwarded_tokens
 from svdicl.scoring import ExecutionPath, SharedPrefix, check_path, choose_path, score_requests
 
@@ -158,13 +161,13 @@ def _score_run(
     wall = time.perf_counter() - started
     requests = [requests[i] for i in pending]
     tokens = forwarded_tokens(requests, None if prefix is None else len(prefix.ids))
-    timing = _timing(wall, len(pending), tokens, forwarded_tokens(requests), len(scores) - len(pending))
+    timing = _timing(wall, len(pending), tokens, forwarded_tokens(requests), len(scores) - len(pending), model)
     return finish_run(run, scores, length_normalize, {**timing, **chosen.to_dict()})
 
 
-def _timing(wall: float, examples: int, tokens: int, prompt_tokens: int, reused: int) -> dict:
+def _timing(wall: float, examples: int, tokens: int, prompt_tokens: int, reused: int, model: nn.Module) -> dict:
     """tokens: what the path ran through the model (layer path: through the layers above the cache);
-    prompt_tokens: the full prompts, what the plain path runs; both without padding."""
+    prompt_tokens: the full prompts, what the plain path runs; both without padding; then the machine it ran on."""
     return {
         "wall_s": round(wall, 3),
         "examples_scored": examples,
@@ -174,4 +177,5 @@ def _timing(wall: float, examples: int, tokens: int, prompt_tokens: int, reused:
         "tokens_per_s": round(tokens / wall, 1) if wall > 0 else None,
         "prompt_tokens": prompt_tokens,
         "prompt_tokens_per_s": round(prompt_tokens / wall, 1) if wall > 0 else None,
+        **machine(model.get_input_embeddings().weight.device),
     }
