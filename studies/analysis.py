@@ -4,7 +4,7 @@ plans, every comparison tested, missing or 0 by construction, each family Holm-a
 from __future__ import annotations
 
 import csv
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +32,10 @@ class CpuTime:
     cpu_s: float
     wall_s: float
     done: bool
+    cut: bool  # docs/STUDY.md "Cut": CPU time could not buy it
 
 
-def cpu_times(log: Path, parts: Sequence[str]) -> list[CpuTime]:
+def cpu_times(log: Path, parts: Sequence[str], cut: Collection[str] = ()) -> list[CpuTime]:
     """Per part, in the design's order: every invocation logged (a part stopped at --until resumes in the next)."""
     rows = []
     if log.is_file():
@@ -45,7 +46,7 @@ def cpu_times(log: Path, parts: Sequence[str]) -> list[CpuTime]:
         mine = [r for r in rows if r["part"] == part]
         cpu = sum(float(r["user_s"]) + float(r["sys_s"]) for r in mine)
         wall = sum(float(r["wall_s"]) for r in mine)
-        found.append(CpuTime(part, len(mine), cpu, wall, any(r["exit"] == "0" for r in mine)))
+        found.append(CpuTime(part, len(mine), cpu, wall, any(r["exit"] == "0" for r in mine), part in cut))
     return found
 
 
@@ -53,7 +54,7 @@ def cpu_times(log: Path, parts: Sequence[str]) -> list[CpuTime]:
 class Study:
     """Everything the results section shows; every comparison of the design is in one of the lists, even when missing."""
 
-    plans: tuple[Planned, ...]
+    plans: tuple[Planned, ...]  # those of the parts not cut
     rows: tuple[Row, ...]  # one per search record of a planned search, in the design's order
     family: tuple[Comparison, ...]  # C1-C5, Holm over all of it
     layers: tuple[Comparison, ...]  # the layer-choice family, Holm over it
@@ -65,12 +66,21 @@ class Study:
 
     @property
     def missing_parts(self) -> list[str]:
-        """The parts studies/cpu-time.tsv does not log as finished."""
-        return [c.part for c in self.cpu if not c.done]
+        """The parts not cut that studies/cpu-time.tsv does not log as finished."""
+        return [c.part for c in self.cpu if not c.done and not c.cut]
+
+    @property
+    def cut_parts(self) -> list[str]:
+        """The parts cut unfinished (docs/STUDY.md "Cut")."""
+        return [c.part for c in self.cpu if not c.done and c.cut]
 
 
-def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str]) -> Study:
-    """The study as its stores under `studies` hold it, against the planned searches and the parts that run them."""
+def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str], cut: Collection[str] = ()) -> Study:
+    """The study as its stores under `studies` hold it, against the planned searches and the parts that run them.
+    The searches of `cut` parts leave every family (Holm runs over the rest); finding 4 keeps their models, whose
+    condition numbers were computed before any scoring."""
+    shown = trends(studies, plans)
+    plans = [p for p in plans if p.part not in cut]
     searches = load_searches(studies)
     index = {s.key: s for s in searches}
     searched = [p for p in plans if (p.model, p.design, p.task, p.module) in index]
@@ -84,7 +94,6 @@ def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str]) -> St
         twin = Planned(plan.model, MAIN, plan.task.removesuffix("-authors"), plan.module, "")
         for p in (plan, twin):
             variants += confirmatory(p, index.get((p.model, p.design, p.task, p.module)), ("C1",), "comparability")
-    shown = trends(plans, searches)
     claims = [claim_verdict(name, labels, family) for name, labels in CLAIMS]
     claims += [claim_verdict(*LAYER_CLAIM, layers), claim_verdict(*COLLAPSE_CLAIM, found), trend_verdict(shown)]
     return Study(
@@ -96,7 +105,7 @@ def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str]) -> St
         trends=tuple(shown),
         variants=tuple(variants),
         claims=tuple(claims),
-        cpu=tuple(cpu_times(studies / "cpu-time.tsv", parts)),
+        cpu=tuple(cpu_times(studies / "cpu-time.tsv", parts, cut)),
     )
 
 

@@ -28,6 +28,7 @@ from svdicl.tasks import get_task
 MAIN = "algorithm1"
 LAYER_DESIGNS = {"layer-fixed": "vs L−2", "layer-oracle": "vs oracle layer"}  # the layer-choice family
 SWEEPS = "layer-sweep"  # parts whose cells are the layer-oracle store's validation sweep (finding 2)
+SHOTS = "shots"  # the sweeps of finding 3 (amendment of 2026-12-05)
 VARIANTS = ("authors-format", "authors-5-demos")  # comparability with the paper: descriptive
 DEEP_RATE = 0.995  # finding 2: the deepest rate the paper says deep layers tolerate
 BIAS = ("top_answer_share", "balanced_accuracy", "auc")
@@ -52,7 +53,7 @@ def planned(parts: Iterable[Any]) -> list[Planned]:
     found: dict[tuple[str, str, str, str], Planned] = {}
     for part in parts:
         model, design, rest = part.name.split("/")[:3]
-        if design in (SWEEPS, "layer-oracle"):
+        if design in (SWEEPS, "layer-oracle", SHOTS):
             task, module = rest.rsplit("-", 1)
             tasks = [task]
         else:

@@ -1,11 +1,10 @@
 """Which layer: the layer-choice family (Algorithm 1's κ-chosen layer against L−2 and the oracle layer), the paper's
 finding 2 (deep layers tolerate ξ = 0.995, shallow ones collapse) from the layer sweeps' validation cells, and its
-finding 4 (condition numbers grow with depth) from the search records' per-layer condition numbers."""
+finding 4 (condition numbers grow with depth) from the per-layer condition numbers in each model's main store."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ from family import DESCRIPTIVE, HOLDS, INCONCLUSIVE, MISSING, NOT_HOLD, TESTED, 
 from findings import DEEP_RATE, LAYER_DESIGNS, MAIN, SWEEPS, Planned, Search
 from scipy import stats as scipy_stats
 
+from svdicl.experiments.condition import CSV_FILE, layer_conditions, read_conditions
 from svdicl.stats import paired_by_id
 from svdicl.store import CELLS_FILE, Store
 
@@ -130,20 +130,17 @@ class Trend:
         return NOT_HOLD if self.rho <= 0 else INCONCLUSIVE
 
 
-def trends(plans: Sequence[Planned], searches: Sequence[Search]) -> list[Trend]:
-    """Finding 4 per model x module of the main design (one record's numbers: they are the same for every task)."""
+def trends(studies: Path, plans: Sequence[Planned]) -> list[Trend]:
+    """Finding 4 per model x module of the main design, from the conditions.csv that the model's first search wrote
+    to its store before scoring (the numbers its records copy; exact, so a model whose searches were cut has them)."""
     found = []
     for model, module in dict.fromkeys((p.model, p.module) for p in plans if p.design == MAIN):
-        per_layer = next(
-            (s.record["condition"]["per_layer"] for s in searches
-             if s.model == model and s.design == MAIN and s.record["module"] == module and s.record.get("condition")),
-            None,
-        )  # fmt: skip
-        if per_layer is None:
+        rows = studies / model / MAIN / CSV_FILE
+        found_rows = read_conditions(rows) if rows.is_file() else []
+        per_layer = layer_conditions(found_rows, module) if any(r.group == module for r in found_rows) else {}
+        if not per_layer:
             found.append(Trend(model, module, 0, None, None))
             continue
-        # None: a singular matrix (JSON has no infinity), the largest condition number there is
-        points = sorted((int(layer), math.inf if value is None else value) for layer, value in per_layer.items())
-        result = scipy_stats.spearmanr([p[0] for p in points], [p[1] for p in points])
+        result = scipy_stats.spearmanr(list(per_layer), list(per_layer.values()))  # by layer; inf: a singular matrix
         found.append(Trend(model, module, len(per_layer), float(result.statistic), float(result.pvalue)))
     return found

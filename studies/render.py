@@ -83,6 +83,7 @@ def tables(study: Study) -> dict[str, tuple[list[str], list[list]]]:
     claims = [[c.claim, " ".join(c.labels), c.total, c.holds, c.not_hold, c.zero, c.inconclusive, c.missing, c.verdict,
                c.so_far] for c in study.claims]  # fmt: skip
     missing = [["part", p, "", "", "", "", ""] for p in study.missing_parts]
+    missing += [["cut part", p, "", "", "", "", ""] for p in study.cut_parts]
     missing += [["comparison", c.label, c.family, c.model, c.design, c.task, c.module] for c in missing_comparisons(study)]
     missing += [["comparison", "Spearman ρ", "finding 4", t.model, MAIN, "", t.module] for t in study.trends if t.verdict is None]
     return {

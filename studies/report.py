@@ -30,7 +30,7 @@ def write_report(studies_dir: Path, doc: Path) -> None:
     if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
         raise SystemExit(f"report: {doc} needs one {START} line and one {END} line after it; restore them")
     parts = study.parts()
-    result = analyse(Path(studies_dir), planned(parts), [p.name for p in parts])
+    result = analyse(Path(studies_dir), planned(parts), [p.name for p in parts], {p.name for p in parts if p.cut})
     write_tables(result, Path(studies_dir) / "tables")
     drawn = forest_plot(result.family)
     if drawn is not None:
@@ -60,11 +60,17 @@ def _status(study: Study) -> str:
     done = sum(c.done for c in study.cpu)
     seeds = sorted({s for r in study.rows for s in r.seeds})
     tested = [c.paired.mde for c in study.family if c.status == "tested" and c.paired is not None and c.paired.mde is not None]
+    cut = f" and {len(study.cut_parts)} cut (below)" if study.cut_parts else ""
+    open_claims = (
+        " A claim whose comparisons are not all in has the verdict **open** (Holm's family is incomplete too); beside "
+        "it, *so far*: the rule applied to the comparisons in hand."
+        if any(c.missing for c in study.claims)
+        else ""
+    )
     lines = [
         f"*Written by `python studies/study.py report` from the result stores under `studies/`: {done} of "
-        f"{len(study.cpu)} parts finished, {len(rows)} of the main design's {len(main)} searches in. A claim whose "
-        "comparisons are not all in has the verdict **open** (Holm's family is incomplete too); beside it, *so far*: "
-        "the rule applied to the comparisons in hand. Every table is also a CSV file under `studies/tables/`.*",
+        f"{len(study.cpu)} parts finished{cut}, {len(rows)} of the main design's {len(main)} searches in.{open_claims} "
+        "Every table is also a CSV file under `studies/tables/`.*",
         "",
     ]
     if rows:
@@ -73,8 +79,9 @@ def _status(study: Study) -> str:
         lines.append(
             f"**Samples.** Test examples per task: {n_test}; validation: {', '.join(map(str, n_val))} (class-balanced). "
             f"Seeds {', '.join(map(str, seeds))}: {len(seeds)} of the {PRE_REGISTERED_SEEDS} pre-registered "
-            "(seeds 3 and 4 run last). Each comparison pairs the same test examples, each example's correctness "
-            "averaged over the seeds first (n = test examples)."
+            f"({'the others cut, below' if any('/seeds-' in p for p in study.cut_parts) else 'seeds 3 and 4 run last'}"
+            "). Each comparison pairs the same test examples, each example's correctness averaged over the seeds "
+            "first (n = test examples)."
         )
     if tested:
         ordered = sorted(tested)
@@ -83,11 +90,22 @@ def _status(study: Study) -> str:
             f"the {len(ordered)} tested comparisons: median {ordered[len(ordered) // 2]:.3f}, from {ordered[0]:.3f} to "
             f"{ordered[-1]:.3f} (accuracy, 0-1)."
         )
-    lines.append(
-        "**Cut.** Finding 3 (fewer shots slow the collapse) from the start; "
-        f'{len(study.missing_parts)} of {len(study.cpu)} parts not finished yet (listed under "What is missing"): '
-        "their comparisons are missing, never counted as either verdict."
+    cut = (
+        '; when CPU time could not buy them, in the pre-registered order (the amendment "Cut, 2026-12-05" under '
+        f"What CPU time buys), {len(study.cut_parts)} of {len(study.cpu)} parts: "
+        f"{', '.join(f'`{p}`' for p in study.cut_parts)}. "
+        "Their searches are left out of every family and claim (Holm runs over the comparisons that were made); "
+        "finding 4 keeps Qwen2.5-Coder-1.5B, whose condition numbers need no scoring"
+        if study.cut_parts
+        else ""
     )
+    unfinished = (
+        f' {len(study.missing_parts)} of {len(study.cpu)} parts are not finished yet (listed under "What is missing"):'
+        " their comparisons are missing, never counted as either verdict."
+        if study.missing_parts
+        else ""
+    )
+    lines.append(f"**Cut.** Finding 3 (fewer shots slow the collapse) from the start{cut}.{unfinished}")
     return "\n\n".join(line for line in lines if line)
 
 
@@ -210,14 +228,15 @@ def _delta(c: Comparison) -> str:
 def _cpu(cpu: Sequence[CpuTime]) -> str:
     lines = ["| part | status | invocations | CPU hours (user + sys) | wall hours |", "|---|---|---|---|---|"]
     for c in cpu:
-        status = "done" if c.done else ("stopped, resumes" if c.invocations else "running or to come")
+        status = "done" if c.done else "cut" if c.cut else "stopped, resumes" if c.invocations else "running or to come"
         lines.append(f"| {c.part} | {status} | {c.invocations} | {c.cpu_s / 3600:.2f} | {c.wall_s / 3600:.2f} |")
     total = sum(c.cpu_s for c in cpu) / 3600
     return "\n".join(lines) + f"\n\nIn all: {total:.2f} CPU hours (studies/cpu-time.tsv, one row per invocation)."
 
 
 def _missing(study: Study) -> str:
-    text = [f"Parts not finished: {', '.join(f'`{p}`' for p in study.missing_parts) or 'none'}."]
+    cut = f" ({len(study.cut_parts)} cut: the paragraph **Cut** at the top)" if study.cut_parts else ""
+    text = [f"Parts not finished: {', '.join(f'`{p}`' for p in study.missing_parts) or 'none'}{cut}."]
     gaps: dict[tuple[str, str, str, str], list[str]] = {}
     for c in missing_comparisons(study):
         gaps.setdefault((c.family, c.model, c.design, c.module), []).append(f"{c.task} {c.label}")
@@ -227,7 +246,7 @@ def _missing(study: Study) -> str:
         text.append("Comparisons without data (each a line of `studies/tables/missing.csv`):\n\n" + "\n".join(bullets))
     absent = [f"{t.model} {module_label(t.module)}" for t in study.trends if t.verdict is None]
     if absent:
-        text.append(f"Finding 4 without a search record: {', '.join(absent)}.")
+        text.append(f"Finding 4 without condition numbers (no search of the model started): {', '.join(absent)}.")
     return "\n\n".join(text)
 
 

@@ -1,13 +1,14 @@
 """The powered study of docs/STUDY.md: every number there comes from this script.
 
-    python studies/study.py list                      # the parts in the order they run: done, redo, started or todo, CPU hours
+    python studies/study.py list                      # the parts in order: done, redo, started, todo or cut, CPU hours
     python studies/study.py run [--until 03:40] [--parts NAME,...] [--slots 2] [--workers 1]
     python studies/study.py report [--studies DIR] [--doc FILE]   # docs/STUDY.md's results section from what is stored
     python studies/study.py pack                      # gzip finished cells' samples (~5x smaller; `run` packs as it goes)
 
 Each part is one `svdicl` command writing a resumable result store under studies/<model>/<design>/;
 `run` runs the parts in order, two side by side with one single-threaded worker each (a part that
-needs another's results waits for it), skips those logged as done, and stops the running ones
+needs another's results waits for it), skips those logged as done and those cut (docs/STUDY.md "Cut";
+--parts still runs them by name), and stops the running ones
 cleanly at --until (SIGINT: finished cells stay, a rerun resumes).  CPU time per part (user + system of the
 command, from wait4) goes to studies/cpu-time.tsv, one row per invocation.  The order is the
 pre-registered priority (docs/STUDY.md "What CPU time buys"): cut seeds and the 1.5B model first.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import os
 import signal
@@ -52,6 +54,13 @@ class Part:
     argv: Callable[[], list[str]]
     after: str = ""  # a part that must be done first (its results feed this one)
     out: Path | None = None  # its result store
+    cut: bool = False  # docs/STUDY.md "Cut": `run` skips it unless --parts names it; its comparisons leave the family
+
+
+def cut(part: Part) -> Part:
+    """A part CPU time cannot buy (docs/STUDY.md "Cut", 2026-12-05), in the pre-registered order: seeds 3 and 4,
+    then Qwen2.5-Coder-1.5B.  It stays in the design (`list` shows it, `--parts` still runs it)."""
+    return dataclasses.replace(part, cut=True)
 
 
 def folder(model: str, design: str) -> Path:
@@ -74,6 +83,16 @@ def oracle_sweep(model: str, task: str, module: str) -> Part:
             "--limit", str(VALIDATION), "--sampling", "balanced", "--seeds", "0", "--calibration", "all",
             "--output", str(out), "--no-report"]  # fmt: skip
     return Part(f"{model}/layer-sweep/{task}-{module}", lambda: argv, out=out)
+
+
+def shots_sweep(model: str, task: str, module: str) -> Part:
+    """Finding 3 (docs/STUDY.md amendment "Finding 3"): the first two layers at the paper's rates with 0, 4 and 10
+    demonstrations, on the sweeps' balanced validation subset, seeds 0-2."""
+    out = folder(model, "shots")
+    argv = ["sweep", "--model", model, "--tasks", task, "--modules", module, "--layers", "0,1", "--shots", "0,2,5",
+            "--split", "validation", "--limit", str(VALIDATION), "--sampling", "balanced", "--seeds", SEEDS,
+            "--output", str(out), "--no-report"]  # fmt: skip
+    return Part(f"{model}/shots/{task}-{module}", lambda: argv, out=out)
 
 
 def oracle_search(model: str, task: str, module: str) -> Part:
@@ -128,10 +147,11 @@ def parts() -> list[Part]:
     found += [search(smol, "authors-format", ["studies/tasks/sst2-authors.yaml", "studies/tasks/emoc-authors.yaml"], m)
               for m in MODULES]  # fmt: skip
     found += [search(smol, "authors-5-demos", ["rte", "cb", "copa"], m, "--num_fewshot", "5") for m in MODULES]
-    found += [search("qwen2.5-coder-1.5b", "algorithm1", ["sst2", "agnews", "rte"], m) for m in MODULES]
+    found += [shots_sweep(smol, "sst2", m) for m in MODULES]  # amendment "Finding 3" (2026-12-05)
+    found += [cut(search("qwen2.5-coder-1.5b", "algorithm1", ["sst2", "agnews", "rte"], m)) for m in MODULES]
     for model in (smol, "gemma3-270m", "qwen2.5-coder-0.5b"):  # the pre-registered 5 seeds, seeds 0-2's cells reused
-        found += [search(model, "algorithm1", TASKS, m, seeds=ALL_SEEDS) for m in MODULES]
-    found += [search(smol, "layer-fixed", LAYER_TASKS, m, "--layer", "-2", seeds=ALL_SEEDS) for m in MODULES]
+        found += [cut(search(model, "algorithm1", TASKS, m, seeds=ALL_SEEDS)) for m in MODULES]
+    found += [cut(search(smol, "layer-fixed", LAYER_TASKS, m, "--layer", "-2", seeds=ALL_SEEDS)) for m in MODULES]
     return found
 
 
@@ -171,20 +191,22 @@ def done(chosen: Sequence[Part]) -> set[str]:
 
 def listing(chosen: Sequence[Part]) -> list[str]:
     """A line per part: done, redo (done, but its store lost samples files), started (an invocation stopped before
-    the end: its finished cells are kept) or todo, with the CPU hours logged for it (an invocation is logged when it
-    ends); then the totals."""
+    the end: its finished cells are kept), todo or cut, with the CPU hours logged for it (an invocation is logged when
+    it ends); then the totals."""
     log = logged()
     complete = done(chosen)
     lines = []
     for part in chosen:
         finished, cpu = log.get(part.name, (False, 0.0))
         state = "done" if part.name in complete else "redo" if finished else "started" if part.name in log else "todo"
+        state = "cut" if part.cut and state != "done" else state
         hours = f"{cpu / 3600:6.2f} h" if part.name in log else " " * 8
         lines.append(f"{state:8} {hours}  {part.name}")
     names = {part.name for part in chosen}
     total = sum(cpu for name, (_, cpu) in log.items() if name in names)
     finished = len(complete & names)
-    lines.append(f"{finished} of {len(chosen)} parts done; {total / 3600:.2f} CPU hours logged ({CPU_LOG.name})")
+    cuts = sum(p.cut and p.name not in complete for p in chosen)
+    lines.append(f"{finished} of {len(chosen)} parts done, {cuts} cut; {total / 3600:.2f} CPU hours logged ({CPU_LOG.name})")
     return lines
 
 
@@ -319,9 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("study: set SVDICL_DATA to the folder of <task>/<split>.jsonl files (e.g. ../shared/data)")
     os.environ.setdefault("SVDICL_CACHE", str(ROOT / ".cache" / "svdicl"))
     chosen = parts()
-    if args.parts:
+    if args.parts:  # cut parts too, when named
         names = set(args.parts.split(","))
         chosen = [p for p in chosen if p.name in names]
+    elif args.command == "run":
+        chosen = [p for p in chosen if not p.cut]
     if args.command == "list":
         print("\n".join(listing(chosen)))
         return 0

@@ -151,8 +151,26 @@ def test_list_shows_each_part_done_started_or_todo_with_its_logged_cpu_hours(tmp
     assert lines[0].split() == ["done", "2.00", "h", first.name]
     assert lines[1].split() == ["started", "0.50", "h", second.name]
     assert lines[2].split() == ["todo", third.name]
-    assert lines[3] == "1 of 3 parts done; 2.50 CPU hours logged (cpu-time.tsv)"
+    assert lines[3] == "1 of 3 parts done, 0 cut; 2.50 CPU hours logged (cpu-time.tsv)"
     assert study.done([first, second, third]) == {first.name}
+
+
+def test_cut_parts_are_the_pre_registered_ones_listed_as_cut_and_run_only_when_named(tmp_path, monkeypatch):
+    study = load_study()
+    parts = study.parts()
+    cut = [p.name for p in parts if p.cut]
+    assert cut[:2] == ["qwen2.5-coder-1.5b/algorithm1/mlp", "qwen2.5-coder-1.5b/algorithm1/attn"]
+    assert len(cut) == 10 and all(name.endswith("/seeds-0,1,2,3,4") for name in cut[2:])  # seeds 3 and 4 of all
+    monkeypatch.setattr(study, "CPU_LOG", tmp_path / "cpu-time.tsv")  # nothing logged
+    lines = study.listing(parts)
+    assert [line.split()[0] for line in lines[:-1]] == ["cut" if p.cut else "todo" for p in parts]
+    assert lines[-1] == f"0 of {len(parts)} parts done, 10 cut; 0.00 CPU hours logged (cpu-time.tsv)"
+    monkeypatch.setenv("SVDICL_DATA", "data")
+    monkeypatch.setattr(study, "not_installed", lambda *args: [])
+    ran = []
+    monkeypatch.setattr(study, "run_parts", lambda chosen, *args: ran.append([p.name for p in chosen]) or 0)
+    assert study.main(["run"]) == 0 and study.main(["run", "--parts", cut[0]]) == 0
+    assert ran == [[p.name for p in parts if not p.cut], [cut[0]]]
 
 
 def test_run_stops_before_starting_anything_when_a_model_it_needs_is_not_installed(monkeypatch, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
+from svdicl.experiments.condition import MatrixCondition, write_conditions
 from svdicl.stats import paired_comparison
 from svdicl.store import CellKey, Result, Store
 
@@ -106,6 +107,14 @@ def zero_arms(rng) -> dict:
     }
 
 
+def write_layer_conditions(folder: Path, values: list[float], model: str = MODEL) -> None:
+    """The conditions.csv/json a search writes before scoring: per layer, an MLP matrix of condition number `value`
+    and one of condition number 2 (a layer's number is its largest)."""
+    rows = [MatrixCondition(i, "mlp", m, f"layers.{i}.mlp.{m}", (4, 8), top, 1.0, 1e-6)
+            for i, v in enumerate(values) for m, top in (("down", v), ("up", 2.0))]  # fmt: skip
+    write_conditions(rows, folder, model_name=model, fingerprint="fp")
+
+
 def plan(task: str, design: str = "algorithm1", module: str = "mlp", part: str = "") -> Planned:
     return Planned(MODEL, design, task, module, part or f"{MODEL}/{design}/{module}")
 
@@ -116,8 +125,10 @@ def studies(tmp_path):
     rng = np.random.default_rng(0)
     folder = tmp_path / "studies"
     arms, known = full_arms(rng)
+    conditions = [10.0 + i * i for i in range(8)]  # in the record, and in the store's conditions files
     write_search(folder / MODEL / "algorithm1", "sst2", arms, rate_star=0.5, unpruned_calibrated=known["curves"],
-                 per_layer={str(i): 10.0 + i * i for i in range(8)})  # fmt: skip
+                 per_layer={str(i): c for i, c in enumerate(conditions)})  # fmt: skip
+    write_layer_conditions(folder / MODEL / "algorithm1", conditions)
     write_search(folder / MODEL / "algorithm1", "rte", zero_arms(rng), rate_star=0, unpruned_calibrated={"domain": 0.7})
     return folder, known
 
@@ -348,9 +359,32 @@ def test_finding_4_is_spearman_of_the_condition_numbers_with_depth(studies):
     assert analysis.Trend("m", "mlp", 8, 0.3, 0.2).verdict == family.INCONCLUSIVE
 
 
+def test_cut_searches_leave_every_family_and_claim_and_finding_4_keeps_their_model(studies):
+    folder, _ = studies
+    big = Planned("big-model", "algorithm1", "cb", "mlp", "big-model/algorithm1/mlp")  # cut before any record
+    write_layer_conditions(folder / "big-model" / "algorithm1", [50.0 - i for i in range(6)], model="big-model")
+    parts = [f"{MODEL}/algorithm1/mlp", big.part]
+    result = analysis.analyse(folder, [plan("sst2"), plan("rte"), big], parts, {big.part})
+    complete = analysis.analyse(folder, [plan("sst2"), plan("rte")], parts[:1])
+    assert result.family == complete.family and result.claims[:4] == complete.claims[:4]
+    assert all(c.missing == 0 and c.verdict != family.OPEN for c in result.claims[:4])
+    assert (result.cut_parts, result.missing_parts) == ([big.part], parts[:1])
+    (trend,) = [t for t in result.trends if t.model == "big-model"]
+    assert (trend.layers, trend.rho, trend.verdict) == (6, pytest.approx(-1.0), family.NOT_HOLD)  # falls with depth
+    missing = analysis.analyse(folder, [plan("sst2"), plan("rte"), big], parts)  # not cut: its searches are missing
+    assert [c.status for c in missing.family if c.model == "big-model"] == [family.MISSING] * 5
+    assert next(c for c in missing.claims if c.labels == ("C1",)).verdict == family.OPEN
+    text = report.results_section(result, None)
+    assert (
+        f'in the pre-registered order (the amendment "Cut, 2026-12-05" under What CPU time buys), 1 of 2 parts: `{big.part}`.'
+        in text
+    )
+    assert f"| {big.part} | cut | 0 |" in text and f"Parts not finished: `{parts[0]}` (1 cut" in text
+
+
 class Part:
-    def __init__(self, name, tasks):
-        self.name, self.tasks = name, tasks
+    def __init__(self, name, tasks, cut=False):
+        self.name, self.tasks, self.cut = name, tasks, cut
 
     def argv(self):
         return ["search", "--tasks", ",".join(self.tasks)]
@@ -417,5 +451,5 @@ def test_the_plan_has_each_search_of_the_design_once_whatever_parts_rerun_it(mon
     designs = Counter(p.design for p in plans)
     assert designs["algorithm1"] == 3 * 7 * 2 + 3 * 2  # three models on all seven tasks, the 1.5B on three
     assert (designs["layer-fixed"], designs["layer-oracle"], designs["layer-sweep"]) == (6, 6, 6)
-    assert (designs["authors-format"], designs["authors-5-demos"]) == (4, 6)
+    assert (designs["authors-format"], designs["authors-5-demos"], designs["shots"]) == (4, 6, 2)
     assert all("/seeds-" not in p.part for p in plans)  # the first part to cover a search names it
