@@ -32,8 +32,10 @@ lint: setup
 	$(BIN)/ruff format --check svdicl tests benchmarks studies docs/api.py
 	$(BIN)/lint-imports --no-cache
 
+# Two pytest workers (pytest-xdist), each test file on one of them in its order; TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: setup lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 # Renew the lock: today's newest versions inside pyproject's ranges, in a scratch venv; then run `make test`.
 lock:

@@ -11,6 +11,7 @@ from pathlib import Path
 from family import HOLDS, INCONCLUSIVE, NOT_HOLD, ClaimVerdict, Comparison, adjust, claim_verdict
 from findings import MAIN, VARIANTS, Planned, Row, confirmatory, load_searches, row
 from layers import COLLAPSE, LAYER_DESIGNS, Trend, collapse, layer_choice, trends
+from shots import FEWER, IN_ALL, MOST, fewer_shots
 
 CLAIMS = (
     ("pruning raises ICL accuracy (paper finding 1)", ("C1",)),
@@ -20,6 +21,8 @@ CLAIMS = (
 )
 LAYER_CLAIM = ("the condition number picks a good layer", tuple(LAYER_DESIGNS.values()))
 COLLAPSE_CLAIM = ("deep layers tolerate ξ = 0.995, shallow ones collapse (paper finding 2)", (COLLAPSE[-1],))
+SHOTS_CLAIM = ("fewer shots slow the collapse after heavy shallow pruning (paper finding 3)",
+               tuple(f"retention, {IN_ALL[k]} − {IN_ALL[MOST]} demonstrations" for k in FEWER))  # fmt: skip
 TREND_CLAIM = "condition numbers grow with depth (paper finding 4)"
 
 
@@ -59,6 +62,7 @@ class Study:
     family: tuple[Comparison, ...]  # C1-C5, Holm over all of it
     layers: tuple[Comparison, ...]  # the layer-choice family, Holm over it
     collapse: tuple[Comparison, ...]  # finding 2 (its tested comparisons Holm-adjusted together)
+    shots: tuple[Comparison, ...]  # finding 3 (its tested comparisons Holm-adjusted together)
     trends: tuple[Trend, ...]  # finding 4
     variants: tuple[Comparison, ...]  # C1 of the comparability designs and of their main-design rows, not adjusted
     claims: tuple[ClaimVerdict, ...]
@@ -89,19 +93,22 @@ def analyse(studies: Path, plans: Sequence[Planned], parts: Sequence[str], cut: 
     family = adjust([c for p in main for c in confirmatory(p, index.get((p.model, p.design, p.task, p.module)))])
     layers = adjust(layer_choice(plans, searches))
     found = adjust(collapse(studies, plans, searches))
+    fewer = adjust(fewer_shots(studies, plans))
     variants = []
     for plan in (p for p in plans if p.design in VARIANTS):
         twin = Planned(plan.model, MAIN, plan.task.removesuffix("-authors"), plan.module, "")
         for p in (plan, twin):
             variants += confirmatory(p, index.get((p.model, p.design, p.task, p.module)), ("C1",), "comparability")
     claims = [claim_verdict(name, labels, family) for name, labels in CLAIMS]
-    claims += [claim_verdict(*LAYER_CLAIM, layers), claim_verdict(*COLLAPSE_CLAIM, found), trend_verdict(shown)]
+    claims += [claim_verdict(*LAYER_CLAIM, layers), claim_verdict(*COLLAPSE_CLAIM, found),
+               claim_verdict(*SHOTS_CLAIM, fewer), trend_verdict(shown)]  # fmt: skip
     return Study(
         plans=tuple(plans),
         rows=rows,
         family=tuple(family),
         layers=tuple(layers),
         collapse=tuple(found),
+        shots=tuple(fewer),
         trends=tuple(shown),
         variants=tuple(variants),
         claims=tuple(claims),

@@ -69,7 +69,7 @@ def missing_comparisons(study: Study) -> list[Comparison]:
     """Every comparison of the design without data yet, in every family and the comparability table (whose main-design
     twins are the family's own C1)."""
     variants = [c for c in study.variants if c.design in VARIANTS]
-    return [c for c in (*study.family, *study.layers, *study.collapse, *variants) if c.status == MISSING]
+    return [c for c in (*study.family, *study.layers, *study.collapse, *study.shots, *variants) if c.status == MISSING]
 
 
 def tables(study: Study) -> dict[str, tuple[list[str], list[list]]]:
@@ -90,7 +90,7 @@ def tables(study: Study) -> dict[str, tuple[list[str], list[list]]]:
         "searches.csv": ([*SEARCH_FIELDS, *(f"{k}_{arm}" for k in keys for arm in ("unpruned", "pruned"))], searches),
         "comparisons.csv": (
             list(COMPARISON_FIELDS),
-            comparison_rows((*study.family, *study.layers, *study.collapse, *study.variants)),
+            comparison_rows((*study.family, *study.layers, *study.collapse, *study.shots, *study.variants)),
         ),
         "claims.csv": (list(CLAIM_FIELDS), claims),
         "condition-trends.csv": (

@@ -349,6 +349,71 @@ def test_finding_2_compares_the_last_two_layers_with_the_first_two_at_the_deepes
     assert {c.status for c in analysis.analyse(folder, plans, []).collapse} == {family.MISSING}
 
 
+def write_shots_sweep(folder: Path, keep: dict[int, float], skip: str = "") -> dict[tuple[int, int, str], np.ndarray]:
+    """Finding 3's sweep grid for the MLP: shots per class 0, 2, 5 x seeds x (unpruned, layers 0-1 x 7 rates); the
+    pruned cells of `shots` keep each correct unpruned answer with probability keep[shots]. Returns the answers."""
+    rng, store, data = np.random.default_rng(5), Store(folder), {}
+    edits = ["none", *(f"{layer}:mlp:{rate:g}" for layer in (0, 1) for rate in RATES_ABOVE_0)]
+    for shots in (0, 2, 5):
+        for seed in SEEDS:
+            base = (rng.random(N) < 0.8).astype(float)
+            for edit in edits:
+                correct = base if edit == "none" else base * (rng.random(N) < keep[shots])
+                data[shots, seed, edit] = correct
+                if f"{shots}/{seed}/{edit}" == skip:
+                    continue
+                rows = [{"id": f"v{i}", "gold": 0, "prediction": int(not c), "correct": bool(c)} for i, c in enumerate(correct)]
+                store.put(CellKey(MODEL, "sst2", "validation", shots, seed, edit), Result({"accuracy": 0.5}, N, rows))
+    return data
+
+
+RATES_ABOVE_0 = (0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
+
+
+def test_finding_3_compares_the_retention_after_shallow_pruning_with_fewer_and_with_10_demonstrations(tmp_path):
+    folder = tmp_path / "studies"
+    data = write_shots_sweep(folder / MODEL / "shots", {0: 1.0, 2: 0.5, 5: 0.5})
+    plans = [plan("sst2", "shots", "mlp", part="s")]
+    result = analysis.analyse(folder, plans, [])
+    found = {c.label: c for c in result.shots}
+
+    def retention(shots):  # per example: pruned correctness over layers x rates x seeds − unpruned over seeds
+        pruned = np.mean([data[key] for key in data if key[0] == shots and key[2] != "none"], axis=0)
+        return pruned - np.mean([data[shots, seed, "none"] for seed in SEEDS], axis=0)
+
+    for fewer, label in ((0, "retention, 0 − 10 demonstrations"), (2, "retention, 4 − 10 demonstrations")):
+        direct = paired_comparison(retention(5), retention(fewer))
+        got = found[label]
+        assert got.status == family.TESTED and got.paired.n == N and got.paired.seeds == 2 * 7 * len(SEEDS)
+        assert (got.paired.difference, got.paired.low, got.paired.high) == pytest.approx(
+            (direct.difference, direct.low, direct.high)
+        )
+    assert found["retention, 0 − 10 demonstrations"].verdict == family.HOLDS  # keeps everything against half
+    assert found["retention, 4 − 10 demonstrations"].verdict != family.HOLDS  # the same collapse
+    holm = sorted(c.paired.p_value for c in result.shots if c.status == family.TESTED)
+    assert sorted(c.p_holm for c in result.shots if c.status == family.TESTED) == pytest.approx(
+        [min(1.0, 2 * holm[0]), min(1.0, max(2 * holm[0], holm[1]))]
+    )
+    unpruned = found["unpruned, 10 − 0 demonstrations"]
+    expected = np.mean([data[5, s, "none"] for s in SEEDS]) - np.mean([data[0, s, "none"] for s in SEEDS])
+    assert unpruned.status == family.DESCRIPTIVE and unpruned.paired.difference == pytest.approx(expected)
+    claim = next(c for c in result.claims if "paper finding 3" in c.claim)
+    assert (claim.total, claim.holds, claim.missing) == (2, 1, 0) and claim.verdict == family.HOLDS
+    text = report.results_section(result, None)
+    assert (
+        "Finding 3 (amendment" in text and "| retention, 0 − 10 demonstrations | retention at 10 − retention at 0 |" not in text
+    )
+    assert "| retention, 0 − 10 demonstrations | retention at 0 − retention at 10 |" in text
+
+
+def test_finding_3_is_missing_until_every_cell_of_its_grid_is_in(tmp_path):
+    folder = tmp_path / "studies"
+    write_shots_sweep(folder / MODEL / "shots", {0: 1.0, 2: 0.5, 5: 0.5}, skip="2/1/1:mlp:0.99")
+    result = analysis.analyse(folder, [plan("sst2", "shots", "mlp", part="s")], [])
+    assert [c.status for c in result.shots] == [family.MISSING] * 2  # and no baselines without a full grid
+    assert next(c for c in result.claims if "paper finding 3" in c.claim).verdict == family.OPEN
+
+
 def test_finding_4_is_spearman_of_the_condition_numbers_with_depth(studies):
     folder, _ = studies
     (trend,) = analysis.analyse(folder, [plan("sst2")], []).trends
