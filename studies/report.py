@@ -95,7 +95,7 @@ def _status(study: Study) -> str:
         f"What CPU time buys), {len(study.cut_parts)} of {len(study.cpu)} parts: "
         f"{', '.join(f'`{p}`' for p in study.cut_parts)}. "
         "Their searches are left out of every family and claim (Holm runs over the comparisons that were made); "
-        "finding 4 keeps Qwen2.5-Coder-1.5B, whose condition numbers need no scoring"
+        "finding 4 keeps their models, whose condition numbers need no scoring"
         if study.cut_parts
         else ""
     )
