@@ -22,7 +22,7 @@ from svdicl.experiments.arms import Arm
 from svdicl.experiments.search import CONTROL_NAMES
 from svdicl.experiments.search_output import SEARCH_DIR, read_search
 from svdicl.stats import paired_by_id
-from svdicl.store import CELLS_FILE, Cell, Store
+from svdicl.store import CELLS_FILE, Cell, CellKey, Store
 from svdicl.tasks import get_task
 
 MAIN = "algorithm1"
@@ -63,6 +63,15 @@ def planned(parts: Iterable[Any]) -> list[Planned]:
             task = Path(source).stem if source.endswith(".yaml") else source  # a task file's stem is its name
             found.setdefault((model, design, task, module), Planned(model, design, task, module, part.name))
     return list(found.values())
+
+
+def cell_answers(store: Store, key: CellKey) -> list[tuple[str, float]] | None:
+    """The (example id, 0/1 correctness) of the stored cell `key`, or None when it (or its samples file) is not
+    there: the sweeps' cells, which no search record names (finding 2's layers, finding 3's grid)."""
+    cell = store.get(key)
+    if cell is None or not store.has(cell.key):
+        return None
+    return [(s["id"], float(s["correct"])) for s in store.samples(cell)]
 
 
 @dataclass(frozen=True)

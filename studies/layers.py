@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from family import DESCRIPTIVE, HOLDS, INCONCLUSIVE, MISSING, NOT_HOLD, TESTED, ZERO, Comparison
-from findings import DEEP_RATE, LAYER_DESIGNS, MAIN, SWEEPS, Planned, Search
+from findings import DEEP_RATE, LAYER_DESIGNS, MAIN, SWEEPS, Planned, Search, cell_answers
 from scipy import stats as scipy_stats
 
 from svdicl.experiments.condition import CSV_FILE, layer_conditions, read_conditions
@@ -95,18 +95,14 @@ def _sweep_runs(folder: Path, plan: Planned, layers: int) -> dict[str, list] | N
         return None
     key = found[0].key  # the other cells differ from it only in the edit: the same data, limit and options
     edits = {layer: f"{layer}:{plan.module}:{DEEP_RATE:g}" for layer in (0, 1, layers - 2, layers - 1)}
-    cells = {layer: store.get(dataclasses.replace(key, edit=edit)) for layer, edit in edits.items()}
-    unpruned = store.get(dataclasses.replace(key, edit="none"))
-    if unpruned is None or any(c is None or not store.has(c.key) for c in [unpruned, *cells.values()]):
+    runs = {layer: cell_answers(store, dataclasses.replace(key, edit=edit)) for layer, edit in edits.items()}
+    unpruned = cell_answers(store, dataclasses.replace(key, edit="none"))
+    if unpruned is None or any(run is None for run in runs.values()):
         return None
-
-    def run(cell) -> list[tuple[str, float]]:
-        return [(s["id"], float(s["correct"])) for s in store.samples(cell)]
-
     return {
-        "unpruned": [run(unpruned)] * 2,
-        "first two": [run(cells[0]), run(cells[1])],
-        "last two": [run(cells[layers - 2]), run(cells[layers - 1])],
+        "unpruned": [unpruned] * 2,
+        "first two": [runs[0], runs[1]],
+        "last two": [runs[layers - 2], runs[layers - 1]],
     }
 
 

@@ -105,8 +105,8 @@ def _status(study: Study) -> str:
         if study.missing_parts
         else ""
     )
-    shots = "" if study.shots else "Finding 3 (fewer shots slow the collapse) from the start"
-    lines.append(f"**Cut.** {shots or 'Nothing from the start'}{cut}.{unfinished}")
+    start = "Nothing from the start" if study.shots else "Finding 3 (fewer shots slow the collapse) from the start"
+    lines.append(f"**Cut.** {start}{cut}.{unfinished}")
     return "\n\n".join(line for line in lines if line)
 
 

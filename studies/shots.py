@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from family import DESCRIPTIVE, MISSING, TESTED, Comparison
-from findings import SHOTS, Planned
+from findings import SHOTS, Planned, cell_answers
 
 from svdicl.experiments.grid import PAPER_RATES
 from svdicl.stats import paired_by_id
@@ -69,23 +69,16 @@ def _runs(store: Store, plan: Planned) -> dict[str, dict[int, Runs]] | None:
     for shots in IN_ALL:
         unpruned[shots], retention[shots] = [], []
         for seed in SEEDS:
-            base = _correct(store, dataclasses.replace(key, shots=shots, seed=seed, edit="none"))
-            if base is None:
+            answers = cell_answers(store, dataclasses.replace(key, shots=shots, seed=seed, edit="none"))
+            if answers is None:
                 return None
-            unpruned[shots].append(list(base.items()))
+            unpruned[shots].append(answers)
+            base = dict(answers)
             for layer in LAYERS:
                 for rate in (r for r in PAPER_RATES if r > 0):
                     edit = f"{layer}:{plan.module}:{rate:g}"
-                    pruned = _correct(store, dataclasses.replace(key, shots=shots, seed=seed, edit=edit))
+                    pruned = cell_answers(store, dataclasses.replace(key, shots=shots, seed=seed, edit=edit))
                     if pruned is None:
                         return None
-                    retention[shots].append([(i, c - base[i]) for i, c in pruned.items()])
+                    retention[shots].append([(i, c - base[i]) for i, c in pruned])
     return {"unpruned": unpruned, "retention": retention}
-
-
-def _correct(store: Store, key) -> dict[str, float] | None:
-    """Example id -> 0/1 correctness of the cell `key`, or None when it (or its samples file) is not there."""
-    cell = store.get(key)
-    if cell is None or not store.has(cell.key):
-        return None
-    return {s["id"]: float(s["correct"]) for s in store.samples(cell)}
